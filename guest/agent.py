@@ -1,0 +1,485 @@
+"""The kata-py agent: serves katapy.agent.v1.Agent inside the guest.
+
+One asyncio loop, no threads: containers and their processes are forked
+straight from this process (fork is only safe single-threaded).  The agent is
+the guest's pid 1, so every orphan is reaped here, by one SIGCHLD handler.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+
+from guest import container
+from microvm import linux
+from microvm.protocol import AGENT_SERVICE, PROTOCOL_VERSION, agent_pb2, ttrpc
+
+log = logging.getLogger("agent")
+
+# Output buffered per stream before the agent stops reading the process's
+# pipe, so a process that outruns the host blocks instead of filling memory.
+OUTPUT_BUFFER = 256 * 1024
+READ_CHUNK = 64 * 1024
+STOP_GRACE = 0.05
+
+
+class OutputStream:
+    """Output of one fd, buffered for ReadStdout/ReadStderr with back-pressure."""
+
+    def __init__(self, fd: int | None) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._fd = fd
+        self._buf = bytearray()
+        self._eof = fd is None
+        self._changed = asyncio.Event()
+        self._reading = False
+        if fd is not None:
+            os.set_blocking(fd, False)
+            self._resume()
+
+    def _resume(self) -> None:
+        if self._fd is not None and not self._reading and not self._eof:
+            self._loop.add_reader(self._fd, self._on_readable)
+            self._reading = True
+
+    def _pause(self) -> None:
+        if self._reading and self._fd is not None:
+            self._loop.remove_reader(self._fd)
+            self._reading = False
+
+    def _on_readable(self) -> None:
+        assert self._fd is not None
+        try:
+            data = os.read(self._fd, READ_CHUNK)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            # EIO: every slave end of a pty is closed, the pty's EOF.
+            if e.errno != errno.EIO:
+                log.warning("reading output: %s", e)
+            data = b""
+        if data:
+            self._buf += data
+            if len(self._buf) >= OUTPUT_BUFFER:
+                self._pause()
+        else:
+            self.close()
+        self._changed.set()
+
+    async def read(self, max_bytes: int) -> tuple[bytes, bool]:
+        while not self._buf and not self._eof:
+            self._changed.clear()
+            await self._changed.wait()
+        n = max(1, min(max_bytes or READ_CHUNK, len(self._buf)))
+        data = bytes(self._buf[:n])
+        del self._buf[:n]
+        if len(self._buf) < OUTPUT_BUFFER:
+            self._resume()
+        return data, (not data and self._eof)
+
+    def close(self) -> None:
+        self._pause()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._eof = True
+        self._changed.set()
+
+
+class InputStream:
+    """The process's stdin: the write end of a pipe, or a dup of the pty master."""
+
+    def __init__(self, fd: int | None) -> None:
+        self._fd = fd
+        self._lock = asyncio.Lock()
+        if fd is not None:
+            os.set_blocking(fd, False)
+
+    async def write(self, data: bytes) -> int:
+        loop = asyncio.get_running_loop()
+        async with self._lock:
+            view = memoryview(data)
+            while view:
+                if self._fd is None:
+                    raise ttrpc.FailedPrecondition("stdin is closed")
+                try:
+                    n = os.write(self._fd, view)
+                    view = view[n:]
+                except BlockingIOError:
+                    fut = loop.create_future()
+                    loop.add_writer(self._fd, fut.set_result, None)
+                    try:
+                        await fut
+                    finally:
+                        if self._fd is not None:
+                            loop.remove_writer(self._fd)
+                except BrokenPipeError:
+                    self.close()
+                    raise ttrpc.FailedPrecondition("process closed its stdin") from None
+            return len(data)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+@dataclass
+class Process:
+    container_id: str
+    exec_id: str
+    pid: int
+    stdin: InputStream
+    stdout: OutputStream
+    stderr: OutputStream
+    tty: int | None
+    exited: asyncio.Future[tuple[int, float]]
+    sock: socket.socket | None = None
+
+    def close(self) -> None:
+        self.stdin.close()
+        if self.tty is not None:
+            os.close(self.tty)
+            self.tty = None
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+@dataclass
+class Container:
+    id: str
+    init: Process
+    started: bool = False
+    execs: dict[str, Process] = field(default_factory=dict)
+
+
+def _spec(p: agent_pb2.Process) -> container.ProcessSpec:
+    if not p.args:
+        raise ttrpc.InvalidArgument("process.args is empty")
+    return container.ProcessSpec(
+        args=list(p.args), env=list(p.env), cwd=p.cwd or "/", uid=p.user.uid, gid=p.user.gid,
+        additional_gids=list(p.user.additional_gids), terminal=p.terminal, rows=p.rows,
+        cols=p.cols, rlimits=[(r.type, r.hard, r.soft) for r in p.rlimits],
+        no_new_privileges=p.no_new_privileges)
+
+
+def _check_id(kind: str, value: str) -> None:
+    # Ids travel into paths and logs: keep them plain.
+    if not value or len(value) > 128 or not all(c.isalnum() or c in "-_." for c in value):
+        raise ttrpc.InvalidArgument(f"invalid {kind} {value!r}")
+
+
+async def _recv(sock: socket.socket) -> tuple[dict[str, object] | None, list[int]]:
+    """One message from a child; (None, []) at EOF (the child exec'd or died)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(sock, 65536, 4)
+        except BlockingIOError:
+            fut = loop.create_future()
+            loop.add_reader(sock.fileno(), fut.set_result, None)
+            try:
+                await fut
+            finally:
+                loop.remove_reader(sock.fileno())
+            continue
+        if not data:
+            return None, fds
+        return json.loads(data), fds
+
+
+_ERRORS = {
+    container.ERR_NOT_FOUND: ttrpc.NotFound,
+    container.ERR_NOT_EXECUTABLE: ttrpc.PermissionDenied,
+}
+
+
+def _child_error(msg: dict[str, object]) -> ttrpc.RpcError:
+    cls = _ERRORS.get(str(msg.get("kind")), ttrpc.FailedPrecondition)
+    return cls(str(msg.get("error")))
+
+
+class Agent:
+    def __init__(self, started_at: float) -> None:
+        self.started_at = started_at
+        self.ready_at = 0.0
+        self.containers: dict[str, Container] = {}
+        self._by_pid: dict[int, Process] = {}
+        # Exits seen before the pid was known to us (a child can die fast).
+        self._early_exits: dict[int, tuple[int, float]] = {}
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_signal_handler(signal.SIGCHLD, self._reap)
+
+    # -- child processes -------------------------------------------------
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            code = os.waitstatus_to_exitcode(status)
+            result = (128 - code if code < 0 else code, time.time())
+            proc = self._by_pid.pop(pid, None)
+            if proc is None:
+                self._early_exits[pid] = result
+            elif not proc.exited.done():
+                proc.exited.set_result(result)
+
+    def _track(self, proc: Process) -> None:
+        early = self._early_exits.pop(proc.pid, None)
+        if early is not None:
+            proc.exited.set_result(early)
+        else:
+            self._by_pid[proc.pid] = proc
+
+    async def _spawn(self, container_id: str, exec_id: str, p: agent_pb2.Process,
+                     child: object, *args: object) -> Process:
+        """Fork a child running child(sock, spec, stdio, *args); wait until it is ready."""
+        spec = _spec(p)
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours: list[int] = []
+        theirs: list[int] = []
+        stdin_r = stdout_w = stderr_w = None
+        if not spec.terminal:
+            if p.stdin:
+                stdin_r, stdin_w = os.pipe()
+                ours.append(stdin_w)
+                theirs.append(stdin_r)
+            stdout_r, stdout_w = os.pipe()
+            stderr_r, stderr_w = os.pipe()
+            ours += [stdout_r, stderr_r]
+            theirs += [stdout_w, stderr_w]
+        stdio = container.Stdio(stdin_r, stdout_w, stderr_w)
+        pid = os.fork()
+        if pid == 0:
+            code = 125
+            try:
+                parent_sock.close()
+                for fd in ours:
+                    os.close(fd)
+                code = child(child_sock, spec, stdio, *args)  # type: ignore[operator]
+            finally:
+                os._exit(code)
+        child_sock.close()
+        for fd in theirs:
+            os.close(fd)
+        parent_sock.setblocking(False)
+        proc_pid = 0
+        tty = None
+        try:
+            while True:
+                msg, fds = await _recv(parent_sock)
+                if fds:
+                    tty = fds[0]
+                    for extra in fds[1:]:
+                        os.close(extra)
+                if msg is None:
+                    raise ttrpc.FailedPrecondition("process set-up ended without a word")
+                if "error" in msg:
+                    raise _child_error(msg)
+                if "pid" in msg:
+                    proc_pid = int(msg["pid"])  # type: ignore[call-overload]
+                if msg.get("ready") and proc_pid:
+                    break
+        except BaseException:
+            for fd in ours + ([tty] if tty is not None else []):
+                os.close(fd)
+            parent_sock.close()
+            if proc_pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc_pid, signal.SIGKILL)
+            raise
+        if tty is not None:
+            stdin = InputStream(os.dup(tty) if p.stdin else None)
+            stdout, stderr = OutputStream(tty), OutputStream(None)
+        else:
+            stdin = InputStream(ours[0] if p.stdin else None)
+            stdout, stderr = OutputStream(ours[-2]), OutputStream(ours[-1])
+        proc = Process(container_id, exec_id, proc_pid, stdin, stdout, stderr,
+                       os.dup(tty) if tty is not None else None,
+                       self._loop.create_future(), parent_sock)
+        self._track(proc)
+        return proc
+
+    def _container(self, cid: str) -> Container:
+        c = self.containers.get(cid)
+        if c is None:
+            raise ttrpc.NotFound(f"container {cid} not found")
+        return c
+
+    def _process(self, ref: agent_pb2.ProcessRef) -> Process:
+        c = self._container(ref.container_id)
+        if not ref.exec_id:
+            return c.init
+        proc = c.execs.get(ref.exec_id)
+        if proc is None:
+            raise ttrpc.NotFound(f"process {ref.exec_id} not found in {ref.container_id}")
+        return proc
+
+    # -- RPCs --------------------------------------------------------------
+
+    async def GetGuestDetails(self, req: agent_pb2.GuestDetailsRequest,
+                              ctx: ttrpc.CallContext) -> agent_pb2.GuestDetails:
+        mem = 0
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    mem = int(line.split()[1]) * 1024
+                    break
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot_id = f.read().strip()
+        return agent_pb2.GuestDetails(
+            protocol_version=PROTOCOL_VERSION, kernel_release=os.uname().release,
+            mem_total_bytes=mem, boot_id=boot_id, agent_started=self.started_at,
+            agent_ready=self.ready_at)
+
+    async def CreateContainer(self, req: agent_pb2.CreateContainerRequest,
+                              ctx: ttrpc.CallContext) -> agent_pb2.ProcessResponse:
+        _check_id("container id", req.container_id)
+        if req.container_id in self.containers:
+            raise ttrpc.AlreadyExists(f"container {req.container_id} already exists")
+        proc = await self._spawn(req.container_id, "", req.process, container.run_container_init,
+                                 req.rootfs.shared_path, req.rootfs.readonly, req.hostname)
+        self.containers[req.container_id] = Container(req.container_id, proc)
+        log.debug("created %s pid %d", req.container_id, proc.pid)
+        return agent_pb2.ProcessResponse(pid=proc.pid)
+
+    async def StartContainer(self, req: agent_pb2.ContainerRequest,
+                             ctx: ttrpc.CallContext) -> agent_pb2.Empty:
+        c = self._container(req.container_id)
+        if c.started:
+            raise ttrpc.FailedPrecondition(f"container {c.id} already started")
+        sock = c.init.sock
+        if sock is None or c.init.exited.done():
+            raise ttrpc.FailedPrecondition(f"container {c.id} is not in created state")
+        c.started = True
+        sock.send(b"start")
+        msg, _ = await _recv(sock)
+        sock.close()
+        c.init.sock = None
+        if msg is not None and "error" in msg:
+            raise _child_error(msg)
+        return agent_pb2.Empty()
+
+    async def ExecProcess(self, req: agent_pb2.ExecProcessRequest,
+                          ctx: ttrpc.CallContext) -> agent_pb2.ProcessResponse:
+        c = self._container(req.container_id)
+        _check_id("exec id", req.exec_id)
+        if req.exec_id in c.execs:
+            raise ttrpc.AlreadyExists(f"exec {req.exec_id} already exists")
+        if not c.started or c.init.exited.done():
+            raise ttrpc.FailedPrecondition(f"container {c.id} is not running")
+        proc = await self._spawn(c.id, req.exec_id, req.process, container.run_exec, c.init.pid)
+        c.execs[req.exec_id] = proc
+        # Exec has no separate start: wait for the execve to report.
+        assert proc.sock is not None
+        msg, _ = await _recv(proc.sock)
+        proc.sock.close()
+        proc.sock = None
+        if msg is not None and "error" in msg:
+            raise _child_error(msg)
+        return agent_pb2.ProcessResponse(pid=proc.pid)
+
+    async def SignalProcess(self, req: agent_pb2.SignalRequest,
+                            ctx: ttrpc.CallContext) -> agent_pb2.Empty:
+        proc = self._process(req.process)
+        if proc.exited.done():
+            raise ttrpc.NotFound("process already finished")
+        try:
+            os.kill(proc.pid, req.signal)
+        except ProcessLookupError:
+            raise ttrpc.NotFound("process already finished") from None
+        except (OverflowError, ValueError, OSError) as e:
+            raise ttrpc.InvalidArgument(f"signal {req.signal}: {e}") from None
+        return agent_pb2.Empty()
+
+    async def WaitProcess(self, req: agent_pb2.ProcessRef,
+                          ctx: ttrpc.CallContext) -> agent_pb2.WaitResponse:
+        proc = self._process(req)
+        status, when = await asyncio.shield(proc.exited)
+        return agent_pb2.WaitResponse(exit_status=status, exited_at=when)
+
+    async def WriteStdin(self, req: agent_pb2.WriteStreamRequest,
+                         ctx: ttrpc.CallContext) -> agent_pb2.WriteStreamResponse:
+        proc = self._process(req.process)
+        return agent_pb2.WriteStreamResponse(written=await proc.stdin.write(req.data))
+
+    async def CloseStdin(self, req: agent_pb2.ProcessRef,
+                         ctx: ttrpc.CallContext) -> agent_pb2.Empty:
+        proc = self._process(req)
+        if proc.tty is not None and proc.stdin._fd is not None:
+            # A pty has no half-close: send EOF (^D) as a terminal would.
+            with contextlib.suppress(ttrpc.RpcError):
+                await proc.stdin.write(b"\x04")
+        proc.stdin.close()
+        return agent_pb2.Empty()
+
+    async def _read(self, req: agent_pb2.ReadStreamRequest, which: str
+                    ) -> agent_pb2.ReadStreamResponse:
+        stream = getattr(self._process(req.process), which)
+        data, eof = await stream.read(req.max_bytes)
+        return agent_pb2.ReadStreamResponse(data=data, eof=eof)
+
+    async def ReadStdout(self, req: agent_pb2.ReadStreamRequest,
+                         ctx: ttrpc.CallContext) -> agent_pb2.ReadStreamResponse:
+        return await self._read(req, "stdout")
+
+    async def ReadStderr(self, req: agent_pb2.ReadStreamRequest,
+                         ctx: ttrpc.CallContext) -> agent_pb2.ReadStreamResponse:
+        return await self._read(req, "stderr")
+
+    async def ResizeTty(self, req: agent_pb2.ResizeTtyRequest,
+                        ctx: ttrpc.CallContext) -> agent_pb2.Empty:
+        proc = self._process(req.process)
+        if proc.tty is None:
+            raise ttrpc.FailedPrecondition("process has no terminal")
+        container.set_winsize(proc.tty, req.rows, req.cols)
+        return agent_pb2.Empty()
+
+    async def RemoveContainer(self, req: agent_pb2.ContainerRequest,
+                              ctx: ttrpc.CallContext) -> agent_pb2.Empty:
+        c = self._container(req.container_id)
+        # Killing the pid namespace's init kills everything in it.
+        for proc in [c.init, *c.execs.values()]:
+            if not proc.exited.done():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
+        for proc in [c.init, *c.execs.values()]:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(proc.exited), 5)
+            proc.close()
+        del self.containers[c.id]
+        return agent_pb2.Empty()
+
+    async def Shutdown(self, req: agent_pb2.Empty, ctx: ttrpc.CallContext) -> agent_pb2.Empty:
+        # Answer first; the VM goes away right after.
+        self._loop.call_later(STOP_GRACE, power_off)
+        return agent_pb2.Empty()
+
+
+def power_off() -> None:
+    os.sync()
+    # QEMU runs with -no-reboot: a restart ends the VM at once, while a
+    # power-off without ACPI would only halt the CPU.
+    linux.reboot(linux.LINUX_REBOOT_CMD_RESTART)
+
+
+async def serve(agent: Agent, reader: asyncio.StreamReader,
+                writer: asyncio.StreamWriter) -> None:
+    server = ttrpc.Server()
+    server.register_service(AGENT_SERVICE, agent,
+                            agent_pb2.DESCRIPTOR.services_by_name["Agent"], agent_pb2)
+    agent.ready_at = time.clock_gettime(time.CLOCK_BOOTTIME)
+    await server.serve(reader, writer)

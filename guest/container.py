@@ -1,0 +1,299 @@
+"""What runs in the agent's forked children: namespaces, root, credentials, exec.
+
+These functions run between fork() and execve() in a single-threaded copy of
+the agent; they never return to the event loop.  They report to the agent
+over a SOCK_SEQPACKET socket: JSON messages, plus the pty master fd.  The
+socket is close-on-exec, so a successful execve shows as EOF to the agent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import resource
+import signal
+import socket
+import stat
+import struct
+import termios
+from dataclasses import dataclass, field
+
+from microvm import linux
+
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+SHARED_ROOT = "/run/kata-py/shared"
+
+# Reported to the agent so the host can give docker's 127 / 126.
+ERR_NOT_FOUND = "notfound"
+ERR_NOT_EXECUTABLE = "notexec"
+ERR_OTHER = "other"
+
+
+@dataclass
+class ProcessSpec:
+    args: list[str]
+    env: list[str]
+    cwd: str = "/"
+    uid: int = 0
+    gid: int = 0
+    additional_gids: list[int] = field(default_factory=list)
+    terminal: bool = False
+    rows: int = 0
+    cols: int = 0
+    rlimits: list[tuple[str, int, int]] = field(default_factory=list)
+    no_new_privileges: bool = False
+
+
+@dataclass
+class Stdio:
+    """Child ends of the pipes; None for fds that come from the pty or /dev/null."""
+
+    stdin: int | None
+    stdout: int | None
+    stderr: int | None
+
+
+class ChildError(Exception):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def send(sock: socket.socket, msg: dict[str, object], fds: list[int] | None = None) -> None:
+    data = json.dumps(msg).encode()
+    if fds:
+        socket.send_fds(sock, [data], fds)
+    else:
+        sock.send(data)
+
+
+def _reset_signals() -> None:
+    """Undo what the agent's Python runtime and event loop did to signals.
+
+    execve() keeps ignored dispositions and the blocked mask; Python ignores
+    SIGPIPE and SIGXFSZ, which would leak into the container's processes.
+    """
+    signal.set_wakeup_fd(-1)
+    for sig in range(1, signal.NSIG):
+        if sig in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+def _mkdir(path: str, mode: int = 0o755) -> None:
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, mode)
+
+
+def _touch(path: str) -> None:
+    if not os.path.lexists(path):
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
+
+
+def setup_rootfs(shared_path: str, readonly: bool, hostname: str) -> None:
+    """Make the container's root: called in a fresh mount/uts/ipc namespace."""
+    # Nothing done here may propagate back into the guest's own namespace.
+    linux.mount(None, "/", None, linux.MS_REC | linux.MS_SLAVE)
+    root = os.path.normpath(os.path.join(SHARED_ROOT, shared_path))
+    if not root.startswith(SHARED_ROOT + "/") or not os.path.isdir(root):
+        raise ChildError(ERR_OTHER, f"rootfs {shared_path!r} not found in the shared directory")
+    # pivot_root needs the new root to be a mount point.
+    linux.mount(root, root, None, linux.MS_BIND | linux.MS_REC)
+    for d in ("proc", "sys", "dev"):
+        if not os.path.isdir(os.path.join(root, d)):
+            if readonly:
+                raise ChildError(ERR_OTHER, f"read-only rootfs lacks /{d}")
+            _mkdir(os.path.join(root, d))
+    nosuid = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
+    linux.mount("proc", f"{root}/proc", "proc", nosuid)
+    linux.mount("sysfs", f"{root}/sys", "sysfs", nosuid | linux.MS_RDONLY)
+    linux.mount("tmpfs", f"{root}/dev", "tmpfs", linux.MS_NOSUID, "mode=755,size=65536k")
+    for dev in ("null", "zero", "full", "random", "urandom", "tty"):
+        _touch(f"{root}/dev/{dev}")
+        linux.mount(f"/dev/{dev}", f"{root}/dev/{dev}", None, linux.MS_BIND)
+    _mkdir(f"{root}/dev/pts")
+    linux.mount("devpts", f"{root}/dev/pts", "devpts", linux.MS_NOSUID | linux.MS_NOEXEC,
+                "newinstance,ptmxmode=0666,mode=0620,gid=5")
+    _mkdir(f"{root}/dev/shm", 0o1777)
+    linux.mount("shm", f"{root}/dev/shm", "tmpfs", nosuid, "mode=1777,size=65536k")
+    _mkdir(f"{root}/dev/mqueue")
+    linux.mount("mqueue", f"{root}/dev/mqueue", "mqueue", nosuid)
+    for name, target in (("ptmx", "pts/ptmx"), ("fd", "/proc/self/fd"),
+                         ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                         ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"{root}/dev/{name}")
+    if readonly:
+        linux.mount(None, root, None,
+                    linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY)
+    if hostname:
+        socket.sethostname(hostname)
+    # runc's trick: pivot onto itself, then detach the old root stacked below.
+    os.chdir(root)
+    linux.pivot_root(".", ".")
+    linux.umount(".", linux.MNT_DETACH)
+    os.chdir("/")
+
+
+def _env_path(env: list[str]) -> str:
+    for kv in env:
+        if kv.startswith("PATH="):
+            return kv[5:]
+    return DEFAULT_PATH
+
+
+def resolve_executable(argv0: str, env: list[str]) -> str:
+    """Find the program as execvp would, with docker's error classes."""
+    if not argv0:
+        raise ChildError(ERR_NOT_FOUND, "no command given")
+    candidates = [argv0] if "/" in argv0 else [
+        os.path.join(d or ".", argv0) for d in _env_path(env).split(":")
+    ]
+    denied = None
+    for path in candidates:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            denied = f"{argv0}: is a directory"
+            continue
+        if not os.access(path, os.X_OK):
+            denied = f"{argv0}: permission denied"
+            continue
+        return path
+    if denied:
+        raise ChildError(ERR_NOT_EXECUTABLE, denied)
+    if "/" in argv0:
+        raise ChildError(ERR_NOT_FOUND, f"{argv0}: no such file or directory")
+    raise ChildError(ERR_NOT_FOUND, f"{argv0}: executable file not found in $PATH")
+
+
+def set_winsize(fd: int, rows: int, cols: int) -> None:
+    if rows and cols:
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _setup_stdio(spec: ProcessSpec, stdio: Stdio, sock: socket.socket) -> None:
+    """fds 0-2 for the process; with a terminal, the master goes to the agent."""
+    if spec.terminal:
+        # Opened after pivot_root, so the pty belongs to the container's devpts.
+        master, slave = os.openpty()
+        set_winsize(master, spec.rows, spec.cols)
+        os.setsid()
+        fcntl.ioctl(slave, termios.TIOCSCTTY, 0)
+        send(sock, {"pty": True}, [master])
+        os.close(master)
+        fds = [slave, slave, slave]
+    else:
+        os.setsid()
+        devnull = os.open("/dev/null", os.O_RDWR)
+        fds = [stdio.stdin if stdio.stdin is not None else devnull,
+               stdio.stdout if stdio.stdout is not None else devnull,
+               stdio.stderr if stdio.stderr is not None else devnull]
+    # dup2 may overwrite a source that sits on 0-2; move sources above 2 first.
+    fds = [os.dup(fd) if fd <= 2 else fd for fd in fds]
+    for target, fd in enumerate(fds):
+        os.dup2(fd, target, inheritable=True)
+
+
+def _setup_credentials(spec: ProcessSpec) -> None:
+    for name, hard, soft in spec.rlimits:
+        res = getattr(resource, name, None)
+        if res is None:
+            raise ChildError(ERR_OTHER, f"unknown rlimit {name}")
+        resource.setrlimit(res, (soft, hard))
+    os.setgroups(spec.additional_gids)
+    os.setgid(spec.gid)
+    os.setuid(spec.uid)
+    if spec.no_new_privileges:
+        linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+
+
+def prepare_process(spec: ProcessSpec, stdio: Stdio, sock: socket.socket) -> str:
+    """Everything but the exec, inside the container's namespaces and root."""
+    try:
+        os.chdir(spec.cwd or "/")
+    except FileNotFoundError:
+        # docker creates a missing working directory.
+        os.makedirs(spec.cwd, exist_ok=True)
+        os.chdir(spec.cwd)
+    path = resolve_executable(spec.args[0] if spec.args else "", spec.env)
+    _setup_stdio(spec, stdio, sock)
+    _setup_credentials(spec)
+    if not os.access(path, os.X_OK):
+        raise ChildError(ERR_NOT_EXECUTABLE, f"{spec.args[0]}: permission denied")
+    return path
+
+
+def exec_process(path: str, spec: ProcessSpec, sock: socket.socket) -> None:
+    _reset_signals()
+    try:
+        os.execve(path, spec.args, dict(kv.split("=", 1) for kv in spec.env if "=" in kv))
+    except OSError as e:
+        kind = ERR_NOT_EXECUTABLE if e.errno in (errno.EACCES, errno.ENOEXEC) else ERR_NOT_FOUND
+        raise ChildError(kind, f"{spec.args[0]}: {e.strerror}") from None
+
+
+def _fail(sock: socket.socket, e: BaseException) -> int:
+    if isinstance(e, ChildError):
+        kind, msg = e.kind, str(e)
+    else:
+        kind, msg = ERR_OTHER, f"{type(e).__name__}: {e}"
+    with contextlib.suppress(OSError):
+        send(sock, {"error": msg, "kind": kind})
+    return {ERR_NOT_FOUND: 127, ERR_NOT_EXECUTABLE: 126}.get(kind, 125)
+
+
+def run_container_init(sock: socket.socket, spec: ProcessSpec, stdio: Stdio,
+                       shared_path: str, readonly: bool, hostname: str) -> int:
+    """Child A: new namespaces, then fork the container's pid 1 (B)."""
+    try:
+        linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC
+                      | linux.CLONE_NEWPID)
+        pid = os.fork()
+    except BaseException as e:
+        return _fail(sock, e)
+    if pid:
+        send(sock, {"pid": pid})
+        return 0
+    try:
+        setup_rootfs(shared_path, readonly, hostname)
+        path = prepare_process(spec, stdio, sock)
+        send(sock, {"ready": True})
+        # Block until the agent says start (StartContainer).
+        if sock.recv(16) != b"start":
+            os._exit(125)
+        exec_process(path, spec, sock)
+    except BaseException as e:
+        os._exit(_fail(sock, e))
+    os._exit(125)
+
+
+def run_exec(sock: socket.socket, spec: ProcessSpec, stdio: Stdio, init_pid: int) -> int:
+    """Child A: join the container's namespaces, then fork the process (C)."""
+    try:
+        nsfds = []
+        # The mount namespace last: after it, /proc/<pid> is the container's.
+        for ns in ("ipc", "uts", "pid", "mnt"):
+            nsfds.append(os.open(f"/proc/{init_pid}/ns/{ns}", os.O_RDONLY))
+        for fd in nsfds:
+            linux.setns(fd)
+            os.close(fd)
+        pid = os.fork()
+    except BaseException as e:
+        return _fail(sock, e)
+    if pid:
+        send(sock, {"pid": pid})
+        return 0
+    try:
+        path = prepare_process(spec, stdio, sock)
+        send(sock, {"ready": True})
+        exec_process(path, spec, sock)
+    except BaseException as e:
+        os._exit(_fail(sock, e))
+    os._exit(125)

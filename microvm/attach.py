@@ -1,0 +1,156 @@
+"""Connecting our stdin/stdout/stderr (and terminal) to a container process.
+
+Output is pulled from the agent (ReadStdout/ReadStderr): the agent stops
+reading the process's pipe while its buffer is full, and we ask for more only
+once the previous chunk was written, so a slow reader slows the process
+down instead of filling memory anywhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import stat
+import sys
+import termios
+import tty
+
+from .sandbox import Sandbox
+
+CHUNK = 64 * 1024
+# Signals the CLI passes on to the container's process, as docker does.
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+             signal.SIGUSR2)
+
+
+async def _write_all(fd: int, data: bytes) -> None:
+    """Write to our stdout/stderr without blocking the loop on a full pipe."""
+    loop = asyncio.get_running_loop()
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+            view = view[n:]
+        except BlockingIOError:
+            fut = loop.create_future()
+            loop.add_writer(fd, fut.set_result, None)
+            try:
+                await fut
+            finally:
+                loop.remove_writer(fd)
+
+
+async def pump_output(sb: Sandbox, cid: str, stream: str, fd: int, exec_id: str = "") -> None:
+    while True:
+        data = await sb.read_output(cid, stream, exec_id, CHUNK)
+        if not data:
+            return
+        try:
+            await _write_all(fd, data)
+        except BrokenPipeError:
+            # Our reader went away; keep draining so the process is not stuck.
+            fd = os.open(os.devnull, os.O_WRONLY)
+
+
+async def pump_input(sb: Sandbox, cid: str, fd: int, exec_id: str = "") -> None:
+    loop = asyncio.get_running_loop()
+    regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    try:
+        while True:
+            if regular:
+                data = os.read(fd, CHUNK)  # files never block
+            else:
+                ready = loop.create_future()
+                loop.add_reader(fd, ready.set_result, None)
+                try:
+                    await ready
+                finally:
+                    loop.remove_reader(fd)
+                try:
+                    data = os.read(fd, CHUNK)
+                except BlockingIOError:
+                    continue
+            if not data:
+                break
+            await sb.write_input(cid, data, exec_id)
+    finally:
+        with contextlib.suppress(Exception):
+            await sb.close_input(cid, exec_id)
+
+
+class Terminal:
+    """Raw mode on our terminal for the container's pty, restored on exit."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._saved: list[object] | None = None
+
+    def size(self) -> tuple[int, int]:
+        try:
+            cols, rows = os.get_terminal_size(self.fd)
+            return rows, cols
+        except OSError:
+            return 24, 80
+
+    def __enter__(self) -> Terminal:
+        if os.isatty(self.fd):
+            self._saved = termios.tcgetattr(self.fd)
+            tty.setraw(self.fd)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._saved is not None:
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
+
+
+async def attach(sb: Sandbox, cid: str, *, stdin: bool, terminal: bool,
+                 exec_id: str = "") -> int:
+    """Stream until the process exits and its output is drained; its exit status."""
+    loop = asyncio.get_running_loop()
+    out_fd, err_fd = sys.stdout.fileno(), sys.stderr.fileno()
+    for fd in (out_fd, err_fd):
+        os.set_blocking(fd, False)
+    tasks = [asyncio.create_task(pump_output(sb, cid, "stdout", out_fd, exec_id))]
+    if not terminal:
+        tasks.append(asyncio.create_task(pump_output(sb, cid, "stderr", err_fd, exec_id)))
+    input_task = None
+    if stdin:
+        in_fd = sys.stdin.fileno()
+        if not stat.S_ISREG(os.fstat(in_fd).st_mode):
+            os.set_blocking(in_fd, False)
+        input_task = asyncio.create_task(pump_input(sb, cid, in_fd, exec_id))
+
+    def forward(sig: int) -> None:
+        loop.create_task(_signal_quietly(sb, cid, sig, exec_id))
+
+    for sig in FORWARDED:
+        loop.add_signal_handler(sig, forward, sig)
+    if terminal and os.isatty(out_fd):
+        def resized() -> None:
+            rows, cols = Terminal(out_fd).size()
+            loop.create_task(_quietly(sb.resize(cid, rows, cols, exec_id)))
+        loop.add_signal_handler(signal.SIGWINCH, resized)
+    try:
+        status = await sb.wait(cid, exec_id)
+        await asyncio.gather(*tasks)
+        return status
+    finally:
+        for sig in (*FORWARDED, signal.SIGWINCH):
+            loop.remove_signal_handler(sig)
+        for t in [*tasks, *([input_task] if input_task else [])]:
+            t.cancel()
+        await asyncio.gather(*tasks, *([input_task] if input_task else []),
+                             return_exceptions=True)
+        for fd in (out_fd, err_fd):
+            os.set_blocking(fd, True)
+
+
+async def _quietly(aw: object) -> None:
+    with contextlib.suppress(Exception):
+        await aw  # type: ignore[misc]
+
+
+async def _signal_quietly(sb: Sandbox, cid: str, sig: int, exec_id: str) -> None:
+    await _quietly(sb.signal(cid, sig, exec_id))

@@ -1,0 +1,175 @@
+"""The `microvm` command: docker-style verbs over the sandbox core."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__, mountns, rootfs
+from . import accel as accel_mod
+from . import config as config_mod
+from .errors import KataError
+from .protocol import agent_pb2
+
+log = logging.getLogger("microvm")
+
+
+class Context:
+    def __init__(self, config_path: str | None, debug: bool) -> None:
+        self.config_path = config_path
+        self.debug = debug
+
+    def config(self) -> config_mod.Config:
+        cfg = config_mod.load(self.config_path)
+        if self.debug:
+            cfg.log_level = "debug"
+        logging.getLogger().setLevel(cfg.log_level.upper())
+        return cfg
+
+
+def setup_logging(debug: bool) -> None:
+    logging.basicConfig(stream=sys.stderr, format="microvm: %(levelname)s: %(message)s",
+                        level=logging.DEBUG if debug else logging.WARNING)
+    if not debug:
+        # qemu.qmp logs every lost connection at ERROR; our own errors say enough.
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", metavar="PATH",
+              help="Configuration file (default /etc/kata-py/config.yaml).")
+@click.option("--debug", is_flag=True, help="Log what kata-py does, and the guest agent's log.")
+@click.version_option(__version__, prog_name="microvm")
+@click.pass_context
+def cli(ctx: click.Context, config_path: str | None, debug: bool) -> None:
+    """kata-py: run each container in its own QEMU microVM."""
+    setup_logging(debug)
+    ctx.obj = Context(config_path, debug)
+
+
+def _env(values: tuple[str, ...]) -> list[str]:
+    env = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
+    for v in values:
+        if "=" in v:
+            env.append(v)
+        elif v in os.environ:  # docker: -e NAME takes the value from our environment
+            env.append(f"{v}={os.environ[v]}")
+    return env
+
+
+@cli.command(context_settings={"allow_interspersed_args": False})
+@click.option("--rm", is_flag=True, help="Remove the container when it exits (always, for now).")
+@click.option("-i", "--interactive", is_flag=True, help="Keep stdin open and pass it on.")
+@click.option("-t", "--tty", is_flag=True, help="Give the process a terminal.")
+@click.option("-e", "--env", multiple=True, metavar="KEY=VALUE",
+              help="Set an environment variable.")
+@click.option("-w", "--workdir", default="/", metavar="DIR", help="Working directory.")
+@click.option("-u", "--user", default="", metavar="UID[:GID]", help="User (name or id).")
+@click.option("--hostname", default="", metavar="NAME", help="Container host name.")
+@click.option("--cpus", type=int, help="vCPUs of the VM.")
+@click.option("--memory", type=int, metavar="MiB", help="Memory of the VM, MiB.")
+@click.option("--kernel", metavar="PATH", help="Guest kernel (bzImage).")
+@click.option("--accel", type=click.Choice(config_mod.ACCELS), help="Accelerator.")
+@click.option("--read-only", is_flag=True, help="Mount the root file system read-only.")
+@click.argument("rootfs_name", metavar="ROOTFS")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.pass_obj
+def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ...], workdir: str,
+        user: str, hostname: str, cpus: int | None, memory: int | None, kernel: str | None,
+        accel: str | None, read_only: bool, rootfs_name: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND in a new container, in its own VM.
+
+    ROOTFS is a directory, or `busybox` for the built-in image.
+    """
+    cfg = obj.config()
+    if cpus is not None:
+        cfg.vcpus = cpus
+    if memory is not None:
+        cfg.memory_mib = memory
+    if kernel is not None:
+        cfg.kernel = kernel
+    if accel is not None:
+        cfg.accel = accel
+    cfg.source = "command line"
+    cfg.validate()
+    root = rootfs.resolve(rootfs_name)
+    # `run IMAGE -- CMD...`: the separator is ours, not the command's.
+    command = command[1:] if command[:1] == ("--",) else command
+    args = list(command) or rootfs.DEFAULT_CMD.get(rootfs_name, [])
+    if not args:
+        raise KataError("no command specified")
+    uid, gid, extra = rootfs.lookup_user(root, user) if user else (0, 0, [])
+    terminal = tty and True
+    rows, cols = (0, 0)
+    if terminal:
+        from .attach import Terminal
+        rows, cols = Terminal(sys.stdout.fileno()).size()
+    process = agent_pb2.Process(
+        args=args, env=_env(env) + (["TERM=xterm"] if terminal else []), cwd=workdir,
+        user=agent_pb2.User(uid=uid, gid=gid, additional_gids=extra), terminal=terminal,
+        rows=rows, cols=cols, stdin=interactive)
+    run_dir = mountns.enter()
+    status = asyncio.run(_run(cfg, run_dir, root, process, read_only,
+                              hostname or secrets.token_hex(6), interactive, terminal))
+    sys.exit(status)
+
+
+async def _run(cfg: config_mod.Config, run_dir: Path, root: Path, process: agent_pb2.Process,
+               read_only: bool, hostname: str, interactive: bool, terminal: bool) -> int:
+    from .attach import Terminal, attach
+    from .sandbox import Sandbox
+
+    choice = accel_mod.choose(cfg.accel)
+    if choice.fallback:
+        log.warning("using TCG emulation (slow): %s", choice.reason)
+    cid = secrets.token_hex(8)
+    async with Sandbox(cfg, cid, run_dir, choice) as sb:
+        await sb.create_container(cid, root, process, readonly=read_only, hostname=hostname)
+        with Terminal(sys.stdin.fileno()) if terminal and interactive else _nothing():
+            await sb.start_container(cid)
+            return await attach(sb, cid, stdin=interactive, terminal=terminal)
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+@cli.command()
+@click.pass_obj
+def check(obj: Context) -> None:
+    """Tell what a VM needs here, what is missing, and how to fix it."""
+    from .check import run_checks
+
+    sys.exit(run_checks(obj.config()))
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        # docker exits 125 on its own usage errors.
+        click.echo(f"microvm: {e.format_message()}", err=True)
+        sys.exit(125)
+    except KataError as e:
+        click.echo(f"microvm: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:
+        # A bug of ours: one line, the traceback only when asked for.
+        if logging.getLogger().isEnabledFor(logging.DEBUG):
+            log.exception("internal error")
+        click.echo(f"microvm: error: internal error: {type(e).__name__}: {e}", err=True)
+        sys.exit(125)

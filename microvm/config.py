@@ -1,0 +1,116 @@
+"""Runtime configuration: defaults, the YAML file, and strict validation.
+
+Every key is a field of Config below; docs/config.md documents them.  An
+unknown key or a wrong type is an error that names the key and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import paths
+from .errors import ConfigError
+
+ACCELS = ("auto", "kvm", "tcg")
+TRANSPORTS = ("auto", "vsock", "serial")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass
+class Config:
+    # Guest kernel (bzImage) and guest image: an initramfs (.cpio) or a
+    # read-only ext4 image (.ext4) booted from virtio-blk.
+    kernel: str = str(paths.GUEST / "vmlinuz")
+    guest_image: str = str(paths.GUEST / "initrd.cpio")
+    vcpus: int = 1
+    memory_mib: int = 512
+    accel: str = "auto"
+    transport: str = "auto"
+    qemu: str = "qemu-system-x86_64"
+    virtiofsd: str = "/usr/lib/qemu/virtiofsd"
+    # Seconds.  TCG boots take a few seconds; KVM well under one.
+    boot_timeout: float = 60.0
+    shutdown_timeout: float = 10.0
+    kernel_params: str = ""
+    log_level: str = "warning"
+    # Where console and helper logs go; empty: kept only while the VM runs.
+    log_dir: str = ""
+    source: str = field(default="defaults", compare=False, repr=False)
+
+    def validate(self) -> None:
+        where = self.source
+        _choice("accel", self.accel, ACCELS, where)
+        _choice("transport", self.transport, TRANSPORTS, where)
+        _choice("log_level", self.log_level, LOG_LEVELS, where)
+        if not 1 <= self.vcpus <= 255:
+            raise ConfigError(f"{where}: vcpus must be between 1 and 255, not {self.vcpus}")
+        # The agent and Python need room; QEMU's microvm cannot address more
+        # than the low 3 GiB without the high-memory hole set-up.
+        if not 64 <= self.memory_mib <= 3072:
+            raise ConfigError(
+                f"{where}: memory_mib must be between 64 and 3072, not {self.memory_mib}")
+        for key in ("boot_timeout", "shutdown_timeout"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{where}: {key} must be positive")
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...], where: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{where}: {key} must be one of {', '.join(allowed)}, not {value!r}")
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name != "source"}
+
+
+def _coerce(key: str, value: Any, where: str) -> Any:
+    kind = _FIELDS[key].type
+    if kind == "float" and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    ok = {"str": str, "int": int, "float": float, "bool": bool}[str(kind)]
+    if not isinstance(value, ok) or (ok is int and isinstance(value, bool)):
+        raise ConfigError(
+            f"{where}: {key} must be of type {kind}, not {type(value).__name__} ({value!r})")
+    return value
+
+
+def from_mapping(data: object, where: str) -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys to values")
+    values = {}
+    for key, value in data.items():
+        if key not in _FIELDS:
+            raise ConfigError(f"{where}: unknown key {key!r}")
+        values[key] = _coerce(key, value, where)
+    cfg = Config(**values, source=where)
+    cfg.validate()
+    return cfg
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """The config file's values over the defaults.
+
+    An explicitly named file must exist; the default file is optional.
+    """
+    explicit = path is not None or "KATA_PY_CONFIG" in os.environ
+    p = Path(path or os.environ.get("KATA_PY_CONFIG") or paths.CONFIG)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"config file {p} not found") from None
+        return from_mapping({}, "defaults")
+    except OSError as e:
+        raise ConfigError(f"config file {p}: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from None
+    return from_mapping(data, str(p))

@@ -1,0 +1,68 @@
+"""Starting and stopping helper processes (QEMU, virtiofsd) so none outlives us.
+
+Each helper:
+  - gets its fds from the parent (pass_fds), so nothing races at start-up;
+  - runs in its own session, so a terminal's ^C reaches only the CLI;
+  - has PR_SET_PDEATHSIG=SIGKILL, so even a SIGKILLed owner takes it along.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Sequence
+
+from . import linux
+
+log = logging.getLogger(__name__)
+
+
+def _child_setup() -> None:
+    linux.set_pdeathsig(signal.SIGKILL)
+    # The parent may have died between fork and prctl: then die now.
+    if os.getppid() == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def spawn(argv: Sequence[str], *, pass_fds: Sequence[int] = (), stdout: int | None = None,
+          stderr: int | None = None) -> subprocess.Popen[bytes]:
+    log.debug("starting %s", " ".join(argv))
+    return subprocess.Popen(
+        list(argv), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+        pass_fds=tuple(pass_fds), start_new_session=True, preexec_fn=_child_setup)
+
+
+async def wait(proc: subprocess.Popen[bytes], timeout: float | None) -> int | None:
+    """The exit code, or None if the process still runs after timeout seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    delay = 0.005
+    while True:
+        code = proc.poll()
+        if code is not None:
+            return code
+        if deadline is not None and loop.time() >= deadline:
+            return None
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+async def stop(proc: subprocess.Popen[bytes], name: str, grace: float = 2.0) -> None:
+    """SIGTERM, then SIGKILL; returns only once the process is gone (reaped)."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    if await wait(proc, grace) is None:
+        log.warning("%s (pid %d) ignored SIGTERM; killing it", name, proc.pid)
+        kill(proc)
+
+
+def kill(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
+    proc.wait()

@@ -1,0 +1,13 @@
+"""The wire contract between host and guest, imported by both.
+
+Kept free of heavy imports: the guest agent loads it at every boot.
+"""
+
+PROTOCOL_VERSION = 1
+AGENT_SERVICE = "katapy.agent.v1.Agent"
+# virtio-serial port name (/sys/class/virtio-ports/*/name in the guest).
+SERIAL_PORT_NAME = "kata-py.agent"
+# AF_VSOCK port the agent listens on when the transport is vsock.
+VSOCK_PORT = 1024
+# virtio-fs tag of the sandbox's shared directory.
+SHARED_FS_TAG = "kata-py-shared"

@@ -1,0 +1,250 @@
+"""QEMU microvm: the command line, and the Machine that owns the process.
+
+Modelled on QEMU's own python/qemu/machine: QMP runs over a socketpair made
+before launch (no path to race for), a launch failure carries the command
+line and QEMU's output, and shutdown escalates from QMP quit to SIGKILL and
+always reaps.  Every QMP exchange goes through qemu.qmp.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shlex
+import socket
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import EventListener, QMPClient
+from qemu.qmp.events import Message
+
+from . import helpers
+from .errors import VMError
+from .protocol import SERIAL_PORT_NAME, SHARED_FS_TAG
+
+log = logging.getLogger(__name__)
+
+# Guest kernel arguments for every boot: console on the 8250 UART, no wait on
+# panic (QEMU's -no-reboot turns the reboot into an exit), and no probes that
+# only cost time on a machine without legacy devices.
+BASE_KERNEL_PARAMS = [
+    "console=ttyS0", "panic=-1", "reboot=t", "quiet", "tsc=reliable", "no_timer_check",
+    "i8042.noaux", "i8042.nokbd",
+]
+
+
+@dataclass
+class VMSpec:
+    name: str
+    kernel: str
+    image: str                     # initramfs (.cpio) or ext4 image (.ext4)
+    memory_mib: int = 512
+    vcpus: int = 1
+    accel: str = "tcg"
+    kernel_params: list[str] = field(default_factory=list)
+    transport: str = "serial"
+    qmp_fd: int = -1
+    serial_fd: int = -1            # our end of the agent's virtio-serial port
+    vsock_cid: int = 0
+    virtiofs_socket: str | None = None
+    sandbox: bool = True           # QEMU's seccomp filter
+
+    @property
+    def block_root(self) -> bool:
+        return self.image.endswith((".ext4", ".img"))
+
+
+def command_line(qemu: str, spec: VMSpec) -> list[str]:
+    """The full argv for one VM; pure, so it is unit-tested."""
+    mem = f"{spec.memory_mib}M"
+    argv = [
+        qemu, "-name", spec.name,
+        # No ACPI (faster boot), no option ROMs; memory from a shareable memfd
+        # because vhost-user (virtiofsd) maps guest memory.
+        "-M", "microvm,acpi=off,x-option-roms=off,memory-backend=mem",
+        "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
+        "-m", mem, "-smp", str(spec.vcpus),
+        "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        # virtiofsd refuses legacy virtio-mmio devices.
+        "-global", "virtio-mmio.force-legacy=false",
+    ]
+    if spec.accel == "kvm":
+        argv += ["-accel", "kvm", "-cpu", "host"]
+    else:
+        argv += ["-accel", "tcg,thread=multi" if spec.vcpus > 1 else "tcg"]
+    if spec.sandbox:
+        argv += ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,"
+                             "resourcecontrol=deny"]
+    params = [*BASE_KERNEL_PARAMS] + [f"kata_py.transport={spec.transport}"]
+    argv += ["-kernel", spec.kernel]
+    if spec.block_root:
+        argv += ["-drive", f"if=none,id=root,file={spec.image},format=raw,readonly=on",
+                 "-device", "virtio-blk-device,drive=root"]
+        params += ["root=/dev/vda", "ro", "rootfstype=ext4", "init=/init"]
+    else:
+        argv += ["-initrd", spec.image]
+        params += ["rdinit=/init"]
+    argv += ["-append", " ".join(params + spec.kernel_params)]
+    # The console goes to QEMU's stdout, which the owner points at a log file.
+    argv += ["-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console"]
+    if spec.qmp_fd >= 0:
+        argv += ["-chardev", f"socket,id=qmp,fd={spec.qmp_fd}", "-mon", "chardev=qmp,mode=control"]
+    if spec.transport == "vsock":
+        argv += ["-device", f"vhost-vsock-device,guest-cid={spec.vsock_cid}"]
+    else:
+        argv += ["-device", "virtio-serial-device,max_ports=2",
+                 "-chardev", f"socket,id=agent,fd={spec.serial_fd}",
+                 "-device", f"virtserialport,chardev=agent,name={SERIAL_PORT_NAME}"]
+    if spec.virtiofs_socket:
+        argv += ["-chardev", f"socket,id=vfs,path={spec.virtiofs_socket}",
+                 "-device", f"vhost-user-fs-device,chardev=vfs,tag={SHARED_FS_TAG},"
+                            "queue-size=1024"]
+    return argv
+
+
+class _Events(EventListener):
+    """A listener that keeps no history: qemu.qmp's default one grows forever."""
+
+    async def put(self, event: Message) -> None:
+        if self.accept(event):
+            await self._queue.put(event)
+
+
+def tail(path: Path | None, lines: int = 15) -> str:
+    if path is None:
+        return ""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+class Machine:
+    """One QEMU process and its QMP connection, owned by an async context."""
+
+    def __init__(self, qemu: str, spec: VMSpec, console_log: Path, qemu_log: Path) -> None:
+        self.qemu = qemu
+        self.spec = spec
+        self.console_log = console_log
+        self.qemu_log = qemu_log
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.qmp = QMPClient(spec.name)
+        self.argv: list[str] = []
+        self.events_seen: list[str] = []
+        self._events = _Events()
+        self._event_task: asyncio.Task[None] | None = None
+        self._qmp_sock: socket.socket | None = None
+        self.shutdown_event = asyncio.Event()
+
+    async def __aenter__(self) -> Machine:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    async def launch(self, extra_fds: Sequence[int] = ()) -> None:
+        ours, theirs = socket.socketpair()
+        self._qmp_sock = ours
+        self.spec.qmp_fd = theirs.fileno()
+        self.argv = command_line(self.qemu, self.spec)
+        console = os.open(self.console_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                          0o600)
+        errlog = os.open(self.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                         0o600)
+        try:
+            self.proc = helpers.spawn(self.argv, pass_fds=[theirs.fileno(), *extra_fds],
+                                      stdout=console, stderr=errlog)
+        except OSError as e:
+            raise VMError(f"cannot run {self.qemu}: {e.strerror}") from None
+        finally:
+            os.close(console)
+            os.close(errlog)
+            theirs.close()
+        # Swap the history-keeping default listener for ours (qemu.qmp
+        # refuses to remove whatever listener is its `events`).
+        default, self.qmp.events = self.qmp.events, self._events
+        self.qmp.remove_listener(default)
+        self.qmp.register_listener(self._events)
+        try:
+            await asyncio.wait_for(self.qmp.connect(ours), 30)
+        except Exception as e:
+            await self.kill()
+            raise self.launch_error(f"QMP handshake failed: {e}") from None
+        self._event_task = asyncio.create_task(self._watch_events())
+
+    def launch_error(self, what: str) -> VMError:
+        code = self.proc.poll() if self.proc else None
+        out = tail(self.qemu_log, 10).strip()
+        msg = f"QEMU failed ({what}"
+        msg += f", exit status {code})" if code is not None else ")"
+        msg += f"\n  command: {shlex.join(self.argv)}"
+        if out:
+            msg += "\n  " + out.replace("\n", "\n  ")
+        return VMError(msg)
+
+    async def _watch_events(self) -> None:
+        async for event in self._events:
+            name = event["event"]
+            log.debug("qmp event %s", name)
+            self.events_seen.append(name)
+            del self.events_seen[:-32]
+            if name == "SHUTDOWN":
+                self.shutdown_event.set()
+
+    async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
+        return await self.qmp.execute(cmd, args)
+
+    async def query_status(self) -> str:
+        status = await self.execute("query-status")
+        return str(status["status"])
+
+    async def pause(self) -> None:
+        await self.execute("stop")
+
+    async def resume(self) -> None:
+        await self.execute("cont")
+
+    async def system_powerdown(self) -> None:
+        await self.execute("system_powerdown")
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    async def wait(self, timeout: float | None = None) -> int | None:
+        assert self.proc is not None
+        return await helpers.wait(self.proc, timeout)
+
+    async def shutdown(self, timeout: float = 3.0) -> None:
+        """Ask QEMU to quit, then kill it; always reap it and close QMP."""
+        try:
+            if self.running:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self.execute("quit"), timeout)
+                if self.proc is not None and await helpers.wait(self.proc, timeout) is None:
+                    log.warning("QEMU did not quit; killing it")
+        finally:
+            await self.kill()
+
+    async def kill(self) -> None:
+        if self.proc is not None:
+            helpers.kill(self.proc)
+        if self._event_task is not None:
+            self._event_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._event_task
+            self._event_task = None
+        with contextlib.suppress(Exception):
+            await self.qmp.disconnect()
+        if self._qmp_sock is not None:
+            self._qmp_sock.close()
+            self._qmp_sock = None

@@ -1,0 +1,324 @@
+"""The core: one sandbox = one VM, its helpers, its agent and its containers.
+
+Both front ends (the CLI, the containerd shim) drive a Sandbox.  One
+AsyncExitStack owns every helper and mount it creates, in reverse order of
+creation, so an error at any step of start-up unwinds exactly what was done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import accel as accel_mod
+from . import linux
+from .agent_client import AgentClient
+from .config import Config
+from .errors import CommandNotExecutable, CommandNotFound, KataError, VMError
+from .protocol import PROTOCOL_VERSION, agent_pb2, ttrpc
+from .qemu import Machine, VMSpec, tail
+from .virtiofsd import Virtiofsd
+
+log = logging.getLogger(__name__)
+
+_SPAWNING = ("CreateContainer", "StartContainer", "ExecProcess")
+
+
+def vhost_vsock_usable() -> bool:
+    return os.access("/dev/vhost-vsock", os.R_OK | os.W_OK)
+
+
+def choose_transport(requested: str) -> str:
+    if requested == "auto":
+        return "vsock" if vhost_vsock_usable() else "serial"
+    if requested == "vsock" and not vhost_vsock_usable():
+        raise KataError("transport vsock requested but /dev/vhost-vsock is not usable")
+    return requested
+
+
+@dataclass
+class ContainerState:
+    id: str
+    rootfs_mount: Path
+    pid: int = 0
+
+
+@dataclass
+class Timings:
+    """Host-side milestones (monotonic seconds) and the guest's own."""
+
+    start: float = 0.0
+    launched: float = 0.0
+    ready: float = 0.0
+    guest: dict[str, float] = field(default_factory=dict)
+
+
+class Sandbox:
+    def __init__(self, config: Config, sandbox_id: str, run_dir: Path,
+                 accel: accel_mod.Choice) -> None:
+        self.config = config
+        self.id = sandbox_id
+        self.dir = run_dir / sandbox_id
+        self.accel = accel
+        self.transport = choose_transport(config.transport)
+        self.shared = self.dir / "shared"
+        self.log_dir = Path(config.log_dir) / sandbox_id if config.log_dir else self.dir
+        self.machine: Machine | None = None
+        self.agent: AgentClient | None = None
+        self.details: agent_pb2.GuestDetails | None = None
+        self.containers: dict[str, ContainerState] = {}
+        self.timings = Timings()
+        self._stack = contextlib.AsyncExitStack()
+
+    @property
+    def console_log(self) -> Path:
+        return self.log_dir / "console.log"
+
+    async def __aenter__(self) -> Sandbox:
+        try:
+            await self.start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- start-up --------------------------------------------------------
+
+    async def start(self) -> None:
+        self.timings.start = time.monotonic()
+        for path in (self.config.kernel, self.config.guest_image):
+            if not os.path.isfile(path):
+                raise KataError(f"{path} not found: build it with scripts/quickstart "
+                                "(or set kernel/guest_image in the config)")
+        self.dir.mkdir(mode=0o700)
+        self._stack.callback(shutil.rmtree, self.dir, True)
+        self.log_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.shared.mkdir()
+        # A mount point of its own, shared, so mounts added later (more
+        # containers) propagate into virtiofsd's slave copy.
+        linux.mount(str(self.shared), str(self.shared), None, linux.MS_BIND)
+        self._stack.callback(_umount, self.shared)
+        linux.mount(None, str(self.shared), None, linux.MS_SHARED)
+
+        vfs = Virtiofsd(self.config.virtiofsd, self.shared, self.dir / "vfs.sock",
+                        self.log_dir / "virtiofsd.log", self.config.log_level == "debug")
+        vfs.start()
+        self._stack.push_async_callback(vfs.stop)
+
+        spec = VMSpec(
+            name=f"kata-py-{self.id[:12]}", kernel=self.config.kernel,
+            image=self.config.guest_image, memory_mib=self.config.memory_mib,
+            vcpus=self.config.vcpus, accel=self.accel.accel,
+            kernel_params=self.config.kernel_params.split()
+            + (["kata_py.debug=1"] if self.config.log_level == "debug" else []),
+            transport=self.transport, virtiofs_socket=str(vfs.socket_path))
+        extra_fds = []
+        serial_ours = None
+        if self.transport == "serial":
+            serial_ours, serial_theirs = socket.socketpair()
+            spec.serial_fd = serial_theirs.fileno()
+            extra_fds.append(serial_theirs.fileno())
+        else:
+            spec.vsock_cid = random.randint(3, 0xFFFFFFFE)
+        machine = Machine(self.config.qemu, spec, self.console_log, self.log_dir / "qemu.log")
+        self.machine = machine
+        self._stack.push_async_callback(machine.shutdown)
+        try:
+            await machine.launch(extra_fds)
+        finally:
+            if serial_ours is not None:
+                serial_theirs.close()
+        vfs.forget_socket()
+        self.timings.launched = time.monotonic()
+
+        deadline = asyncio.get_running_loop().time() + self.config.boot_timeout
+        if serial_ours is not None:
+            self.agent = await AgentClient.over_socket(serial_ours)
+        else:
+            self.agent = await self._race(AgentClient.over_vsock(spec.vsock_cid, deadline),
+                                          deadline)
+        self._stack.push_async_callback(self.agent.aclose)
+        self.details = await self._race(
+            self.agent.call("GetGuestDetails", agent_pb2.GuestDetailsRequest()), deadline)
+        if self.details.protocol_version != PROTOCOL_VERSION:
+            raise VMError(f"guest agent speaks protocol {self.details.protocol_version}, "
+                          f"this host {PROTOCOL_VERSION}: rebuild the guest image")
+        self.timings.ready = time.monotonic()
+        self.timings.guest = {"agent_started": self.details.agent_started,
+                              "agent_ready": self.details.agent_ready}
+        log.debug("sandbox %s ready in %.2fs", self.id, self.timings.ready - self.timings.start)
+
+    async def _race(self, aw, deadline: float):  # type: ignore[no-untyped-def]
+        """Await aw unless the VM exits or the boot deadline passes first."""
+        assert self.machine is not None
+        loop = asyncio.get_running_loop()
+        task = asyncio.ensure_future(aw)
+        exited = asyncio.ensure_future(self.machine.wait())
+        try:
+            done, _ = await asyncio.wait({task, exited}, timeout=max(0, deadline - loop.time()),
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+        if task in done and not isinstance(task.exception(), ConnectionError):
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        if task in done:
+            await self.machine.wait(2)
+            why = "the VM closed the agent's channel during boot"
+        elif exited in done:
+            why = f"the VM exited during boot (QEMU status {self.machine.proc.poll()})"  # type: ignore[union-attr]
+        else:
+            why = f"the agent did not answer within {self.config.boot_timeout:g}s"
+            await self.machine.kill()
+        raise VMError(self._with_console(why))
+
+    def _with_console(self, why: str) -> str:
+        lines = tail(self.console_log).strip()
+        if not lines:
+            lines = tail(self.log_dir / "qemu.log").strip()
+        if lines:
+            why += "; last console lines:\n  " + lines.replace("\n", "\n  ")
+        return why
+
+    # -- containers --------------------------------------------------------
+
+    def _agent(self) -> AgentClient:
+        if self.agent is None or self.agent.closed:
+            raise VMError(self._with_console("the VM is gone"))
+        return self.agent
+
+    async def create_container(self, cid: str, rootfs: Path, process: agent_pb2.Process,
+                               readonly: bool = False, hostname: str = "") -> int:
+        if cid in self.containers:
+            raise KataError(f"container {cid} already exists")
+        target = self.shared / cid / "rootfs"
+        target.mkdir(parents=True)
+        try:
+            if readonly:
+                linux.mount(str(rootfs), str(target), None, linux.MS_BIND | linux.MS_REC)
+                linux.mount(None, str(target), None,
+                            linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY)
+            else:
+                # The container writes to its own upper layer, never to the
+                # rootfs it was given; the upper layer lives in our tmpfs.
+                upper, work = self.dir / "rw" / cid / "upper", self.dir / "rw" / cid / "work"
+                upper.mkdir(parents=True)
+                work.mkdir()
+                linux.mount("overlay", str(target), "overlay", 0,
+                            f"lowerdir={rootfs},upperdir={upper},workdir={work}")
+        except OSError as e:
+            raise KataError(f"cannot mount rootfs {rootfs}: {e.strerror}") from None
+        state = ContainerState(cid, target)
+        self.containers[cid] = state
+        req = agent_pb2.CreateContainerRequest(
+            container_id=cid, rootfs=agent_pb2.Rootfs(shared_path=f"{cid}/rootfs",
+                                                      readonly=readonly),
+            hostname=hostname, process=process)
+        try:
+            state.pid = (await self._call("CreateContainer", req)).pid
+        except BaseException:
+            self._unmount_container(state)
+            raise
+        return state.pid
+
+    async def _call(self, method: str, req: object) -> object:
+        try:
+            return await self._agent().call(method, req)  # type: ignore[arg-type]
+        except ttrpc.NotFound as e:
+            # From the calls that exec, NotFound is the program, unless it
+            # names the container.
+            if method in _SPAWNING and not e.message.startswith("container "):
+                raise CommandNotFound(e.message) from None
+            raise
+        except ttrpc.PermissionDenied as e:
+            raise CommandNotExecutable(e.message) from None
+        except ttrpc.RpcError as e:
+            raise KataError(e.message) from None
+        except ConnectionError:
+            raise VMError(self._with_console("lost the connection to the agent")) from None
+
+    async def start_container(self, cid: str) -> None:
+        await self._call("StartContainer", agent_pb2.ContainerRequest(container_id=cid))
+
+    async def exec_process(self, cid: str, exec_id: str, process: agent_pb2.Process) -> int:
+        req = agent_pb2.ExecProcessRequest(container_id=cid, exec_id=exec_id, process=process)
+        return int((await self._call("ExecProcess", req)).pid)  # type: ignore[attr-defined]
+
+    async def signal(self, cid: str, sig: int, exec_id: str = "") -> None:
+        ref = agent_pb2.ProcessRef(container_id=cid, exec_id=exec_id)
+        await self._call("SignalProcess", agent_pb2.SignalRequest(process=ref, signal=sig))
+
+    async def wait(self, cid: str, exec_id: str = "") -> int:
+        ref = agent_pb2.ProcessRef(container_id=cid, exec_id=exec_id)
+        return int((await self._call("WaitProcess", ref)).exit_status)  # type: ignore[attr-defined]
+
+    async def read_output(self, cid: str, stream: str, exec_id: str = "",
+                          max_bytes: int = 1 << 20) -> bytes:
+        """Next output chunk; b"" at end of stream."""
+        ref = agent_pb2.ProcessRef(container_id=cid, exec_id=exec_id)
+        method = "ReadStdout" if stream == "stdout" else "ReadStderr"
+        resp = await self._call(method, agent_pb2.ReadStreamRequest(process=ref,
+                                                                    max_bytes=max_bytes))
+        return bytes(resp.data)  # type: ignore[attr-defined]
+
+    async def write_input(self, cid: str, data: bytes, exec_id: str = "") -> None:
+        ref = agent_pb2.ProcessRef(container_id=cid, exec_id=exec_id)
+        await self._call("WriteStdin", agent_pb2.WriteStreamRequest(process=ref, data=data))
+
+    async def close_input(self, cid: str, exec_id: str = "") -> None:
+        await self._call("CloseStdin", agent_pb2.ProcessRef(container_id=cid, exec_id=exec_id))
+
+    async def resize(self, cid: str, rows: int, cols: int, exec_id: str = "") -> None:
+        ref = agent_pb2.ProcessRef(container_id=cid, exec_id=exec_id)
+        await self._call("ResizeTty", agent_pb2.ResizeTtyRequest(process=ref, rows=rows,
+                                                                cols=cols))
+
+    async def remove_container(self, cid: str) -> None:
+        state = self.containers.get(cid)
+        if state is None:
+            return
+        try:
+            await self._call("RemoveContainer", agent_pb2.ContainerRequest(container_id=cid))
+        finally:
+            self._unmount_container(state)
+
+    def _unmount_container(self, state: ContainerState) -> None:
+        _umount(state.rootfs_mount)
+        shutil.rmtree(self.shared / state.id, ignore_errors=True)
+        shutil.rmtree(self.dir / "rw" / state.id, ignore_errors=True)
+        self.containers.pop(state.id, None)
+
+    # -- shutdown ------------------------------------------------------------
+
+    async def stop(self) -> None:
+        """Power the guest off, then tear down everything; never raises."""
+        try:
+            if self.agent is not None and not self.agent.closed and self.machine is not None \
+                    and self.machine.running:
+                with contextlib.suppress(Exception):
+                    await self.agent.call("Shutdown", agent_pb2.Empty(), timeout=2)
+                    await self.machine.wait(self.config.shutdown_timeout)
+            for state in list(self.containers.values()):
+                self._unmount_container(state)
+        finally:
+            await self._stack.aclose()
+
+
+def _umount(path: Path) -> None:
+    try:
+        linux.umount(str(path), linux.MNT_DETACH)
+    except OSError as e:
+        log.debug("umount %s: %s", path, e)

@@ -1,0 +1,70 @@
+"""virtiofsd: one per VM, serving the sandbox's shared directory."""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import socket
+import subprocess
+from pathlib import Path
+
+from . import helpers
+from .errors import VMError
+
+log = logging.getLogger(__name__)
+
+
+class Virtiofsd:
+    def __init__(self, binary: str, source: Path, socket_path: Path, log_path: Path,
+                 debug: bool = False) -> None:
+        self.binary = binary
+        self.source = source
+        self.socket_path = socket_path
+        self.log_path = log_path
+        self.debug = debug
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def argv(self, fd: int) -> list[str]:
+        # Raising RLIMIT_NOFILE past the hard limit needs CAP_SYS_RESOURCE,
+        # which root may lack (containers, these CI machines): ask for no more.
+        _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        limit = min(hard if hard != resource.RLIM_INFINITY else 1_000_000, 1_000_000)
+        return [
+            self.binary, f"--fd={fd}", "-o", f"source={self.source}", "-o", "cache=auto",
+            "-o", "sandbox=namespace", "-o", "xattr", f"--rlimit-nofile={limit}",
+            "-o", f"log_level={'debug' if self.debug else 'warn'}",
+        ]
+
+    def start(self) -> None:
+        """Bind the socket ourselves, then hand the listener to virtiofsd.
+
+        QEMU can connect the moment we return: the backlog holds the
+        connection until virtiofsd accepts it.
+        """
+        if not os.access(self.binary, os.X_OK):
+            raise VMError(f"virtiofsd not found at {self.binary} (apt-get install qemu-system-x86)")
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            listener.bind(str(self.socket_path))
+            listener.listen(1)
+            out = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
+                          0o600)
+            try:
+                self.proc = helpers.spawn(self.argv(listener.fileno()),
+                                          pass_fds=[listener.fileno()], stdout=out, stderr=out)
+            finally:
+                os.close(out)
+        except OSError as e:
+            raise VMError(f"cannot start virtiofsd: {e}") from None
+        finally:
+            listener.close()
+
+    def forget_socket(self) -> None:
+        """Once QEMU is connected nobody else may: remove the path."""
+        self.socket_path.unlink(missing_ok=True)
+
+    async def stop(self) -> None:
+        if self.proc is not None:
+            await helpers.stop(self.proc, "virtiofsd")
+        self.forget_socket()
