@@ -161,8 +161,8 @@ def assemble(stage_root: Path, files: list[str], root: Path) -> None:
               f'exec chroot "$1" {PYTHON} -SI -c "$3" "${{@:4}}"')
     run("unshare", "--mount", "--propagation", "private", "bash", "-c", script, "sh",
         str(stage_root), str(root), compile_script, *tmp_py)
-    for rel in tmp_py:
-        (root / rel).unlink()
+    for name in tmp_py:
+        (root / name).unlink()
 
 
 def _resolve_in(root: Path, link: Path) -> str:

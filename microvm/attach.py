@@ -16,6 +16,7 @@ import stat
 import sys
 import termios
 import tty
+from typing import Any
 
 from .sandbox import Sandbox
 
@@ -85,7 +86,7 @@ class Terminal:
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self._saved: list[object] | None = None
+        self._saved: list[Any] | None = None
 
     def size(self) -> tuple[int, int]:
         try:

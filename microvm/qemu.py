@@ -193,7 +193,7 @@ class Machine:
 
     async def _watch_events(self) -> None:
         async for event in self._events:
-            name = event["event"]
+            name = str(event["event"])
             log.debug("qmp event %s", name)
             self.events_seen.append(name)
             del self.events_seen[:-32]

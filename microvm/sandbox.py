@@ -17,6 +17,9 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from google.protobuf.message import Message
 
 from . import accel as accel_mod
 from . import linux
@@ -234,9 +237,9 @@ class Sandbox:
             raise
         return state.pid
 
-    async def _call(self, method: str, req: object) -> object:
+    async def _call(self, method: str, req: Message) -> Any:
         try:
-            return await self._agent().call(method, req)  # type: ignore[arg-type]
+            return await self._agent().call(method, req)
         except ttrpc.NotFound as e:
             # From the calls that exec, NotFound is the program, unless it
             # names the container.
@@ -255,7 +258,7 @@ class Sandbox:
 
     async def exec_process(self, cid: str, exec_id: str, process: agent_pb2.Process) -> int:
         req = agent_pb2.ExecProcessRequest(container_id=cid, exec_id=exec_id, process=process)
-        return int((await self._call("ExecProcess", req)).pid)  # type: ignore[attr-defined]
+        return int((await self._call("ExecProcess", req)).pid)
 
     async def signal(self, cid: str, sig: int, exec_id: str = "") -> None:
         ref = agent_pb2.ProcessRef(container_id=cid, exec_id=exec_id)
@@ -263,7 +266,7 @@ class Sandbox:
 
     async def wait(self, cid: str, exec_id: str = "") -> int:
         ref = agent_pb2.ProcessRef(container_id=cid, exec_id=exec_id)
-        return int((await self._call("WaitProcess", ref)).exit_status)  # type: ignore[attr-defined]
+        return int((await self._call("WaitProcess", ref)).exit_status)
 
     async def read_output(self, cid: str, stream: str, exec_id: str = "",
                           max_bytes: int = 1 << 20) -> bytes:
@@ -272,7 +275,7 @@ class Sandbox:
         method = "ReadStdout" if stream == "stdout" else "ReadStderr"
         resp = await self._call(method, agent_pb2.ReadStreamRequest(process=ref,
                                                                     max_bytes=max_bytes))
-        return bytes(resp.data)  # type: ignore[attr-defined]
+        return bytes(resp.data)
 
     async def write_input(self, cid: str, data: bytes, exec_id: str = "") -> None:
         ref = agent_pb2.ProcessRef(container_id=cid, exec_id=exec_id)

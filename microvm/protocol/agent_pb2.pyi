@@ -1,0 +1,181 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Empty(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GuestDetailsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GuestDetails(_message.Message):
+    __slots__ = ("protocol_version", "kernel_release", "mem_total_bytes", "boot_id", "agent_started", "agent_ready")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    KERNEL_RELEASE_FIELD_NUMBER: _ClassVar[int]
+    MEM_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BOOT_ID_FIELD_NUMBER: _ClassVar[int]
+    AGENT_STARTED_FIELD_NUMBER: _ClassVar[int]
+    AGENT_READY_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    kernel_release: str
+    mem_total_bytes: int
+    boot_id: str
+    agent_started: float
+    agent_ready: float
+    def __init__(self, protocol_version: _Optional[int] = ..., kernel_release: _Optional[str] = ..., mem_total_bytes: _Optional[int] = ..., boot_id: _Optional[str] = ..., agent_started: _Optional[float] = ..., agent_ready: _Optional[float] = ...) -> None: ...
+
+class User(_message.Message):
+    __slots__ = ("uid", "gid", "additional_gids")
+    UID_FIELD_NUMBER: _ClassVar[int]
+    GID_FIELD_NUMBER: _ClassVar[int]
+    ADDITIONAL_GIDS_FIELD_NUMBER: _ClassVar[int]
+    uid: int
+    gid: int
+    additional_gids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, uid: _Optional[int] = ..., gid: _Optional[int] = ..., additional_gids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Rlimit(_message.Message):
+    __slots__ = ("type", "hard", "soft")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    HARD_FIELD_NUMBER: _ClassVar[int]
+    SOFT_FIELD_NUMBER: _ClassVar[int]
+    type: str
+    hard: int
+    soft: int
+    def __init__(self, type: _Optional[str] = ..., hard: _Optional[int] = ..., soft: _Optional[int] = ...) -> None: ...
+
+class Process(_message.Message):
+    __slots__ = ("args", "env", "cwd", "user", "terminal", "rows", "cols", "rlimits", "no_new_privileges", "stdin")
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    CWD_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    TERMINAL_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    COLS_FIELD_NUMBER: _ClassVar[int]
+    RLIMITS_FIELD_NUMBER: _ClassVar[int]
+    NO_NEW_PRIVILEGES_FIELD_NUMBER: _ClassVar[int]
+    STDIN_FIELD_NUMBER: _ClassVar[int]
+    args: _containers.RepeatedScalarFieldContainer[str]
+    env: _containers.RepeatedScalarFieldContainer[str]
+    cwd: str
+    user: User
+    terminal: bool
+    rows: int
+    cols: int
+    rlimits: _containers.RepeatedCompositeFieldContainer[Rlimit]
+    no_new_privileges: bool
+    stdin: bool
+    def __init__(self, args: _Optional[_Iterable[str]] = ..., env: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., user: _Optional[_Union[User, _Mapping]] = ..., terminal: _Optional[bool] = ..., rows: _Optional[int] = ..., cols: _Optional[int] = ..., rlimits: _Optional[_Iterable[_Union[Rlimit, _Mapping]]] = ..., no_new_privileges: _Optional[bool] = ..., stdin: _Optional[bool] = ...) -> None: ...
+
+class Rootfs(_message.Message):
+    __slots__ = ("shared_path", "readonly")
+    SHARED_PATH_FIELD_NUMBER: _ClassVar[int]
+    READONLY_FIELD_NUMBER: _ClassVar[int]
+    shared_path: str
+    readonly: bool
+    def __init__(self, shared_path: _Optional[str] = ..., readonly: _Optional[bool] = ...) -> None: ...
+
+class CreateContainerRequest(_message.Message):
+    __slots__ = ("container_id", "rootfs", "hostname", "process")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    ROOTFS_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    rootfs: Rootfs
+    hostname: str
+    process: Process
+    def __init__(self, container_id: _Optional[str] = ..., rootfs: _Optional[_Union[Rootfs, _Mapping]] = ..., hostname: _Optional[str] = ..., process: _Optional[_Union[Process, _Mapping]] = ...) -> None: ...
+
+class ContainerRequest(_message.Message):
+    __slots__ = ("container_id",)
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    def __init__(self, container_id: _Optional[str] = ...) -> None: ...
+
+class ExecProcessRequest(_message.Message):
+    __slots__ = ("container_id", "exec_id", "process")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    exec_id: str
+    process: Process
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ..., process: _Optional[_Union[Process, _Mapping]] = ...) -> None: ...
+
+class ProcessRef(_message.Message):
+    __slots__ = ("container_id", "exec_id")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXEC_ID_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    exec_id: str
+    def __init__(self, container_id: _Optional[str] = ..., exec_id: _Optional[str] = ...) -> None: ...
+
+class ProcessResponse(_message.Message):
+    __slots__ = ("pid",)
+    PID_FIELD_NUMBER: _ClassVar[int]
+    pid: int
+    def __init__(self, pid: _Optional[int] = ...) -> None: ...
+
+class SignalRequest(_message.Message):
+    __slots__ = ("process", "signal")
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    process: ProcessRef
+    signal: int
+    def __init__(self, process: _Optional[_Union[ProcessRef, _Mapping]] = ..., signal: _Optional[int] = ...) -> None: ...
+
+class WaitResponse(_message.Message):
+    __slots__ = ("exit_status", "exited_at")
+    EXIT_STATUS_FIELD_NUMBER: _ClassVar[int]
+    EXITED_AT_FIELD_NUMBER: _ClassVar[int]
+    exit_status: int
+    exited_at: float
+    def __init__(self, exit_status: _Optional[int] = ..., exited_at: _Optional[float] = ...) -> None: ...
+
+class WriteStreamRequest(_message.Message):
+    __slots__ = ("process", "data")
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    process: ProcessRef
+    data: bytes
+    def __init__(self, process: _Optional[_Union[ProcessRef, _Mapping]] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class WriteStreamResponse(_message.Message):
+    __slots__ = ("written",)
+    WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    written: int
+    def __init__(self, written: _Optional[int] = ...) -> None: ...
+
+class ReadStreamRequest(_message.Message):
+    __slots__ = ("process", "max_bytes")
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    process: ProcessRef
+    max_bytes: int
+    def __init__(self, process: _Optional[_Union[ProcessRef, _Mapping]] = ..., max_bytes: _Optional[int] = ...) -> None: ...
+
+class ReadStreamResponse(_message.Message):
+    __slots__ = ("data", "eof")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    EOF_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    eof: bool
+    def __init__(self, data: _Optional[bytes] = ..., eof: _Optional[bool] = ...) -> None: ...
+
+class ResizeTtyRequest(_message.Message):
+    __slots__ = ("process", "rows", "cols")
+    PROCESS_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    COLS_FIELD_NUMBER: _ClassVar[int]
+    process: ProcessRef
+    rows: int
+    cols: int
+    def __init__(self, process: _Optional[_Union[ProcessRef, _Mapping]] = ..., rows: _Optional[int] = ..., cols: _Optional[int] = ...) -> None: ...

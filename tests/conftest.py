@@ -1,0 +1,156 @@
+"""Shared fixtures: the CLI as a user runs it, and a leak check after every VM test.
+
+VM tests boot real QEMU microVMs (TCG here).  Each gets its own log
+directory; it is kept under test-artifacts/ when the test fails (console,
+QEMU and virtiofsd logs) and removed when it passes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "test-artifacts"
+VENV_BIN = Path(sys.executable).parent
+MICROVM = str(VENV_BIN / "microvm")
+RUN_DIR = Path("/run/kata-py/vm")
+HELPERS = ("qemu-system", "virtiofsd")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Helpers of a SIGKILLed CLI are re-parented to us, not to a pid 1 that
+    # may reap late, so the leak check sees them gone as soon as they are.
+    import ctypes
+    PR_SET_CHILD_SUBREAPER = 36
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def reap_orphans() -> None:
+    """Reap dead helpers re-parented to us; never a child a Popen waits for."""
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        state, ppid = stat[stat.rindex(")") + 2:].split()[:2]
+        if int(ppid) == me and state == "Z" and comm.startswith(("qemu", "virtiofsd")):
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(int(entry), os.WNOHANG)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    report = yield
+    if report.when == "call":
+        item.stash.setdefault(_FAILED, False)
+        if report.failed:
+            item.stash[_FAILED] = True
+    return report
+
+
+_FAILED = pytest.StashKey[bool]()
+
+
+def helper_processes() -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True, text=True).stdout
+    # Ours only: QEMU runs as -name kata-py-*, virtiofsd serves /run/kata-py/...
+    return [line for line in out.splitlines()
+            if any(h in line for h in HELPERS) and "kata-py" in line
+            and "Z" not in line.split(None, 2)[1]]
+
+
+def kata_mounts() -> list[str]:
+    with open("/proc/self/mounts") as f:
+        return [line for line in f if "kata-py" in line or "virtiofs" in line]
+
+
+def leaks() -> list[str]:
+    reap_orphans()
+    found = [f"process: {p}" for p in helper_processes()]
+    found += [f"mount: {m.strip()}" for m in kata_mounts()]
+    if RUN_DIR.exists():
+        found += [f"run file: {p}" for p in RUN_DIR.iterdir()]
+    return found
+
+
+def assert_no_leaks(timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while (found := leaks()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not found, "left behind:\n" + "\n".join(found)
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def error_lines(self) -> list[str]:
+        """stderr without the one TCG-fallback warning."""
+        return [line for line in self.stderr.splitlines() if "using TCG emulation" not in line]
+
+
+class Microvm:
+    """Runs the installed `microvm` CLI with a per-test config and log dir."""
+
+    def __init__(self, log_dir: Path, config: Path) -> None:
+        self.log_dir = log_dir
+        self.config = config
+
+    def argv(self, *args: str) -> list[str]:
+        return [MICROVM, "--config", str(self.config), *args]
+
+    def run(self, *args: str, input: bytes | str | None = None, timeout: float = 120,
+            env: dict[str, str] | None = None) -> Result:
+        binary = isinstance(input, bytes)
+        p = subprocess.run(self.argv(*args), input=input, capture_output=True, timeout=timeout,
+                           text=not binary, env=env)
+        out = p.stdout.decode(errors="replace") if binary else p.stdout
+        err = p.stderr.decode(errors="replace") if binary else p.stderr
+        return Result(p.returncode, out, err)
+
+    def popen(self, *args: str, **kw: object) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(self.argv(*args), **kw)  # type: ignore[call-overload, no-any-return]
+
+
+def write_config(path: Path, log_dir: Path, **extra: object) -> Path:
+    import yaml
+    path.write_text(yaml.safe_dump({"log_dir": str(log_dir), **extra}))
+    return path
+
+
+@pytest.fixture
+def artifacts(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    """A log dir kept under test-artifacts/<test> if the test fails."""
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    yield log_dir
+    if request.node.stash.get(_FAILED, False):
+        dest = ARTIFACTS / request.node.nodeid.replace("/", "_").replace("::", "-")
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(log_dir, dest)
+
+
+@pytest.fixture
+def microvm(artifacts: Path, tmp_path: Path) -> Iterator[Microvm]:
+    """The CLI, and after the test: nothing it started may survive."""
+    cfg = write_config(tmp_path / "config.yaml", artifacts)
+    yield Microvm(artifacts, cfg)
+    assert_no_leaks()

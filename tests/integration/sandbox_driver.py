@@ -1,0 +1,86 @@
+"""Drives the Sandbox core directly, for paths the CLI does not reach yet.
+
+Run as a subprocess (it enters a private mount namespace, which the pytest
+process should not):  python sandbox_driver.py CONFIG SCENARIO
+Prints one JSON object with what it saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+
+from microvm import accel, config, mountns, rootfs
+from microvm.protocol import agent_pb2
+from microvm.sandbox import Sandbox
+
+PATH = "PATH=/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def proc(*args: str, stdin: bool = False) -> agent_pb2.Process:
+    return agent_pb2.Process(args=list(args), env=[PATH], cwd="/", stdin=stdin)
+
+
+async def drain(sb: Sandbox, cid: str, exec_id: str = "") -> str:
+    out = b""
+    while chunk := await sb.read_output(cid, "stdout", exec_id):
+        out += chunk
+    return out.decode()
+
+
+async def scenario_signals(sb: Sandbox) -> dict[str, object]:
+    """SIGKILL of the init gives 137; SIGINT of an exec'd process gives 130."""
+    await sb.create_container("c1", rootfs.builtin("busybox"), proc("sleep", "1000"))
+    await sb.start_container("c1")
+    await sb.exec_process("c1", "e1", proc("sleep", "1000"))
+    await sb.signal("c1", signal.SIGINT, "e1")
+    exec_status = await sb.wait("c1", "e1")
+    await sb.signal("c1", signal.SIGKILL)
+    init_status = await sb.wait("c1")
+    return {"exec_sigint": exec_status, "init_sigkill": init_status}
+
+
+async def scenario_exec(sb: Sandbox) -> dict[str, object]:
+    """An exec joins the container's namespaces; its output and status come back."""
+    await sb.create_container("c1", rootfs.builtin("busybox"),
+                              proc("sh", "-c", "echo $$ > /tmp/init.pid; sleep 1000"))
+    await sb.start_container("c1")
+    await asyncio.sleep(0.5)
+    await sb.exec_process("c1", "e1", proc("sh", "-c", "cat /tmp/init.pid; hostname; exit 4"))
+    out = await drain(sb, "c1", "e1")
+    status = await sb.wait("c1", "e1")
+    missing = ""
+    try:
+        await sb.exec_process("c1", "e2", proc("no-such-program"))
+    except Exception as e:
+        missing = type(e).__name__
+    await sb.remove_container("c1")
+    return {"out": out, "status": status, "missing": missing}
+
+
+async def scenario_two(sb: Sandbox) -> dict[str, object]:
+    """Two containers in one VM: one guest kernel, separate pid namespaces."""
+    results = {}
+    for cid in ("a", "b"):
+        await sb.create_container(cid, rootfs.builtin("busybox"),
+                                  proc("sh", "-c", "cat /proc/sys/kernel/random/boot_id; echo $$"))
+        await sb.start_container(cid)
+        results[cid] = (await drain(sb, cid)).split()
+        await sb.wait(cid)
+        await sb.remove_container(cid)
+    return {"a": results["a"], "b": results["b"]}
+
+
+async def main() -> None:
+    cfg = config.load(sys.argv[1])
+    scenario = globals()[f"scenario_{sys.argv[2]}"]
+    run = mountns.enter()
+    async with Sandbox(cfg, "driver", run, accel.choose(cfg.accel)) as sb:
+        result = await scenario(sb)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

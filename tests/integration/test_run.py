@@ -1,0 +1,278 @@
+"""`microvm run` against real VMs (TCG here): what a user sees and what is left."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import platform
+import pty
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Microvm, Result, assert_no_leaks, helper_processes, write_config
+
+pytestmark = pytest.mark.vm
+DRIVER = Path(__file__).with_name("sandbox_driver.py")
+
+
+def test_guest_kernel_is_not_the_hosts(microvm: Microvm) -> None:
+    r = microvm.run("run", "--rm", "busybox", "--", "sh", "-c", "uname -r; dmesg | head -3")
+    assert r.returncode == 0, r.stderr
+    release, *dmesg = r.stdout.splitlines()
+    assert release != platform.release()
+    assert release.endswith("-kata-py")
+    # The guest's own boot log, not the host's.
+    assert dmesg[0].startswith(f"Linux version {release} ")
+
+
+@pytest.mark.parametrize("command,status", [
+    ("exit 0", 0),
+    ("exit 7", 7),
+    # PID 1 of the container ignores signals it has no handler for (as under
+    # docker), so a handler turns SIGINT into the conventional 130.
+    ("trap 'exit 130' INT; kill -INT $$; sleep 5", 130),
+    # sh reports a child killed by SIGKILL as 128+9.
+    ("sleep 30 & kill -9 $!; wait $!", 137),
+])
+def test_exit_status(microvm: Microvm, command: str, status: int) -> None:
+    r = microvm.run("run", "--rm", "busybox", "--", "sh", "-c", command)
+    assert r.returncode == status, r.stderr
+
+
+def test_signals_reach_the_process_and_set_its_status(microvm: Microvm) -> None:
+    """SIGKILL of the container's init gives 137, SIGINT of an exec gives 130."""
+    r = subprocess.run([sys.executable, str(DRIVER), str(microvm.config), "signals"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"exec_sigint": 130, "init_sigkill": 137}
+
+
+def test_exec_joins_the_container(microvm: Microvm) -> None:
+    r = subprocess.run([sys.executable, str(DRIVER), str(microvm.config), "exec"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    # The exec sees the container's pid namespace: its init is pid 1.
+    assert got["out"].splitlines()[0] == "1"
+    assert got["status"] == 4
+    assert got["missing"] == "CommandNotFound"
+
+
+def test_two_containers_share_one_guest(microvm: Microvm) -> None:
+    r = subprocess.run([sys.executable, str(DRIVER), str(microvm.config), "two"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["a"][0] == got["b"][0]          # one guest boot id
+    assert got["a"][1] == got["b"][1] == "1"   # each its own pid namespace
+
+
+def test_ctrl_c_is_delivered_as_sigint(microvm: Microvm) -> None:
+    p = microvm.popen("run", "--rm", "busybox", "--", "sh", "-c",
+                      "trap 'echo caught; exit 130' INT; echo ready; "
+                      "while :; do sleep 0.1; done",
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None
+    assert p.stdout.readline() == b"ready\n"
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=60)
+    assert out == b"caught\n"
+    assert p.returncode == 130, err
+
+
+def test_stdin_round_trip_is_byte_identical(microvm: Microvm) -> None:
+    data = os.urandom(1 << 20)
+    p = subprocess.run(microvm.argv("run", "--rm", "-i", "busybox", "--", "cat"), input=data,
+                       capture_output=True, timeout=120)
+    assert p.returncode == 0
+    assert len(p.stdout) == len(data)
+    assert p.stdout == data
+
+
+def test_stdout_and_stderr_stay_apart(microvm: Microvm) -> None:
+    r = microvm.run("run", "--rm", "busybox", "--", "sh", "-c", "echo out; echo err >&2")
+    assert r.stdout == "out\n"
+    assert r.error_lines == ["err"]
+
+
+def test_env_workdir_user_hostname(microvm: Microvm) -> None:
+    r = microvm.run("run", "--rm", "-e", "FOO=bar baz", "-w", "/tmp/work", "-u", "nobody",
+                    "--hostname", "box1", "busybox", "--", "sh", "-c",
+                    'echo "$FOO"; pwd; id -u; id -g; hostname')
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == ["bar baz", "/tmp/work", "65534", "65534", "box1"]
+
+
+def test_uid_gid_numeric(microvm: Microvm) -> None:
+    r = microvm.run("run", "--rm", "-u", "1234:5678", "busybox", "--", "sh", "-c", "id -u; id -g")
+    assert r.stdout.split() == ["1234", "5678"]
+
+
+def test_rootfs_writes_stay_in_the_container(microvm: Microvm) -> None:
+    r = microvm.run("run", "--rm", "busybox", "--", "sh", "-c",
+                    "echo hi > /etc/kata-py-test && cat /etc/kata-py-test")
+    assert r.stdout == "hi\n"
+    assert not Path("/var/lib/kata-py/rootfs/busybox/etc/kata-py-test").exists()
+
+
+def test_read_only_rootfs(microvm: Microvm) -> None:
+    r = microvm.run("run", "--rm", "--read-only", "busybox", "--", "sh", "-c",
+                    "touch /x 2>&1; echo $?")
+    assert "Read-only file system" in r.stdout
+    assert r.stdout.splitlines()[-1] != "0"
+
+
+def test_directory_rootfs(microvm: Microvm, tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "bin").mkdir(parents=True)
+    (root / "bin/busybox").write_bytes(Path("/bin/busybox").read_bytes())
+    (root / "bin/busybox").chmod(0o755)
+    r = microvm.run("run", "--rm", str(root), "/bin/busybox", "echo", "from a directory")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "from a directory\n"
+    # proc, sys and dev were made for the mounts, in the container's upper layer only.
+    assert sorted(p.name for p in root.iterdir()) == ["bin"]
+
+
+def _winsize(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _expect(fd: int, needle: bytes, timeout: float = 60) -> bytes:
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while needle not in buf:
+        left = deadline - time.monotonic()
+        assert left > 0, f"did not see {needle!r} in {buf[-500:]!r}"
+        r, _, _ = select.select([fd], [], [], left)
+        if r:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            buf += chunk
+    return buf
+
+
+def test_tty_and_resize(microvm: Microvm) -> None:
+    """-it: a real pty in the guest that follows our terminal's size."""
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(microvm.argv()[0], microvm.argv("run", "--rm", "-it", "busybox", "sh"))
+    try:
+        _winsize(fd, 30, 100)
+        _expect(fd, b"# ")
+        os.write(fd, b"tty; stty size\n")
+        out = _expect(fd, b"30 100")
+        assert b"/dev/pts/" in out
+        # The terminal grows: the kernel sends SIGWINCH to the CLI, which resizes the guest pty.
+        _winsize(fd, 40, 120)
+        time.sleep(0.5)
+        os.write(fd, b"stty size\n")
+        _expect(fd, b"40 120")
+        os.write(fd, b"exit 5\n")
+        _expect(fd, b"exit 5")
+    finally:
+        _, status = os.waitpid(pid, 0)
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 5
+
+
+def test_ten_runs_leave_nothing_behind(microvm: Microvm) -> None:
+    tmp_before = set(os.listdir("/tmp"))
+    for i in range(10):
+        r = microvm.run("run", "--rm", "busybox", "--", "echo", str(i))
+        assert r.stdout == f"{i}\n", r.stderr
+        assert_no_leaks(timeout=2)
+    assert set(os.listdir("/tmp")) - tmp_before == set()
+
+
+def test_sigkill_of_the_cli_leaves_nothing(microvm: Microvm) -> None:
+    p = microvm.popen("run", "--rm", "busybox", "--", "sh", "-c", "echo up; sleep 1000",
+                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert p.stdout is not None
+    assert p.stdout.readline() == b"up\n"
+    assert helper_processes(), "the VM should be running"
+    p.kill()
+    p.wait()
+    assert_no_leaks(timeout=10)
+
+
+# -- bad input: one line, docker's exit code, nothing left behind ----------------
+
+
+def _one_line(r: Result, code: int, *words: str) -> None:
+    assert r.returncode == code, r.stderr
+    assert "Traceback" not in r.stderr
+    assert len(r.error_lines) == 1, r.stderr
+    for w in words:
+        assert w in r.error_lines[0]
+
+
+def test_missing_rootfs(microvm: Microvm) -> None:
+    _one_line(microvm.run("run", "--rm", "/nonexistent/rootfs", "true"), 125, "no such directory")
+
+
+def test_command_not_found(microvm: Microvm) -> None:
+    _one_line(microvm.run("run", "--rm", "busybox", "no-such-command"), 127, "no-such-command")
+
+
+def test_command_not_executable(microvm: Microvm) -> None:
+    _one_line(microvm.run("run", "--rm", "busybox", "/etc/passwd"), 126, "permission denied")
+
+
+def test_absurd_memory(microvm: Microvm) -> None:
+    _one_line(microvm.run("run", "--rm", "--memory", "99999999", "busybox", "true"), 125,
+              "memory")
+
+
+def test_missing_kernel(microvm: Microvm) -> None:
+    _one_line(microvm.run("run", "--rm", "--kernel", "/nonexistent/vmlinuz", "busybox", "true"),
+              125, "/nonexistent/vmlinuz")
+
+
+def test_bad_config_key(microvm: Microvm, tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("memory: 512\n")
+    r = subprocess.run(microvm.argv()[:1] + ["--config", str(cfg), "run", "busybox", "true"],
+                       capture_output=True, text=True)
+    assert r.returncode == 125
+    assert r.stderr.strip().splitlines() == [
+        f"microvm: error: {cfg}: unknown key 'memory'"]
+
+
+def test_unknown_flag_is_a_usage_error(microvm: Microvm) -> None:
+    r = microvm.run("run", "--no-such-flag", "busybox", "true")
+    assert r.returncode == 125
+    assert "no such option" in r.stderr.lower()
+
+
+def test_boot_timeout_shows_the_console_and_cleans_up(microvm: Microvm, tmp_path: Path,
+                                                       artifacts: Path) -> None:
+    cfg = write_config(tmp_path / "slow.yaml", artifacts, boot_timeout=0.3)
+    r = subprocess.run(microvm.argv()[:1] + ["--config", str(cfg), "run", "busybox", "true"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 125
+    assert "did not answer within 0.3s" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_kernel_that_panics_reports_the_console(microvm: Microvm, tmp_path: Path,
+                                                artifacts: Path) -> None:
+    """A guest that dies during boot: the error quotes its last console lines."""
+    cfg = write_config(tmp_path / "panic.yaml", artifacts, kernel_params="rdinit=/nonexistent")
+    r = subprocess.run(microvm.argv()[:1] + ["--config", str(cfg), "run", "busybox", "true"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 125
+    assert "Kernel panic" in r.stderr or "No working init" in r.stderr, r.stderr
