@@ -50,7 +50,8 @@ AGENT_FILES = [
 ]
 TRACE = "guest/imagetrace.py"
 PYTHON = "/usr/bin/python3.11"
-INIT = f"""#!{PYTHON} -SI
+# -S -s, not -I: the kernel passes PYTHONHASHSEED (see microvm/qemu.py).
+INIT = f"""#!{PYTHON} -Ss
 import sys
 sys.path.insert(0, "/opt/kata-py")
 from guest.init import main

@@ -8,6 +8,7 @@ The kernel command line carries our settings:
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import socket
@@ -32,7 +33,12 @@ def mount_basics() -> None:
     nosuid = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
     linux.mount("proc", "/proc", "proc", nosuid)
     linux.mount("sysfs", "/sys", "sysfs", nosuid)
-    linux.mount("devtmpfs", "/dev", "devtmpfs", linux.MS_NOSUID, "mode=0755")
+    try:
+        linux.mount("devtmpfs", "/dev", "devtmpfs", linux.MS_NOSUID, "mode=0755")
+    except OSError as e:
+        # On a block-device root the kernel mounted it already (DEVTMPFS_MOUNT).
+        if e.errno != errno.EBUSY:
+            raise
     os.makedirs("/dev/pts", exist_ok=True)
     linux.mount("devpts", "/dev/pts", "devpts", linux.MS_NOSUID | linux.MS_NOEXEC,
                 "ptmxmode=0666,mode=0620,gid=5")

@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 BASE_KERNEL_PARAMS = [
     "console=ttyS0", "panic=-1", "reboot=t", "quiet", "tsc=reliable", "no_timer_check",
     "i8042.noaux", "i8042.nokbd",
+    # Becomes the agent's environment: its interpreter then needs no random
+    # numbers at start-up, which before the CRNG is seeded cost a second of
+    # jitter-entropy collection under TCG.  The agent hashes only what the
+    # host sends, so a fixed seed gives nothing away.
+    "PYTHONHASHSEED=0",
 ]
 
 
@@ -81,6 +86,10 @@ def command_line(qemu: str, spec: VMSpec) -> list[str]:
         argv += ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,"
                              "resourcecontrol=deny"]
     params = [*BASE_KERNEL_PARAMS] + [f"kata_py.transport={spec.transport}"]
+    # Entropy from the host: seeds the guest CRNG early, for the agent and
+    # for whatever the containers need (TLS, key generation).
+    argv += ["-object", "rng-random,id=rng,filename=/dev/urandom",
+             "-device", "virtio-rng-device,rng=rng"]
     argv += ["-kernel", spec.kernel]
     if spec.block_root:
         argv += ["-drive", f"if=none,id=root,file={spec.image},format=raw,readonly=on",

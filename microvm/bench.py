@@ -1,0 +1,175 @@
+"""kata-py benchmarks, always side by side with a reference in the same run.
+
+  python -m microvm.bench [-n N] [--json FILE]
+
+Absolute times on shared CI machines are noisy; the ratios between
+alternating runs of the same session are what to compare.  Measured:
+
+  floor   QEMU + the same kernel, an initramfs whose init reboots at once
+  run     `microvm run --rm busybox -- true` (the whole CLI path)
+  runc    `runc run` of the same busybox rootfs (no isolation reference)
+
+and the breakdown of one sandbox's life, host- and guest-side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from . import accel, config, mountns, paths, rootfs
+from .protocol import agent_pb2
+from .qemu import BASE_KERNEL_PARAMS
+
+FLOOR_INIT = "#!/bin/busybox sh\n/bin/busybox reboot -f\n"
+
+
+def floor_initramfs() -> Path:
+    """A 1 MB busybox initramfs whose init reboots immediately (cached)."""
+    out = paths.CACHE / "bench" / "floor.cpio"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / "bin").mkdir()
+        shutil.copy2(rootfs.BUSYBOX, root / "bin/busybox")
+        (root / "init").write_text(FLOOR_INIT)
+        (root / "init").chmod(0o755)
+        listing = "\n".join([".", "bin", "bin/busybox", "init"]) + "\n"
+        with open(f"{out}.tmp", "wb") as f:
+            subprocess.run(["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0"],
+                           input=listing.encode(), stdout=f, cwd=root, check=True)
+    os.rename(f"{out}.tmp", out)
+    return out
+
+
+def floor_argv(cfg: config.Config, acc: str) -> list[str]:
+    mem = f"{cfg.memory_mib}M"
+    return [
+        cfg.qemu, "-M", "microvm,acpi=off,x-option-roms=off,memory-backend=mem",
+        "-object", f"memory-backend-memfd,id=mem,size={mem},share=on", "-m", mem,
+        "-smp", str(cfg.vcpus), "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+        "-accel", acc, "-kernel", cfg.kernel, "-initrd", str(floor_initramfs()),
+        "-append", " ".join([*BASE_KERNEL_PARAMS, "rdinit=/init"]),
+        "-serial", "null",
+    ]
+
+
+def runc_bundle(tmp: Path) -> Path:
+    bundle = tmp / "runc-bundle"
+    bundle.mkdir()
+    subprocess.run(["runc", "spec"], cwd=bundle, check=True)
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["process"]["terminal"] = False
+    spec["process"]["args"] = ["true"]
+    spec["root"] = {"path": str(rootfs.builtin("busybox")), "readonly": True}
+    (bundle / "config.json").write_text(json.dumps(spec))
+    return bundle
+
+
+def timed(argv: list[str], **kw: object) -> float:
+    t0 = time.perf_counter()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   **kw)  # type: ignore[call-overload]
+    return time.perf_counter() - t0
+
+
+async def breakdown(cfg: config.Config, choice: accel.Choice) -> dict[str, float]:
+    """One sandbox's life, step by step (seconds)."""
+    from .sandbox import Sandbox
+
+    run_dir = mountns.enter()
+    t: dict[str, float] = {}
+    t0 = time.monotonic()
+    sb = Sandbox(cfg, f"bench{os.getpid()}", run_dir, choice)
+    await sb.start()
+    try:
+        t["launch (host: helpers + QEMU up)"] = sb.timings.launched - t0
+        t["boot (host: QEMU up -> agent ready)"] = sb.timings.ready - sb.timings.launched
+        t["guest: kernel start -> agent started"] = sb.timings.guest["agent_started"]
+        t["guest: agent started -> ready"] = (sb.timings.guest["agent_ready"]
+                                             - sb.timings.guest["agent_started"])
+        proc = agent_pb2.Process(args=["true"], env=["PATH=/bin"], cwd="/")
+        t1 = time.monotonic()
+        await sb.create_container("c", rootfs.builtin("busybox"), proc)
+        t2 = time.monotonic()
+        await sb.start_container("c")
+        t3 = time.monotonic()
+        await sb.wait("c")
+        t4 = time.monotonic()
+        await sb.remove_container("c")
+        t["create"] = t2 - t1
+        t["start"] = t3 - t2
+        t["exit (start -> wait returns)"] = t4 - t3
+    finally:
+        t5 = time.monotonic()
+        await sb.stop()
+        t["shutdown"] = time.monotonic() - t5
+    t["total"] = time.monotonic() - t0
+    return t
+
+
+def summary(samples: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description="kata-py start-up benchmark")
+    ap.add_argument("-n", type=int, default=5, help="repetitions of each (default 5)")
+    ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    args = ap.parse_args()
+    cfg = config.load()
+    choice = accel.choose(cfg.accel)
+    microvm = shutil.which("microvm") or str(Path(sys.executable).with_name("microvm"))
+    cases: dict[str, Callable[[], float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = runc_bundle(Path(tmp))
+        floor = floor_argv(cfg, choice.accel)
+        cases["floor: bare QEMU boot"] = lambda: timed(floor)
+        cases["microvm run --rm busybox true"] = lambda: timed(
+            [microvm, "run", "--rm", "busybox", "--", "true"])
+        n = 0
+
+        def runc() -> float:
+            nonlocal n
+            n += 1
+            return timed(["runc", "run", f"kata-py-bench-{os.getpid()}-{n}"], cwd=bundle)
+
+        cases["runc run busybox true"] = runc
+        results: dict[str, list[float]] = {k: [] for k in cases}
+        for _ in range(args.n):  # alternating, so drift hits every case alike
+            for name, fn in cases.items():
+                results[name].append(fn())
+    stats = {k: summary(v) for k, v in results.items()}
+    floor_m = stats["floor: bare QEMU boot"]["median"]
+    run_m = stats["microvm run --rm busybox true"]["median"]
+    runc_m = stats["runc run busybox true"]["median"]
+    steps = asyncio.run(breakdown(cfg, choice))
+    print(f"accelerator: {choice.accel} ({choice.reason}); n={args.n}")
+    print(f"{'':<34}{'median':>9}{'min':>9}{'max':>9}")
+    for name, st in stats.items():
+        print(f"{name:<34}{st['median']:>8.3f}s{st['min']:>8.3f}s{st['max']:>8.3f}s")
+    print(f"ratio run/floor: {run_m / floor_m:.2f}    ratio run/runc: {run_m / runc_m:.1f}")
+    print("one sandbox, step by step:")
+    for name, secs in steps.items():
+        print(f"  {name:<40}{secs:>8.3f}s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"accel": choice.accel, "n": args.n, "stats": stats,
+             "ratios": {"run/floor": run_m / floor_m, "run/runc": run_m / runc_m},
+             "breakdown": steps}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
