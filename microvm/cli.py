@@ -104,7 +104,8 @@ def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ..
     args = list(command) or rootfs.DEFAULT_CMD.get(rootfs_name, [])
     if not args:
         raise KataError("no command specified")
-    uid, gid, extra = rootfs.lookup_user(root, user) if user else (0, 0, [])
+    # Like docker, root too gets its groups from the image's /etc/group.
+    uid, gid, extra = rootfs.lookup_user(root, user or "0")
     terminal = tty and True
     rows, cols = (0, 0)
     if terminal:

@@ -56,7 +56,7 @@ class Config:
             raise ConfigError(
                 f"{where}: memory_mib must be between 64 and 3072, not {self.memory_mib}")
         for key in ("boot_timeout", "shutdown_timeout"):
-            if getattr(self, key) <= 0:
+            if not getattr(self, key) > 0:  # also refuses NaN
                 raise ConfigError(f"{where}: {key} must be positive")
 
 
@@ -99,8 +99,9 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
 
     An explicitly named file must exist; the default file is optional.
     """
-    explicit = path is not None or "KATA_PY_CONFIG" in os.environ
-    p = Path(path or os.environ.get("KATA_PY_CONFIG") or paths.CONFIG)
+    env = os.environ.get("KATA_PY_CONFIG") or None
+    explicit = path is not None or env is not None
+    p = Path(path or env or paths.CONFIG)
     try:
         text = p.read_text()
     except FileNotFoundError:

@@ -64,6 +64,11 @@ class VMSpec:
         return self.image.endswith((".ext4", ".img"))
 
 
+def _opt(value: str) -> str:
+    """A value inside a QEMU option list, where a comma must be doubled."""
+    return value.replace(",", ",,")
+
+
 def command_line(qemu: str, spec: VMSpec) -> list[str]:
     """The full argv for one VM; pure, so it is unit-tested."""
     mem = f"{spec.memory_mib}M"
@@ -92,7 +97,7 @@ def command_line(qemu: str, spec: VMSpec) -> list[str]:
              "-device", "virtio-rng-device,rng=rng"]
     argv += ["-kernel", spec.kernel]
     if spec.block_root:
-        argv += ["-drive", f"if=none,id=root,file={spec.image},format=raw,readonly=on",
+        argv += ["-drive", f"if=none,id=root,file={_opt(spec.image)},format=raw,readonly=on",
                  "-device", "virtio-blk-device,drive=root"]
         params += ["root=/dev/vda", "ro", "rootfstype=ext4", "init=/init"]
     else:
@@ -110,7 +115,7 @@ def command_line(qemu: str, spec: VMSpec) -> list[str]:
                  "-chardev", f"socket,id=agent,fd={spec.serial_fd}",
                  "-device", f"virtserialport,chardev=agent,name={SERIAL_PORT_NAME}"]
     if spec.virtiofs_socket:
-        argv += ["-chardev", f"socket,id=vfs,path={spec.virtiofs_socket}",
+        argv += ["-chardev", f"socket,id=vfs,path={_opt(spec.virtiofs_socket)}",
                  "-device", f"vhost-user-fs-device,chardev=vfs,tag={SHARED_FS_TAG},"
                             "queue-size=1024"]
     return argv

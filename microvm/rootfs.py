@@ -102,7 +102,8 @@ def lookup_user(rootfs: Path, spec: str) -> tuple[int, int, list[int]]:
             gid = int(groups[group][2])
         else:
             raise KataError(f"unable to find group {group}: no matching entries in group file")
-    name = entry[0] if entry else None
+    # As runc: supplementary groups only in the implicit form (no :GROUP).
+    name = entry[0] if entry and not group else None
     extra = sorted({int(g[2]) for g in groups.values()
                     if name and len(g) > 3 and name in g[3].split(",") and g[2].isdigit()}
                    - {gid})
@@ -110,6 +111,10 @@ def lookup_user(rootfs: Path, spec: str) -> tuple[int, int, list[int]]:
 
 
 def _table(path: Path) -> dict[str, list[str]]:
+    # The rootfs is not ours: a symlink must not make us read the host's files.
+    root = path.parent.parent.resolve()
+    if not path.resolve().is_relative_to(root):
+        return {}
     try:
         lines = path.read_text().splitlines()
     except OSError:
