@@ -73,6 +73,23 @@ async def scenario_two(sb: Sandbox) -> dict[str, object]:
     return {"a": results["a"], "b": results["b"]}
 
 
+async def scenario_qmp(sb: Sandbox) -> dict[str, object]:
+    """QMP: status, stop/cont and the events they raise, on the running VM."""
+    assert sb.machine is not None
+    before = await sb.machine.query_status()
+    await sb.machine.pause()
+    paused = await sb.machine.query_status()
+    await sb.machine.resume()
+    after = await sb.machine.query_status()
+    # The agent still answers after a pause.
+    await sb.create_container("c1", rootfs.builtin("busybox"), proc("true"))
+    await sb.start_container("c1")
+    status = await sb.wait("c1")
+    await asyncio.sleep(0.2)
+    return {"states": [before, paused, after], "events": sb.machine.events_seen,
+            "status": status}
+
+
 async def main() -> None:
     cfg = config.load(sys.argv[1])
     scenario = globals()[f"scenario_{sys.argv[2]}"]

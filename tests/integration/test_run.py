@@ -276,3 +276,42 @@ def test_kernel_that_panics_reports_the_console(microvm: Microvm, tmp_path: Path
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 125
     assert "Kernel panic" in r.stderr or "No working init" in r.stderr, r.stderr
+
+
+def test_qmp_status_pause_resume(microvm: Microvm) -> None:
+    r = subprocess.run([sys.executable, str(DRIVER), str(microvm.config), "qmp"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    assert got["states"] == ["running", "paused", "running"]
+    assert [e for e in got["events"] if e in ("STOP", "RESUME")] == ["STOP", "RESUME"]
+    assert got["status"] == 0
+
+
+def test_check_reports_what_runs_here(microvm: Microvm) -> None:
+    r = microvm.run("check")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "microvm check: ready" in r.stdout
+    if Path("/sys/module/kvm_pvm").exists() and not Path("/sys/module/kvm_intel").exists():
+        assert "tcg" in r.stdout and "kvm_pvm" in r.stdout
+
+
+def test_check_fails_without_a_kernel(microvm: Microvm, tmp_path: Path, artifacts: Path) -> None:
+    cfg = write_config(tmp_path / "nokernel.yaml", artifacts, kernel="/nonexistent/bzImage")
+    r = subprocess.run(microvm.argv()[:1] + ["--config", str(cfg), "check"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1
+    assert "/nonexistent/bzImage not built" in r.stdout
+    assert "fix: scripts/quickstart" in r.stdout
+
+
+@pytest.mark.skipif(os.path.exists("/dev/vhost-vsock"), reason="vhost-vsock exists here")
+def test_vsock_transport_without_vhost_vsock(microvm: Microvm, tmp_path: Path,
+                                             artifacts: Path) -> None:
+    """The vsock path needs /dev/vhost-vsock, which these machines lack: a clear error."""
+    cfg = write_config(tmp_path / "vsock.yaml", artifacts, transport="vsock")
+    r = subprocess.run(microvm.argv()[:1] + ["--config", str(cfg), "run", "busybox", "true"],
+                       capture_output=True, text=True)
+    assert r.returncode == 125
+    assert r.stderr.strip().splitlines()[-1] == (
+        "microvm: error: transport vsock requested but /dev/vhost-vsock is not usable")
