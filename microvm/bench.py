@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
@@ -120,6 +121,25 @@ async def breakdown(cfg: config.Config, choice: accel.Choice) -> dict[str, float
     return t
 
 
+def compare_images(cfg: config.Config, choice: accel.Choice, n: int
+                   ) -> dict[str, dict[str, float]]:
+    """The initramfs and the ext4 image side by side, alternating."""
+    candidates = {"initramfs": paths.GUEST / "initrd.cpio",
+                  "ext4 (virtio-blk)": paths.GUEST / "rootfs.ext4"}
+    images = {k: v for k, v in candidates.items() if v.exists()}
+    boots: dict[str, list[float]] = {k: [] for k in images}
+    started: dict[str, list[float]] = {k: [] for k in images}
+    for _ in range(n):
+        for name, image in images.items():
+            c = dataclasses.replace(cfg, guest_image=str(image))
+            steps = asyncio.run(breakdown(c, choice))
+            boots[name].append(steps["boot (host: QEMU up -> agent ready)"])
+            started[name].append(steps["guest: kernel start -> agent started"])
+    return {name: {"size_mib": images[name].stat().st_size / 2**20,
+                   "boot": statistics.median(boots[name]),
+                   "agent_started": statistics.median(started[name])} for name in images}
+
+
 def summary(samples: list[float]) -> dict[str, float]:
     return {"median": statistics.median(samples), "min": min(samples), "max": max(samples)}
 
@@ -156,6 +176,7 @@ def main() -> None:
     run_m = stats["microvm run --rm busybox true"]["median"]
     runc_m = stats["runc run busybox true"]["median"]
     steps = asyncio.run(breakdown(cfg, choice))
+    images = compare_images(cfg, choice, max(3, args.n // 2))
     print(f"accelerator: {choice.accel} ({choice.reason}); n={args.n}")
     print(f"{'':<34}{'median':>9}{'min':>9}{'max':>9}")
     for name, st in stats.items():
@@ -164,11 +185,15 @@ def main() -> None:
     print("one sandbox, step by step:")
     for name, secs in steps.items():
         print(f"  {name:<40}{secs:>8.3f}s")
+    print("guest image formats (boot: QEMU up -> agent ready; medians):")
+    for name, st in images.items():
+        print(f"  {name:<14}{st['size_mib']:>7.1f} MiB  boot {st['boot']:>6.3f}s  "
+              f"guest kernel -> agent started {st['agent_started']:>6.3f}s")
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"accel": choice.accel, "n": args.n, "stats": stats,
              "ratios": {"run/floor": run_m / floor_m, "run/runc": run_m / runc_m},
-             "breakdown": steps}, indent=1) + "\n")
+             "breakdown": steps, "images": images}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
