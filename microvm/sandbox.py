@@ -204,16 +204,24 @@ class Sandbox:
         return self.agent
 
     async def create_container(self, cid: str, rootfs: Path, process: agent_pb2.Process,
-                               readonly: bool = False, hostname: str = "") -> int:
+                               readonly: bool = False, hostname: str = "",
+                               overlay: bool = True) -> int:
+        """Share rootfs into the VM and create the container's init there.
+
+        overlay: the container writes to its own upper layer (the CLI's
+        rootfs dirs are templates); False shares rootfs itself, writable (a
+        containerd snapshot is already the container's own).
+        """
         if cid in self.containers:
             raise KataError(f"container {cid} already exists")
         target = self.shared / cid / "rootfs"
         target.mkdir(parents=True)
         try:
-            if readonly:
+            if readonly or not overlay:
                 linux.mount(str(rootfs), str(target), None, linux.MS_BIND | linux.MS_REC)
-                linux.mount(None, str(target), None,
-                            linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY)
+                if readonly:
+                    linux.mount(None, str(target), None,
+                                linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY)
             else:
                 # The container writes to its own upper layer, never to the
                 # rootfs it was given; the upper layer lives in our tmpfs.

@@ -301,3 +301,13 @@ class ResumeRequest(_message.Message):
     ID_FIELD_NUMBER: _ClassVar[int]
     id: str
     def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class RuntimeOptions(_message.Message):
+    __slots__ = ("type_url", "config_path", "config_body")
+    TYPE_URL_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_PATH_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_BODY_FIELD_NUMBER: _ClassVar[int]
+    type_url: str
+    config_path: str
+    config_body: bytes
+    def __init__(self, type_url: _Optional[str] = ..., config_path: _Optional[str] = ..., config_body: _Optional[bytes] = ...) -> None: ...

@@ -1,0 +1,122 @@
+"""OCI runtime specs (from containerd's bundles) into the agent's schema.
+
+Specs come from outside: every field is type-checked, and a bad one is an
+InvalidArgument that names it, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import linux
+from .protocol import agent_pb2, ttrpc
+
+# containerd's parseMountOptions: these words are flags, the rest is data.
+_FLAGS = {
+    "bind": (False, linux.MS_BIND), "rbind": (False, linux.MS_BIND | linux.MS_REC),
+    "ro": (False, linux.MS_RDONLY), "rw": (True, linux.MS_RDONLY),
+    "nosuid": (False, linux.MS_NOSUID), "suid": (True, linux.MS_NOSUID),
+    "nodev": (False, linux.MS_NODEV), "dev": (True, linux.MS_NODEV),
+    "noexec": (False, linux.MS_NOEXEC), "exec": (True, linux.MS_NOEXEC),
+    "sync": (False, 0x10), "async": (True, 0x10), "dirsync": (False, 0x80),
+    "remount": (False, linux.MS_REMOUNT), "mand": (False, 0x40), "nomand": (True, 0x40),
+    "noatime": (False, 0x400), "atime": (True, 0x400), "nodiratime": (False, 0x800),
+    "diratime": (True, 0x800), "relatime": (False, 1 << 21), "norelatime": (True, 1 << 21),
+    "strictatime": (False, 1 << 24), "nostrictatime": (True, 1 << 24), "defaults": (False, 0),
+}
+
+
+def mount_options(options: list[str]) -> tuple[int, str]:
+    flags = 0
+    data = []
+    for opt in options:
+        if opt in _FLAGS:
+            clear, bit = _FLAGS[opt]
+            flags = flags & ~bit if clear else flags | bit
+        else:
+            data.append(opt)
+    return flags, ",".join(data)
+
+
+@dataclass
+class Spec:
+    process: agent_pb2.Process
+    hostname: str = ""
+    root_path: str = "rootfs"
+    root_readonly: bool = False
+    annotations: dict[str, str] = field(default_factory=dict)
+
+
+def _get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str,
+         default: Any = None) -> Any:
+    value = obj.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ttrpc.InvalidArgument(f"OCI spec: {where}{key} has the wrong type")
+    return value
+
+
+def _strings(value: Any, what: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ttrpc.InvalidArgument(f"OCI spec: {what} must be a list of strings")
+    return list(value)
+
+
+def process(obj: Any, where: str = "process.") -> agent_pb2.Process:
+    if not isinstance(obj, dict):
+        raise ttrpc.InvalidArgument(f"OCI spec: {where.rstrip('.')} must be an object")
+    args = _strings(obj.get("args") or [], f"{where}args")
+    if not args:
+        raise ttrpc.InvalidArgument(f"OCI spec: {where}args is empty")
+    user = _get(obj, "user", dict, where, {})
+    size = _get(obj, "consoleSize", dict, where, {})
+    rlimits = []
+    for r in _get(obj, "rlimits", list, where, []):
+        if not isinstance(r, dict):
+            raise ttrpc.InvalidArgument(f"OCI spec: {where}rlimits entries must be objects")
+        rlimits.append(agent_pb2.Rlimit(type=_get(r, "type", str, "rlimit "),
+                                        hard=_get(r, "hard", int, "rlimit ", 0),
+                                        soft=_get(r, "soft", int, "rlimit ", 0)))
+    return agent_pb2.Process(
+        args=args, env=_strings(obj.get("env") or [], f"{where}env"),
+        cwd=_get(obj, "cwd", str, where, "/"),
+        user=agent_pb2.User(uid=_get(user, "uid", int, "user.", 0),
+                            gid=_get(user, "gid", int, "user.", 0),
+                            additional_gids=[g for g in _get(user, "additionalGids", list,
+                                                             "user.", []) if isinstance(g, int)]),
+        terminal=_get(obj, "terminal", bool, where, False),
+        rows=_get(size, "height", int, "consoleSize.", 0),
+        cols=_get(size, "width", int, "consoleSize.", 0),
+        rlimits=rlimits, no_new_privileges=_get(obj, "noNewPrivileges", bool, where, False))
+
+
+def load_bundle(bundle: Path) -> Spec:
+    try:
+        data = json.loads((bundle / "config.json").read_text())
+    except OSError as e:
+        raise ttrpc.InvalidArgument(f"bundle {bundle}: config.json: {e.strerror}") from None
+    except ValueError as e:
+        raise ttrpc.InvalidArgument(f"bundle {bundle}: config.json is not JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ttrpc.InvalidArgument("OCI spec: not an object")
+    root = _get(data, "root", dict, "", {})
+    annotations = _get(data, "annotations", dict, "", {})
+    return Spec(
+        process=process(data.get("process")), hostname=_get(data, "hostname", str, "", ""),
+        root_path=_get(root, "path", str, "root.", "rootfs"),
+        root_readonly=_get(root, "readonly", bool, "root.", False),
+        annotations={str(k): str(v) for k, v in annotations.items()})
+
+
+def read_annotations(bundle: Path) -> dict[str, str]:
+    """Just the annotations (for grouping at start), tolerant of a bad spec."""
+    try:
+        data = json.loads((bundle / "config.json").read_text())
+        found = data.get("annotations") or {}
+        return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else {}
+    except (OSError, ValueError, AttributeError):
+        return {}

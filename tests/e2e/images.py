@@ -1,0 +1,57 @@
+"""Test images built here, from Debian's busybox-static: no registry needed.
+
+oci_archive() writes an OCI image layout as a tar, which `ctr image import`
+reads; the image name travels in the index's ref-name annotation.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import tarfile
+from pathlib import Path
+
+
+def _blob(tar: tarfile.TarFile, data: bytes, media_type: str) -> dict[str, object]:
+    digest = hashlib.sha256(data).hexdigest()
+    info = tarfile.TarInfo(f"blobs/sha256/{digest}")
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))
+    return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(data)}
+
+
+def layer_from_dir(root: Path) -> tuple[bytes, str]:
+    """A gzip layer of root's tree; and the diff id (digest of the plain tar)."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as t:
+        for path in sorted(root.rglob("*")):
+            t.add(path, arcname=str(path.relative_to(root)), recursive=False)
+    plain = raw.getvalue()
+    return gzip.compress(plain, mtime=0), "sha256:" + hashlib.sha256(plain).hexdigest()
+
+
+def oci_archive(rootfs: Path, out: Path, name: str, cmd: list[str]) -> Path:
+    layer, diff_id = layer_from_dir(rootfs)
+    config = {
+        "architecture": "amd64", "os": "linux",
+        "config": {"Cmd": cmd, "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+    }
+    with tarfile.open(out, "w") as tar:
+        layer_desc = _blob(tar, layer, "application/vnd.oci.image.layer.v1.tar+gzip")
+        config_desc = _blob(tar, json.dumps(config).encode(),
+                            "application/vnd.oci.image.config.v1+json")
+        manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "config": config_desc, "layers": [layer_desc]}
+        manifest_desc = _blob(tar, json.dumps(manifest).encode(),
+                              "application/vnd.oci.image.manifest.v1+json")
+        manifest_desc["annotations"] = {"org.opencontainers.image.ref.name": name}
+        index = {"schemaVersion": 2, "manifests": [manifest_desc]}
+        for fname, data in (("oci-layout", b'{"imageLayoutVersion": "1.0.0"}'),
+                            ("index.json", json.dumps(index).encode())):
+            info = tarfile.TarInfo(fname)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out
