@@ -30,7 +30,7 @@ from pathlib import Path
 
 from . import accel, config, mountns, paths, rootfs
 from .protocol import agent_pb2
-from .qemu import BASE_KERNEL_PARAMS
+from .qemu import BASE_KERNEL_PARAMS, TCG_KERNEL_PARAMS, host_tsc_khz
 
 FLOOR_INIT = "#!/bin/busybox sh\n/bin/busybox reboot -f\n"
 
@@ -56,13 +56,17 @@ def floor_initramfs() -> Path:
 
 
 def floor_argv(cfg: config.Config, acc: str) -> list[str]:
+    """The same machine, kernel and kernel arguments as a sandbox, minus the
+    devices and the agent: what any VM of ours costs at the least."""
     mem = f"{cfg.memory_mib}M"
+    tcg_params = [*TCG_KERNEL_PARAMS, f"tsc_early_khz={host_tsc_khz()}"] if acc == "tcg" else []
     return [
         cfg.qemu, "-M", "microvm,acpi=off,x-option-roms=off,memory-backend=mem",
         "-object", f"memory-backend-memfd,id=mem,size={mem},share=on", "-m", mem,
         "-smp", str(cfg.vcpus), "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
-        "-accel", acc, "-kernel", cfg.kernel, "-initrd", str(floor_initramfs()),
-        "-append", " ".join([*BASE_KERNEL_PARAMS, "rdinit=/init"]),
+        "-accel", acc, *(["-cpu", "max"] if acc == "tcg" else []),
+        "-kernel", cfg.kernel, "-initrd", str(floor_initramfs()),
+        "-append", " ".join([*BASE_KERNEL_PARAMS, *tcg_params, "rdinit=/init"]),
         "-serial", "null",
     ]
 

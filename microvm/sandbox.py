@@ -27,7 +27,7 @@ from .agent_client import AgentClient
 from .config import Config
 from .errors import CommandNotExecutable, CommandNotFound, KataError, VMError
 from .protocol import PROTOCOL_VERSION, agent_pb2, ttrpc
-from .qemu import Machine, VMSpec, tail
+from .qemu import Machine, VMSpec, host_tsc_khz, tail
 from .virtiofsd import Virtiofsd
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,8 @@ class Sandbox:
             vcpus=self.config.vcpus, accel=self.accel.accel,
             kernel_params=self.config.kernel_params.split()
             + (["kata_py.debug=1"] if self.config.log_level == "debug" else []),
-            transport=self.transport, virtiofs_socket=str(vfs.socket_path))
+            transport=self.transport, virtiofs_socket=str(vfs.socket_path),
+            tsc_khz=host_tsc_khz() if self.accel.accel == "tcg" else 0)
         extra_fds = []
         serial_ours = None
         if self.transport == "serial":

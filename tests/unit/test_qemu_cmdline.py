@@ -154,7 +154,8 @@ def test_kvm() -> None:
 def test_tcg_single_vcpu() -> None:
     argv = command_line(QEMU, spec(accel="tcg", vcpus=1))
     assert one(argv, "-accel") == "tcg"
-    assert "-cpu" not in argv
+    # max under TCG: containers get x86-64-v2 and better (SSE4.2, POPCNT, AVX2).
+    assert one(argv, "-cpu") == "max"
 
 
 def test_tcg_multi_vcpu_uses_mttcg() -> None:
@@ -162,7 +163,24 @@ def test_tcg_multi_vcpu_uses_mttcg() -> None:
     accel, o = opts(one(argv, "-accel"))
     assert accel == "tcg"
     assert o["thread"] == "multi"
-    assert "-cpu" not in argv
+    assert one(argv, "-cpu") == "max"
+
+
+def test_tcg_kernel_params_and_tsc_rate() -> None:
+    append = one(command_line(QEMU, spec(accel="tcg", tsc_khz=2445406)), "-append").split()
+    for p in ("tsc=reliable", "no_timer_check", "nolapic_timer", "noreplace-smp",
+              "tsc_early_khz=2445406"):
+        assert p in append
+    # Without a known rate, no tsc_early_khz at all (rather than a wrong one).
+    append = one(command_line(QEMU, spec(accel="tcg", tsc_khz=0)), "-append").split()
+    assert not [p for p in append if p.startswith("tsc_early_khz")]
+
+
+def test_kvm_gets_no_tcg_workarounds() -> None:
+    append = one(command_line(QEMU, spec(accel="kvm", tsc_khz=2445406)), "-append").split()
+    for p in ("tsc=reliable", "no_timer_check", "nolapic_timer", "noreplace-smp"):
+        assert p not in append
+    assert not [p for p in append if p.startswith("tsc_early_khz")]
 
 
 def test_virtiofs_only_with_socket() -> None:
