@@ -52,10 +52,11 @@ TRACE = "guest/imagetrace.py"
 PYTHON = "/usr/bin/python3.11"
 # -S -s, not -I: the kernel passes PYTHONHASHSEED (see microvm/qemu.py).
 INIT = f"""#!{PYTHON} -Ss
-import sys
+import sys, time
+started = time.clock_gettime(time.CLOCK_BOOTTIME)  # before the agent's imports
 sys.path.insert(0, "/opt/kata-py")
 from guest.init import main
-main()
+main(started)
 """
 # Empty mount points a read-only root must already have.
 DIRS = ["proc", "sys", "dev", "run", "tmp", "etc"]
