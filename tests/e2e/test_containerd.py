@@ -1,0 +1,312 @@
+"""containerd-shim-kata-py-v2 driven by Debian's real containerd (1.6) and ctr.
+
+containerd runs with its own root, state and sockets under a temporary
+directory, never the machine's; the test image is built here from
+busybox-static and imported with `ctr image import` (no registry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pty
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from microvm.protocol import task_pb2, ttrpc
+from tests.conftest import helper_processes
+from tests.e2e.images import oci_archive
+
+pytestmark = [pytest.mark.vm, pytest.mark.skipif(shutil.which("containerd") is None,
+                                                 reason="containerd not installed")]
+IMAGE = "docker.io/library/kata-py-test:latest"
+RUNTIME = "io.containerd.kata-py.v2"
+SHIM_SOCKETS = Path("/run/containerd/s")
+TASK_API = "containerd.task.v2.Task"
+
+
+@dataclass
+class Containerd:
+    root: Path
+    proc: subprocess.Popen[bytes]
+    env: dict[str, str]
+
+    @property
+    def address(self) -> str:
+        return str(self.root / "containerd.sock")
+
+    def ctr(self, *args: str, input: str | None = None, timeout: float = 90,
+            check: bool = False) -> subprocess.CompletedProcess[str]:
+        p = subprocess.run(["ctr", "-a", self.address, *args], input=input, text=True,
+                           capture_output=True, timeout=timeout, env=self.env)
+        if check:
+            assert p.returncode == 0, p.stderr
+        return p
+
+    def bundle(self, cid: str) -> Path:
+        return self.root / "state/io.containerd.runtime.v2.task/default" / cid
+
+    def start(self) -> None:
+        self.proc = _start_containerd(self.root, self.env)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+
+
+def _start_containerd(root: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    with open(root / "containerd.log", "ab") as log:
+        proc = subprocess.Popen(["containerd", "--config", str(root / "config.toml")],
+                                stdout=log, stderr=log, env=env)
+    deadline = time.monotonic() + 30
+    while not (root / "containerd.sock").exists():
+        assert proc.poll() is None, (root / "containerd.log").read_text()[-2000:]
+        assert time.monotonic() < deadline, "containerd did not start"
+        time.sleep(0.05)
+    return proc
+
+
+def shim_sockets() -> set[str]:
+    return set(os.listdir(SHIM_SOCKETS)) if SHIM_SOCKETS.exists() else set()
+
+
+def shim_processes() -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True,
+                         text=True).stdout
+    return [line for line in out.splitlines()
+            if "microvm.shim" in line and "Z" not in line.split(None, 2)[1]]
+
+
+@pytest.fixture(scope="module")
+def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
+    root = tmp_path_factory.mktemp("containerd")
+    (root / "config.toml").write_text(f"""version = 2
+root = "{root}/root"
+state = "{root}/state"
+[grpc]
+  address = "{root}/containerd.sock"
+[ttrpc]
+  address = "{root}/containerd.sock.ttrpc"
+[plugins."io.containerd.grpc.v1.cri"]
+  disable_cri = true
+""")
+    env = dict(os.environ)
+    # containerd finds the shim on its PATH: this venv's first.
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}"
+    c = Containerd(root, _start_containerd(root, env), env)
+    archive = oci_archive(Path("/var/lib/kata-py/rootfs/busybox"), root / "image.tar", IMAGE,
+                          ["sh"])
+    c.ctr("image", "import", str(archive), check=True)
+    yield c
+    for line in c.ctr("task", "ls", "-q").stdout.split():
+        c.ctr("task", "kill", "-s", "9", line)
+        c.ctr("task", "delete", line)
+    c.stop()
+
+
+@pytest.fixture
+def ctd(containerd: Containerd) -> Iterator[Containerd]:
+    """containerd, and after the test: no task, VM, shim or socket of ours left."""
+    before = shim_sockets()
+    yield containerd
+    deadline = time.monotonic() + 15
+    while True:
+        left = [f"process: {p}" for p in helper_processes() + shim_processes()]
+        left += [f"socket: {s}" for s in shim_sockets() - before]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert not left, "left behind:\n" + "\n".join(left)
+
+
+def run(ctd: Containerd, cid: str, *cmd: str, input: str | None = None,
+        flags: tuple[str, ...] = ("--rm",)) -> subprocess.CompletedProcess[str]:
+    return ctd.ctr("run", "--runtime", RUNTIME, *flags, IMAGE, cid, *cmd, input=input)
+
+
+def test_ctr_run_prints_the_guest_kernel(ctd: Containerd) -> None:
+    p = run(ctd, "t-uname", "uname", "-r")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip().endswith("-kata-py")
+    assert p.stdout.strip() != os.uname().release
+
+
+def test_exit_status_and_streams(ctd: Containerd) -> None:
+    p = run(ctd, "t-exit", "sh", "-c", "echo out; echo err >&2; exit 3")
+    assert p.returncode == 3
+    assert p.stdout == "out\n"
+    assert p.stderr == "err\n"
+
+
+def test_stdin_reaches_eof(ctd: Containerd) -> None:
+    p = run(ctd, "t-stdin", "sh", "-c", "cat; echo done", input="hello\n")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout == "hello\ndone\n"
+
+
+def test_tty(ctd: Containerd) -> None:
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execvpe("ctr", ["ctr", "-a", ctd.address, "run", "--runtime", RUNTIME, "--rm", "-t",
+                           IMAGE, "t-tty", "sh", "-c", "tty; stty size"], ctd.env)
+    import fcntl
+    import termios
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 31, 97, 0, 0))
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, out
+    assert b"/dev/pts/" in out
+    assert b"31 97" in out
+
+
+def test_detached_exec_ps_kill_delete(ctd: Containerd) -> None:
+    p = run(ctd, "t-det", "sleep", "1000", flags=("-d",))
+    assert p.returncode == 0, p.stderr
+    try:
+        e = ctd.ctr("task", "exec", "--exec-id", "e1", "t-det", "sh", "-c",
+                    "cat /proc/1/cmdline; echo; exit 5")
+        assert e.returncode == 5
+        assert e.stdout.startswith("sleep")
+        ps = ctd.ctr("task", "ps", "t-det", check=True)
+        assert len(ps.stdout.splitlines()) >= 2
+        ctd.ctr("task", "kill", "-s", "SIGKILL", "t-det", check=True)
+        deadline = time.monotonic() + 30
+        while "STOPPED" not in ctd.ctr("task", "ls").stdout:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        d = ctd.ctr("task", "delete", "t-det")
+        assert d.returncode == 0, d.stderr
+        assert "137" in d.stderr
+    finally:
+        ctd.ctr("task", "kill", "-s", "9", "t-det")
+        ctd.ctr("task", "delete", "t-det")
+        ctd.ctr("container", "rm", "t-det")
+
+
+def test_sigterm_ends_a_trapping_process(ctd: Containerd) -> None:
+    p = run(ctd, "t-term", "sh", "-c", "trap 'exit 143' TERM; while :; do sleep 0.1; done",
+            flags=("-d",))
+    assert p.returncode == 0, p.stderr
+    try:
+        time.sleep(1)
+        ctd.ctr("task", "kill", "-s", "SIGTERM", "t-term", check=True)
+        deadline = time.monotonic() + 30
+        while "STOPPED" not in ctd.ctr("task", "ls").stdout:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert "143" in ctd.ctr("task", "delete", "t-term").stderr
+    finally:
+        ctd.ctr("task", "delete", "t-term")
+        ctd.ctr("container", "rm", "t-term")
+
+
+def test_two_containers_of_a_pod_share_one_vm(ctd: Containerd) -> None:
+    pod = ("--annotation", "io.kubernetes.cri.sandbox-id=pod-a")
+    assert run(ctd, "pod-a", "sleep", "1000", flags=("-d", *pod)).returncode == 0
+    try:
+        first = ctd.ctr("task", "exec", "--exec-id", "b", "pod-a", "cat",
+                        "/proc/sys/kernel/random/boot_id", check=True).stdout
+        second = run(ctd, "pod-a-app", "cat", "/proc/sys/kernel/random/boot_id",
+                     flags=("--rm", *pod))
+        assert second.returncode == 0, second.stderr
+        assert first == second.stdout
+        # One VM for the pod: a single QEMU while the first container still runs.
+        assert len([p for p in helper_processes() if "qemu-system" in p]) == 1
+    finally:
+        ctd.ctr("task", "kill", "-s", "9", "pod-a")
+        time.sleep(1)
+        ctd.ctr("task", "delete", "pod-a")
+        ctd.ctr("container", "rm", "pod-a")
+
+
+async def _task_call(sock: str, method: str, req: object, resp: type) -> object:
+    reader, writer = await asyncio.open_unix_connection(sock)
+    client = ttrpc.Client(reader, writer)
+    try:
+        return await client.call(TASK_API, method, req, resp, timeout=10)  # type: ignore[arg-type]
+    finally:
+        await client.aclose()
+
+
+def test_malformed_frames_get_errors_and_the_shim_keeps_serving(ctd: Containerd) -> None:
+    assert run(ctd, "t-bad", "sleep", "1000", flags=("-d",)).returncode == 0
+    try:
+        sock = (ctd.bundle("t-bad") / "address").read_text().removeprefix("unix://")
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(sock)
+            s.settimeout(10)
+            # A garbage request, then a wrongly typed payload for Kill.
+            s.sendall(struct.pack(">IIBB", 5, 1, 1, 0) + b"\xff\xff\xff\xff\xff")
+            head = s.recv(10)
+            length, sid, mtype, _ = struct.unpack(">IIBB", head)
+            assert (sid, mtype) == (1, 2)
+            from microvm.protocol import ttrpc_pb2
+            resp = ttrpc_pb2.Response()
+            resp.ParseFromString(s.recv(length))
+            assert resp.status.code == ttrpc.INVALID_ARGUMENT
+            req = ttrpc_pb2.Request(service=TASK_API, method="Kill", payload=b"\x0a\xff")
+            data = req.SerializeToString()
+            s.sendall(struct.pack(">IIBB", len(data), 3, 1, 0) + data)
+            length, sid, _, _ = struct.unpack(">IIBB", s.recv(10))
+            resp.ParseFromString(s.recv(length))
+            assert sid == 3 and resp.status.code == ttrpc.INVALID_ARGUMENT
+        got = asyncio.run(_task_call(sock, "Connect", task_pb2.ConnectRequest(id="t-bad"),
+                                     task_pb2.ConnectResponse))
+        assert got.task_pid > 0  # type: ignore[attr-defined]
+        state = asyncio.run(_task_call(sock, "State", task_pb2.StateRequest(id="t-bad"),
+                                       task_pb2.StateResponse))
+        assert state.status == task_pb2.RUNNING  # type: ignore[attr-defined]
+    finally:
+        ctd.ctr("task", "kill", "-s", "9", "t-bad")
+        time.sleep(1)
+        ctd.ctr("task", "delete", "t-bad")
+        ctd.ctr("container", "rm", "t-bad")
+
+
+def test_sigkill_of_the_shim_then_delete_leaves_nothing(ctd: Containerd) -> None:
+    assert run(ctd, "t-kill", "sleep", "1000", flags=("-d",)).returncode == 0
+    sock = (ctd.bundle("t-kill") / "address").read_text().removeprefix("unix://")
+    got = asyncio.run(_task_call(sock, "Connect", task_pb2.ConnectRequest(id="t-kill"),
+                                 task_pb2.ConnectResponse))
+    os.kill(got.shim_pid, signal.SIGKILL)  # type: ignore[attr-defined]
+    # containerd sees the shim gone and runs our `delete`; the VM dies with the shim.
+    deadline = time.monotonic() + 30
+    while Path(sock).exists() or helper_processes():
+        assert time.monotonic() < deadline, helper_processes()
+        time.sleep(0.2)
+    ctd.ctr("task", "delete", "t-kill")
+    assert ctd.ctr("container", "rm", "t-kill").returncode == 0
+
+
+def test_containerd_restart_keeps_the_task(ctd: Containerd) -> None:
+    assert run(ctd, "t-restart", "sleep", "1000", flags=("-d",)).returncode == 0
+    try:
+        ctd.stop()
+        ctd.start()
+        ls = ctd.ctr("task", "ls", check=True).stdout
+        assert "t-restart" in ls and "RUNNING" in ls
+        e = ctd.ctr("task", "exec", "--exec-id", "r1", "t-restart", "echo", "still here")
+        assert e.stdout == "still here\n"
+        ctd.ctr("task", "kill", "-s", "9", "t-restart", check=True)
+    finally:
+        time.sleep(1)
+        ctd.ctr("task", "delete", "t-restart")
+        ctd.ctr("container", "rm", "t-restart")
