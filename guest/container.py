@@ -19,6 +19,7 @@ import socket
 import stat
 import struct
 import termios
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from microvm import linux
@@ -249,12 +250,15 @@ def _fail(sock: socket.socket, e: BaseException) -> int:
     return {ERR_NOT_FOUND: 127, ERR_NOT_EXECUTABLE: 126}.get(kind, 125)
 
 
-def run_container_init(sock: socket.socket, spec: ProcessSpec, stdio: Stdio,
-                       shared_path: str, readonly: bool, hostname: str) -> int:
-    """Child A: new namespaces, then fork the container's pid 1 (B)."""
+def _fork_into(sock: socket.socket, enter: Callable[[], None],
+               child: Callable[[], None]) -> int:
+    """Child A: enter() the namespaces, fork the process, report its pid, return.
+
+    The pid namespace applies only to A's children, hence the second fork;
+    the grandchild is re-parented to the agent (pid 1), which reaps it.
+    """
     try:
-        linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC
-                      | linux.CLONE_NEWPID)
+        enter()
         pid = os.fork()
     except BaseException as e:
         return _fail(sock, e)
@@ -262,38 +266,43 @@ def run_container_init(sock: socket.socket, spec: ProcessSpec, stdio: Stdio,
         send(sock, {"pid": pid})
         return 0
     try:
+        child()  # returns only by exec
+    except BaseException as e:
+        os._exit(_fail(sock, e))
+    os._exit(125)
+
+
+def run_container_init(sock: socket.socket, spec: ProcessSpec, stdio: Stdio,
+                       shared_path: str, readonly: bool, hostname: str) -> int:
+    """New namespaces and root; the container's pid 1 waits for StartContainer."""
+    def enter() -> None:
+        linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC
+                      | linux.CLONE_NEWPID)
+
+    def child() -> None:
         setup_rootfs(shared_path, readonly, hostname)
         path = prepare_process(spec, stdio, sock)
         send(sock, {"ready": True})
-        # Block until the agent says start (StartContainer).
         if sock.recv(16) != b"start":
             os._exit(125)
         exec_process(path, spec, sock)
-    except BaseException as e:
-        os._exit(_fail(sock, e))
-    os._exit(125)
+
+    return _fork_into(sock, enter, child)
 
 
 def run_exec(sock: socket.socket, spec: ProcessSpec, stdio: Stdio, init_pid: int) -> int:
-    """Child A: join the container's namespaces, then fork the process (C)."""
-    try:
-        nsfds = []
+    """Join a running container's namespaces; exec at once."""
+    def enter() -> None:
         # The mount namespace last: after it, /proc/<pid> is the container's.
-        for ns in ("ipc", "uts", "pid", "mnt"):
-            nsfds.append(os.open(f"/proc/{init_pid}/ns/{ns}", os.O_RDONLY))
-        for fd in nsfds:
+        fds = [os.open(f"/proc/{init_pid}/ns/{ns}", os.O_RDONLY)
+               for ns in ("ipc", "uts", "pid", "mnt")]
+        for fd in fds:
             linux.setns(fd)
             os.close(fd)
-        pid = os.fork()
-    except BaseException as e:
-        return _fail(sock, e)
-    if pid:
-        send(sock, {"pid": pid})
-        return 0
-    try:
+
+    def child() -> None:
         path = prepare_process(spec, stdio, sock)
         send(sock, {"ready": True})
         exec_process(path, spec, sock)
-    except BaseException as e:
-        os._exit(_fail(sock, e))
-    os._exit(125)
+
+    return _fork_into(sock, enter, child)

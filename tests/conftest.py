@@ -154,3 +154,29 @@ def microvm(artifacts: Path, tmp_path: Path) -> Iterator[Microvm]:
     cfg = write_config(tmp_path / "config.yaml", artifacts)
     yield Microvm(artifacts, cfg)
     assert_no_leaks()
+
+
+def pty_winsize(fd: int, rows: int, cols: int) -> None:
+    import fcntl
+    import struct
+    import termios
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def pty_expect(fd: int, needle: bytes | None, timeout: float = 60) -> bytes:
+    """Read a pty until needle appears (None: until EOF); what was read."""
+    import select
+    buf = b""
+    deadline = time.monotonic() + timeout
+    while needle is None or needle not in buf:
+        left = deadline - time.monotonic()
+        assert left > 0, f"did not see {needle!r} in {buf[-500:]!r}"
+        if select.select([fd], [], [], left)[0]:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:  # EIO: the other side is closed
+                break
+            if not chunk:
+                break
+            buf += chunk
+    return buf

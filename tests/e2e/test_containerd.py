@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from microvm.protocol import task_pb2, ttrpc
-from tests.conftest import helper_processes
+from tests.conftest import helper_processes, pty_expect, pty_winsize
 from tests.e2e.images import oci_archive
 
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(shutil.which("containerd") is None,
@@ -159,18 +159,8 @@ def test_tty(ctd: Containerd) -> None:
     if pid == 0:
         os.execvpe("ctr", ["ctr", "-a", ctd.address, "run", "--runtime", RUNTIME, "--rm", "-t",
                            IMAGE, "t-tty", "sh", "-c", "tty; stty size"], ctd.env)
-    import fcntl
-    import termios
-    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 31, 97, 0, 0))
-    out = b""
-    while True:
-        try:
-            chunk = os.read(fd, 4096)
-        except OSError:
-            break
-        if not chunk:
-            break
-        out += chunk
+    pty_winsize(fd, 31, 97)
+    out = pty_expect(fd, None)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0, out
     assert b"/dev/pts/" in out

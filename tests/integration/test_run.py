@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import platform
 import pty
-import select
 import signal
-import struct
 import subprocess
 import sys
-import termios
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import Microvm, Result, assert_no_leaks, helper_processes, write_config
+from tests.conftest import (
+    Microvm,
+    Result,
+    assert_no_leaks,
+    helper_processes,
+    pty_expect,
+    pty_winsize,
+    write_config,
+)
 
 pytestmark = pytest.mark.vm
 DRIVER = Path(__file__).with_name("sandbox_driver.py")
@@ -143,46 +147,24 @@ def test_directory_rootfs(microvm: Microvm, tmp_path: Path) -> None:
     assert sorted(p.name for p in root.iterdir()) == ["bin"]
 
 
-def _winsize(fd: int, rows: int, cols: int) -> None:
-    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-
-
-def _expect(fd: int, needle: bytes, timeout: float = 60) -> bytes:
-    buf = b""
-    deadline = time.monotonic() + timeout
-    while needle not in buf:
-        left = deadline - time.monotonic()
-        assert left > 0, f"did not see {needle!r} in {buf[-500:]!r}"
-        r, _, _ = select.select([fd], [], [], left)
-        if r:
-            try:
-                chunk = os.read(fd, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            buf += chunk
-    return buf
-
-
 def test_tty_and_resize(microvm: Microvm) -> None:
     """-it: a real pty in the guest that follows our terminal's size."""
     pid, fd = pty.fork()
     if pid == 0:
         os.execv(microvm.argv()[0], microvm.argv("run", "--rm", "-it", "busybox", "sh"))
     try:
-        _winsize(fd, 30, 100)
-        _expect(fd, b"# ")
+        pty_winsize(fd, 30, 100)
+        pty_expect(fd, b"# ")
         os.write(fd, b"tty; stty size\n")
-        out = _expect(fd, b"30 100")
+        out = pty_expect(fd, b"30 100")
         assert b"/dev/pts/" in out
         # The terminal grows: the kernel sends SIGWINCH to the CLI, which resizes the guest pty.
-        _winsize(fd, 40, 120)
+        pty_winsize(fd, 40, 120)
         time.sleep(0.5)
         os.write(fd, b"stty size\n")
-        _expect(fd, b"40 120")
+        pty_expect(fd, b"40 120")
         os.write(fd, b"exit 5\n")
-        _expect(fd, b"exit 5")
+        pty_expect(fd, b"exit 5")
     finally:
         _, status = os.waitpid(pid, 0)
         os.close(fd)
