@@ -25,7 +25,7 @@ import pytest
 
 from microvm.protocol import task_pb2, ttrpc
 from tests.conftest import helper_processes, pty_expect, pty_winsize
-from tests.e2e.images import oci_archive
+from microvm.ociarchive import oci_archive
 
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(shutil.which("containerd") is None,
                                                  reason="containerd not installed")]
@@ -300,3 +300,27 @@ def test_containerd_restart_keeps_the_task(ctd: Containerd) -> None:
         time.sleep(1)
         ctd.ctr("task", "delete", "t-restart")
         ctd.ctr("container", "rm", "t-restart")
+
+
+def test_events_reach_containerd_in_order(ctd: Containerd) -> None:
+    watch = subprocess.Popen(["ctr", "-a", ctd.address, "events"], stdout=subprocess.PIPE,
+                             text=True, env=ctd.env)
+    try:
+        time.sleep(0.5)
+        assert run(ctd, "t-ev", "sleep", "1000", flags=("-d",)).returncode == 0
+        ctd.ctr("task", "exec", "--exec-id", "x1", "t-ev", "true", check=True)
+        ctd.ctr("task", "kill", "-s", "9", "t-ev", check=True)
+        deadline = time.monotonic() + 30
+        while "STOPPED" not in ctd.ctr("task", "ls").stdout:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        ctd.ctr("task", "delete", "t-ev", check=True)
+        time.sleep(1)
+    finally:
+        watch.terminate()
+        out, _ = watch.communicate(timeout=10)
+        ctd.ctr("container", "rm", "t-ev")
+    topics = [line.split()[5] for line in out.splitlines()
+              if '"t-ev"' in line and "/tasks/" in line]
+    assert topics == ["/tasks/create", "/tasks/start", "/tasks/exec-added",
+                      "/tasks/exec-started", "/tasks/exit", "/tasks/exit", "/tasks/delete"]

@@ -1,4 +1,4 @@
-"""Test images built here, from Debian's busybox-static: no registry needed.
+"""An OCI image layout archive made from a directory tree (tests, benchmarks).
 
 oci_archive() writes an OCI image layout as a tar, which `ctr image import`
 reads; the image name travels in the index's ref-name annotation.
