@@ -152,6 +152,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="kata-py start-up benchmark")
     ap.add_argument("-n", type=int, default=5, help="repetitions of each (default 5)")
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    ap.add_argument("--no-containerd", action="store_true",
+                    help="skip the runs through containerd (kata-py shim vs runc)")
     args = ap.parse_args()
     cfg = config.load()
     choice = accel.choose(cfg.accel)
@@ -179,6 +181,11 @@ def main() -> None:
     floor_m = stats["floor: bare QEMU boot"]["median"]
     run_m = stats["microvm run --rm busybox true"]["median"]
     runc_m = stats["runc run busybox true"]["median"]
+    through_containerd = None
+    if not args.no_containerd and shutil.which("containerd"):
+        from . import bench_containerd
+        floor_argv_ = floor_argv(cfg, choice.accel)
+        through_containerd = bench_containerd.run(args.n, lambda: timed(floor_argv_))
     steps = asyncio.run(breakdown(cfg, choice))
     images = compare_images(cfg, choice, max(3, args.n // 2))
     print(f"accelerator: {choice.accel} ({choice.reason}); n={args.n}")
@@ -193,11 +200,15 @@ def main() -> None:
     for name, st in images.items():
         print(f"  {name:<14}{st['size_mib']:>7.1f} MiB  boot {st['boot']:>6.3f}s  "
               f"guest: kernel start -> /init runs {st['agent_started']:>6.3f}s")
+    if through_containerd is not None:
+        from . import bench_containerd
+        bench_containerd.report(through_containerd)
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"accel": choice.accel, "n": args.n, "stats": stats,
              "ratios": {"run/floor": run_m / floor_m, "run/runc": run_m / runc_m},
-             "breakdown": steps, "images": images}, indent=1) + "\n")
+             "breakdown": steps, "images": images, "containerd": through_containerd},
+            indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -15,17 +15,16 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from microvm.ociarchive import oci_archive
+from microvm.privatecontainerd import Containerd
 from microvm.protocol import task_pb2, ttrpc
 from tests.conftest import helper_processes, pty_expect, pty_winsize
-from microvm.ociarchive import oci_archive
 
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(shutil.which("containerd") is None,
                                                  reason="containerd not installed")]
@@ -33,47 +32,6 @@ IMAGE = "docker.io/library/kata-py-test:latest"
 RUNTIME = "io.containerd.kata-py.v2"
 SHIM_SOCKETS = Path("/run/containerd/s")
 TASK_API = "containerd.task.v2.Task"
-
-
-@dataclass
-class Containerd:
-    root: Path
-    proc: subprocess.Popen[bytes]
-    env: dict[str, str]
-
-    @property
-    def address(self) -> str:
-        return str(self.root / "containerd.sock")
-
-    def ctr(self, *args: str, input: str | None = None, timeout: float = 90,
-            check: bool = False) -> subprocess.CompletedProcess[str]:
-        p = subprocess.run(["ctr", "-a", self.address, *args], input=input, text=True,
-                           capture_output=True, timeout=timeout, env=self.env)
-        if check:
-            assert p.returncode == 0, p.stderr
-        return p
-
-    def bundle(self, cid: str) -> Path:
-        return self.root / "state/io.containerd.runtime.v2.task/default" / cid
-
-    def start(self) -> None:
-        self.proc = _start_containerd(self.root, self.env)
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        self.proc.wait(timeout=30)
-
-
-def _start_containerd(root: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    with open(root / "containerd.log", "ab") as log:
-        proc = subprocess.Popen(["containerd", "--config", str(root / "config.toml")],
-                                stdout=log, stderr=log, env=env)
-    deadline = time.monotonic() + 30
-    while not (root / "containerd.sock").exists():
-        assert proc.poll() is None, (root / "containerd.log").read_text()[-2000:]
-        assert time.monotonic() < deadline, "containerd did not start"
-        time.sleep(0.05)
-    return proc
 
 
 def shim_sockets() -> set[str]:
@@ -89,28 +47,12 @@ def shim_processes() -> list[str]:
 
 @pytest.fixture(scope="module")
 def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Containerd]:
-    root = tmp_path_factory.mktemp("containerd")
-    (root / "config.toml").write_text(f"""version = 2
-root = "{root}/root"
-state = "{root}/state"
-[grpc]
-  address = "{root}/containerd.sock"
-[ttrpc]
-  address = "{root}/containerd.sock.ttrpc"
-[plugins."io.containerd.grpc.v1.cri"]
-  disable_cri = true
-""")
-    env = dict(os.environ)
-    # containerd finds the shim on its PATH: this venv's first.
-    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}"
-    c = Containerd(root, _start_containerd(root, env), env)
-    archive = oci_archive(Path("/var/lib/kata-py/rootfs/busybox"), root / "image.tar", IMAGE,
+    c = Containerd.create(tmp_path_factory.mktemp("containerd"))
+    archive = oci_archive(Path("/var/lib/kata-py/rootfs/busybox"), c.root / "image.tar", IMAGE,
                           ["sh"])
     c.ctr("image", "import", str(archive), check=True)
     yield c
-    for line in c.ctr("task", "ls", "-q").stdout.split():
-        c.ctr("task", "kill", "-s", "9", line)
-        c.ctr("task", "delete", line)
+    c.remove_all_tasks()
     c.stop()
 
 

@@ -1,0 +1,142 @@
+"""Benchmarks through containerd: kata-py's shim beside runc's, same run.
+
+  ctr run --rm   kata-py vs io.containerd.runc.v2 (and the bare-QEMU floor)
+  exec           `ctr task exec ... true` round trip on a running container
+  memory         PSS of QEMU + virtiofsd + the shim for one running pod
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from . import rootfs
+from .ociarchive import oci_archive
+from .privatecontainerd import Containerd
+
+IMAGE = "docker.io/library/kata-py-bench:latest"
+KATA = "io.containerd.kata-py.v2"
+RUNC = "io.containerd.runc.v2"
+
+
+def pss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    return 0
+
+
+def pod_pids(shim_pid: int) -> list[int]:
+    """The shim and everything below it (QEMU, virtiofsd and its child)."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in out.splitlines():
+        pid, ppid = map(int, line.split())
+        children.setdefault(ppid, []).append(pid)
+    found, todo = [], [shim_pid]
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def run(n: int, floor: Callable[[], float]) -> dict[str, object]:
+    with tempfile.TemporaryDirectory(prefix="kata-py-bench-") as tmp:
+        c = Containerd.create(Path(tmp))
+        try:
+            archive = oci_archive(rootfs.builtin("busybox"), Path(tmp) / "image.tar", IMAGE,
+                                  ["sh"])
+            c.ctr("image", "import", str(archive), check=True)
+            return _measure(c, n, floor)
+        finally:
+            c.remove_all_tasks()
+            c.stop()
+
+
+def _measure(c: Containerd, n: int, floor: Callable[[], float]) -> dict[str, object]:
+    times: dict[str, list[float]] = {"floor": [], "kata-py": [], "runc": []}
+    for i in range(n):
+        times["floor"].append(floor())
+        for name, runtime in (("kata-py", KATA), ("runc", RUNC)):
+            argv = ("run", "--rm", "--runtime", runtime, IMAGE, f"b-{name}-{i}", "true")
+            times[name].append(_timed(lambda argv=argv: c.ctr(*argv, check=True)))
+    execs: dict[str, list[float]] = {"kata-py": [], "runc": []}
+    memory: dict[str, int] = {}
+    for name, runtime in (("kata-py", KATA), ("runc", RUNC)):
+        cid = f"b-exec-{name}"
+        c.ctr("run", "-d", "--runtime", runtime, IMAGE, cid, "sleep", "1000", check=True)
+        for i in range(n):
+            argv = ("task", "exec", "--exec-id", f"e{i}", cid, "true")
+            execs[name].append(_timed(lambda argv=argv: c.ctr(*argv, check=True)))
+        if name == "kata-py":
+            shim = int(_connect_shim_pid(c, cid))
+            pids = pod_pids(shim)
+            memory = {"pss_kib_total": sum(pss_kib(p) for p in pids),
+                      "pss_kib_shim": pss_kib(shim), "processes": len(pids)}
+        c.ctr("task", "kill", "-s", "9", cid)
+        time.sleep(0.5)
+        c.ctr("task", "delete", cid)
+        c.ctr("container", "rm", cid)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "ctr_run": {k: {"median": statistics.median(v), "min": min(v), "max": max(v)}
+                    for k, v in times.items()},
+        "ratios": {"kata/floor": med["kata-py"] / med["floor"],
+                   "kata/runc": med["kata-py"] / med["runc"]},
+        "exec": {k: statistics.median(v) for k, v in execs.items()},
+        "memory": memory,
+    }
+
+
+def _connect_shim_pid(c: Containerd, cid: str) -> int:
+    import asyncio
+
+    from .protocol import task_pb2, ttrpc
+
+    sock = (c.bundle(cid) / "address").read_text().removeprefix("unix://")
+
+    async def connect() -> int:
+        reader, writer = await asyncio.open_unix_connection(sock)
+        client = ttrpc.Client(reader, writer)
+        try:
+            resp = await client.call("containerd.task.v2.Task", "Connect",
+                                     task_pb2.ConnectRequest(id=cid), task_pb2.ConnectResponse,
+                                     timeout=10)
+            return int(resp.shim_pid)
+        finally:
+            await client.aclose()
+
+    return asyncio.run(connect())
+
+
+def report(r: dict[str, object]) -> None:
+    runs = r["ctr_run"]
+    assert isinstance(runs, dict)
+    print("through containerd (ctr run --rm ... true):")
+    for name in ("floor", "kata-py", "runc"):
+        st = runs[name]
+        print(f"  {name:<10}{st['median']:>8.3f}s  (min {st['min']:.3f}s, max {st['max']:.3f}s)")
+    ratios = r["ratios"]
+    assert isinstance(ratios, dict)
+    print(f"  ratio kata-py/floor {ratios['kata/floor']:.2f}   kata-py/runc "
+          f"{ratios['kata/runc']:.1f}")
+    ex = r["exec"]
+    assert isinstance(ex, dict)
+    print(f"exec round trip (ctr task exec true): kata-py {ex['kata-py']:.3f}s, "
+          f"runc {ex['runc']:.3f}s")
+    mem = r["memory"]
+    assert isinstance(mem, dict)
+    print(f"memory per pod (PSS of shim + QEMU + virtiofsd, {mem['processes']} processes): "
+          f"{mem['pss_kib_total'] / 1024:.1f} MiB (shim {mem['pss_kib_shim'] / 1024:.1f} MiB)")
