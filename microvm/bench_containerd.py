@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 import statistics
 import subprocess
 import tempfile
@@ -70,16 +71,16 @@ def _measure(c: Containerd, n: int, floor: Callable[[], float]) -> dict[str, obj
     for i in range(n):
         times["floor"].append(floor())
         for name, runtime in (("kata-py", KATA), ("runc", RUNC)):
-            argv = ("run", "--rm", "--runtime", runtime, IMAGE, f"b-{name}-{i}", "true")
-            times[name].append(_timed(lambda argv=argv: c.ctr(*argv, check=True)))
+            run_argv = ["run", "--rm", "--runtime", runtime, IMAGE, f"b-{name}-{i}", "true"]
+            times[name].append(_timed(functools.partial(c.ctr, *run_argv, check=True)))
     execs: dict[str, list[float]] = {"kata-py": [], "runc": []}
     memory: dict[str, int] = {}
     for name, runtime in (("kata-py", KATA), ("runc", RUNC)):
         cid = f"b-exec-{name}"
         c.ctr("run", "-d", "--runtime", runtime, IMAGE, cid, "sleep", "1000", check=True)
         for i in range(n):
-            argv = ("task", "exec", "--exec-id", f"e{i}", cid, "true")
-            execs[name].append(_timed(lambda argv=argv: c.ctr(*argv, check=True)))
+            exec_argv = ["task", "exec", "--exec-id", f"e{i}", cid, "true"]
+            execs[name].append(_timed(functools.partial(c.ctr, *exec_argv, check=True)))
         if name == "kata-py":
             shim = int(_connect_shim_pid(c, cid))
             pids = pod_pids(shim)
