@@ -15,6 +15,8 @@ from . import __version__, mountns, rootfs
 from . import accel as accel_mod
 from . import config as config_mod
 from .errors import KataError
+from .install import DEFAULT_CONFIG as DEFAULT_CONTAINERD_CONFIG
+from .install import install_containerd
 from .protocol import agent_pb2
 
 log = logging.getLogger("microvm")
@@ -152,6 +154,20 @@ def check(obj: Context) -> None:
     from .check import run_checks
 
     sys.exit(run_checks(obj.config()))
+
+
+@cli.group()
+def install() -> None:
+    """Register kata-py with a container manager."""
+
+
+@install.command("containerd")
+@click.option("--config", "path", default=str(DEFAULT_CONTAINERD_CONFIG), show_default=True,
+              metavar="PATH", help="containerd's config.toml.")
+@click.option("--dry-run", is_flag=True, help="Print the change instead of making it.")
+def install_containerd_cmd(path: str, dry_run: bool) -> None:
+    """Add the kata-py runtime (handler kata-py) to containerd's CRI config."""
+    click.echo(install_containerd(Path(path), dry_run=dry_run))
 
 
 def main() -> None:

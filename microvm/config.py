@@ -100,8 +100,10 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
     An explicitly named file must exist; the default file is optional.
     """
     env = os.environ.get("KATA_PY_CONFIG") or None
-    explicit = path is not None or env is not None
     p = Path(path or env or paths.CONFIG)
+    # The default file stays optional even when named (containerd's runtime
+    # options name it); any other file named must exist.
+    explicit = p != paths.CONFIG
     try:
         text = p.read_text()
     except FileNotFoundError:

@@ -1,0 +1,104 @@
+"""`microvm install containerd`: register the kata-py runtime with containerd.
+
+The file is edited as text -- our table appended -- so comments, order and
+formatting of everything else stay exactly as they were; the result is
+parsed back to prove it is valid TOML that says what we meant before it
+replaces the file (atomically, keeping its mode).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tempfile
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from . import paths
+from .errors import KataError
+
+HANDLER = "kata-py"
+RUNTIME_TYPE = "io.containerd.kata-py.v2"
+DEFAULT_CONFIG = Path("/etc/containerd/config.toml")
+
+# Where CRI keeps its runtimes, by containerd config version.
+_CRI_PLUGIN = {1: "cri", 2: "io.containerd.grpc.v1.cri", 3: "io.containerd.cri.v1.runtime"}
+
+
+def _runtimes(doc: dict[str, Any], version: int) -> dict[str, Any]:
+    plugin = doc.get("plugins", {}).get(_CRI_PLUGIN[version], {})
+    runtimes = plugin.get("containerd", {}).get("runtimes", {})
+    return runtimes if isinstance(runtimes, dict) else {}
+
+
+def _block(version: int, config_path: Path) -> str:
+    table = f'plugins."{_CRI_PLUGIN[version]}".containerd.runtimes.{HANDLER}'
+    return (f"\n# Added by `microvm install containerd`: every pod with\n"
+            f"# runtimeClassName: {HANDLER} runs in its own microVM.\n"
+            f"[{table}]\n"
+            f'  runtime_type = "{RUNTIME_TYPE}"\n'
+            f"[{table}.options]\n"
+            f'  ConfigPath = "{config_path}"\n')
+
+
+def plan(text: str, where: str, config_path: Path = paths.CONFIG) -> str | None:
+    """The new file text, or None when the runtime is already there."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise KataError(f"{where}: not valid TOML: {e}") from None
+    version = doc.get("version", 1 if text.strip() else 2)
+    if version not in _CRI_PLUGIN:
+        raise KataError(f"{where}: unsupported containerd config version {version!r}")
+    existing = _runtimes(doc, version).get(HANDLER)
+    if existing is not None:
+        if isinstance(existing, dict) and existing.get("runtime_type") == RUNTIME_TYPE:
+            return None
+        raise KataError(f"{where}: a runtime named {HANDLER} exists with runtime_type "
+                        f"{existing.get('runtime_type') if isinstance(existing, dict) else '?'}"
+                        f"; not changing it")
+    new = text if text.strip() else "version = 2\n"
+    if new and not new.endswith("\n"):
+        new += "\n"
+    new += _block(version, config_path)
+    try:
+        check = _runtimes(tomllib.loads(new), version).get(HANDLER, {})
+    except tomllib.TOMLDecodeError as e:
+        raise KataError(f"{where}: adding the runtime would break the file ({e}); "
+                        "add it by hand") from None
+    if check.get("runtime_type") != RUNTIME_TYPE:
+        raise KataError(f"{where}: the runtime table did not take effect; add it by hand")
+    return new
+
+
+def install_containerd(path: Path = DEFAULT_CONFIG, dry_run: bool = False,
+                       config_path: Path = paths.CONFIG) -> str:
+    """Apply (or with dry_run, show) the change; returns what to tell the user."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        text = ""
+    except OSError as e:
+        raise KataError(f"{path}: {e.strerror}") from None
+    new = plan(text, str(path), config_path)
+    if new is None:
+        return f"{path}: the {HANDLER} runtime is already installed; nothing to do"
+    diff = "".join(difflib.unified_diff(text.splitlines(keepends=True),
+                                        new.splitlines(keepends=True),
+                                        fromfile=str(path), tofile=str(path)))
+    if dry_run:
+        return diff.rstrip("\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o7777 if path.exists() else 0o644
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(new)
+        os.chmod(tmp, mode)
+        os.rename(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return (f"{path}: added the {HANDLER} runtime ({RUNTIME_TYPE}); "
+            "restart containerd to use it")
