@@ -18,7 +18,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from guest import container
+from guest import cgroups, container
 from microvm import linux
 from microvm.protocol import AGENT_SERVICE, PROTOCOL_VERSION, agent_pb2, ttrpc
 
@@ -350,8 +350,14 @@ class Agent:
         _check_id("container id", req.container_id)
         if req.container_id in self.containers:
             raise ttrpc.AlreadyExists(f"container {req.container_id} already exists")
-        proc = await self._spawn(req.container_id, "", req.process, container.run_container_init,
-                                 req.rootfs.shared_path, req.rootfs.readonly, req.hostname)
+        cgroup = cgroups.create(req.container_id)
+        try:
+            proc = await self._spawn(req.container_id, "", req.process,
+                                     container.run_container_init, cgroup,
+                                     req.rootfs.shared_path, req.rootfs.readonly, req.hostname)
+        except BaseException:
+            await cgroups.remove(req.container_id)
+            raise
         self.containers[req.container_id] = Container(req.container_id, proc)
         log.debug("created %s pid %d", req.container_id, proc.pid)
         return agent_pb2.ProcessResponse(pid=proc.pid)
@@ -381,7 +387,8 @@ class Agent:
             raise ttrpc.AlreadyExists(f"exec {req.exec_id} already exists")
         if not c.started or c.init.exited.done():
             raise ttrpc.FailedPrecondition(f"container {c.id} is not running")
-        proc = await self._spawn(c.id, req.exec_id, req.process, container.run_exec, c.init.pid)
+        proc = await self._spawn(c.id, req.exec_id, req.process, container.run_exec,
+                                 cgroups.path(c.id), c.init.pid)
         c.execs[req.exec_id] = proc
         # Exec has no separate start: wait for the execve to report.
         assert proc.sock is not None
@@ -461,6 +468,30 @@ class Agent:
                 await asyncio.wait_for(asyncio.shield(proc.exited), 5)
             proc.close()
         del self.containers[c.id]
+        await cgroups.remove(c.id)
+        return agent_pb2.Empty()
+
+    async def PauseContainer(self, req: agent_pb2.ContainerRequest,
+                             ctx: ttrpc.CallContext) -> agent_pb2.Empty:
+        self._container(req.container_id)
+        await cgroups.freeze(req.container_id, True)
+        return agent_pb2.Empty()
+
+    async def ResumeContainer(self, req: agent_pb2.ContainerRequest,
+                              ctx: ttrpc.CallContext) -> agent_pb2.Empty:
+        self._container(req.container_id)
+        await cgroups.freeze(req.container_id, False)
+        return agent_pb2.Empty()
+
+    async def StatsContainer(self, req: agent_pb2.ContainerRequest,
+                             ctx: ttrpc.CallContext) -> agent_pb2.CgroupStats:
+        self._container(req.container_id)
+        return cgroups.stats(req.container_id)
+
+    async def UpdateContainer(self, req: agent_pb2.UpdateContainerRequest,
+                              ctx: ttrpc.CallContext) -> agent_pb2.Empty:
+        self._container(req.container_id)
+        cgroups.update(req)
         return agent_pb2.Empty()
 
     async def Shutdown(self, req: agent_pb2.Empty, ctx: ttrpc.CallContext) -> agent_pb2.Empty:

@@ -22,6 +22,7 @@ import termios
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from guest import cgroups
 from microvm import linux
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -272,10 +273,11 @@ def _fork_into(sock: socket.socket, enter: Callable[[], None],
     os._exit(125)
 
 
-def run_container_init(sock: socket.socket, spec: ProcessSpec, stdio: Stdio,
+def run_container_init(sock: socket.socket, spec: ProcessSpec, stdio: Stdio, cgroup: str,
                        shared_path: str, readonly: bool, hostname: str) -> int:
     """New namespaces and root; the container's pid 1 waits for StartContainer."""
     def enter() -> None:
+        cgroups.join(cgroup)
         linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC
                       | linux.CLONE_NEWPID)
 
@@ -290,9 +292,12 @@ def run_container_init(sock: socket.socket, spec: ProcessSpec, stdio: Stdio,
     return _fork_into(sock, enter, child)
 
 
-def run_exec(sock: socket.socket, spec: ProcessSpec, stdio: Stdio, init_pid: int) -> int:
-    """Join a running container's namespaces; exec at once."""
+def run_exec(sock: socket.socket, spec: ProcessSpec, stdio: Stdio, cgroup: str,
+             init_pid: int) -> int:
+    """Join a running container's cgroup and namespaces; exec at once."""
     def enter() -> None:
+        # Before the mount namespace: the container does not see the cgroup fs.
+        cgroups.join(cgroup)
         # The mount namespace last: after it, /proc/<pid> is the container's.
         fds = [os.open(f"/proc/{init_pid}/ns/{ns}", os.O_RDONLY)
                for ns in ("ipc", "uts", "pid", "mnt")]

@@ -298,6 +298,20 @@ class Sandbox:
         await self._call("ResizeTty", agent_pb2.ResizeTtyRequest(process=ref, rows=rows,
                                                                 cols=cols))
 
+    async def pause(self, cid: str) -> None:
+        await self._call("PauseContainer", agent_pb2.ContainerRequest(container_id=cid))
+
+    async def resume(self, cid: str) -> None:
+        await self._call("ResumeContainer", agent_pb2.ContainerRequest(container_id=cid))
+
+    async def stats(self, cid: str) -> agent_pb2.CgroupStats:
+        stats: agent_pb2.CgroupStats = await self._call(
+            "StatsContainer", agent_pb2.ContainerRequest(container_id=cid))
+        return stats
+
+    async def update(self, req: agent_pb2.UpdateContainerRequest) -> None:
+        await self._call("UpdateContainer", req)
+
     async def remove_container(self, cid: str) -> None:
         state = self.containers.get(cid)
         if state is None:

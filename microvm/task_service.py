@@ -15,13 +15,14 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from google.protobuf import empty_pb2
 
-from . import accel, linux, mountns, oci
+from . import accel, linux, metrics, mountns, oci
 from . import config as config_mod
 from .attach import pump_input, pump_output
 from .errors import KataError
@@ -30,6 +31,7 @@ from .protocol import agent_pb2, events_pb2, task_pb2, ttrpc
 from .sandbox import Sandbox
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SERVICE = "containerd.task.v2.Task"
 # What runc reports for a process that has not exited: Go's zero time.
@@ -401,12 +403,32 @@ class TaskService:
             self.on_empty()
         return empty_pb2.Empty()
 
+    async def _running_init(self, cid: str) -> Proc:
+        p = self._container(cid).init
+        if p.status == task_pb2.STOPPED:
+            raise ttrpc.FailedPrecondition(f"container {cid} is stopped")
+        return p
+
     async def Pause(self, req: task_pb2.PauseRequest, ctx: ttrpc.CallContext) -> empty_pb2.Empty:
-        raise ttrpc.Unimplemented("pause is not implemented by kata-py yet")
+        p = await self._running_init(req.id)
+        if p.status != task_pb2.RUNNING:
+            raise ttrpc.RpcError(f"container {req.id} is not running")
+        assert self.sandbox is not None
+        await self._agent_call(self.sandbox.pause(req.id))
+        p.status = task_pb2.PAUSED
+        self._publish("/tasks/paused", events_pb2.TaskPaused(container_id=req.id))
+        return empty_pb2.Empty()
 
     async def Resume(self, req: task_pb2.ResumeRequest,
                      ctx: ttrpc.CallContext) -> empty_pb2.Empty:
-        raise ttrpc.Unimplemented("resume is not implemented by kata-py yet")
+        p = await self._running_init(req.id)
+        if p.status != task_pb2.PAUSED:
+            raise ttrpc.RpcError(f"container {req.id} is not paused")
+        assert self.sandbox is not None
+        await self._agent_call(self.sandbox.resume(req.id))
+        p.status = task_pb2.RUNNING
+        self._publish("/tasks/resumed", events_pb2.TaskResumed(container_id=req.id))
+        return empty_pb2.Empty()
 
     async def Checkpoint(self, req: task_pb2.CheckpointTaskRequest,
                          ctx: ttrpc.CallContext) -> empty_pb2.Empty:
@@ -414,14 +436,24 @@ class TaskService:
 
     async def Update(self, req: task_pb2.UpdateTaskRequest,
                      ctx: ttrpc.CallContext) -> empty_pb2.Empty:
-        raise ttrpc.Unimplemented("update is not implemented by kata-py yet")
+        await self._running_init(req.id)
+        assert self.sandbox is not None
+        await self._agent_call(self.sandbox.update(
+            metrics.update_request(req.id, req.resources.value)))
+        return empty_pb2.Empty()
 
     async def Stats(self, req: task_pb2.StatsRequest,
                     ctx: ttrpc.CallContext) -> task_pb2.StatsResponse:
         self._container(req.id)
-        # No cgroup metrics yet: NotFound makes containerd skip the task
-        # quietly, where any other type would break CRI's stats for all.
-        raise ttrpc.NotFound("stats are not available for kata-py tasks yet")
+        assert self.sandbox is not None
+        stats = await self._agent_call(self.sandbox.stats(req.id))
+        return task_pb2.StatsResponse(stats=metrics.to_metrics(stats))
+
+    async def _agent_call(self, aw: Awaitable[T]) -> T:
+        try:
+            return await aw
+        except KataError as e:
+            raise ttrpc.FailedPrecondition(str(e)) from None
 
     async def aclose(self) -> None:
         for c in list(self.containers.values()):

@@ -6,6 +6,65 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class CgroupStats(_message.Message):
+    __slots__ = ("cpu_stat", "memory_stat", "memory_events", "memory_current", "memory_max", "swap_current", "swap_max", "pids_current", "pids_max")
+    class CpuStatEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class MemoryStatEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class MemoryEventsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    CPU_STAT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_STAT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_CURRENT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_MAX_FIELD_NUMBER: _ClassVar[int]
+    SWAP_CURRENT_FIELD_NUMBER: _ClassVar[int]
+    SWAP_MAX_FIELD_NUMBER: _ClassVar[int]
+    PIDS_CURRENT_FIELD_NUMBER: _ClassVar[int]
+    PIDS_MAX_FIELD_NUMBER: _ClassVar[int]
+    cpu_stat: _containers.ScalarMap[str, int]
+    memory_stat: _containers.ScalarMap[str, int]
+    memory_events: _containers.ScalarMap[str, int]
+    memory_current: int
+    memory_max: int
+    swap_current: int
+    swap_max: int
+    pids_current: int
+    pids_max: int
+    def __init__(self, cpu_stat: _Optional[_Mapping[str, int]] = ..., memory_stat: _Optional[_Mapping[str, int]] = ..., memory_events: _Optional[_Mapping[str, int]] = ..., memory_current: _Optional[int] = ..., memory_max: _Optional[int] = ..., swap_current: _Optional[int] = ..., swap_max: _Optional[int] = ..., pids_current: _Optional[int] = ..., pids_max: _Optional[int] = ...) -> None: ...
+
+class UpdateContainerRequest(_message.Message):
+    __slots__ = ("container_id", "cpu_max", "cpu_weight", "memory_max", "pids_max", "cpuset_cpus")
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    CPU_MAX_FIELD_NUMBER: _ClassVar[int]
+    CPU_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_MAX_FIELD_NUMBER: _ClassVar[int]
+    PIDS_MAX_FIELD_NUMBER: _ClassVar[int]
+    CPUSET_CPUS_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    cpu_max: str
+    cpu_weight: int
+    memory_max: str
+    pids_max: str
+    cpuset_cpus: str
+    def __init__(self, container_id: _Optional[str] = ..., cpu_max: _Optional[str] = ..., cpu_weight: _Optional[int] = ..., memory_max: _Optional[str] = ..., pids_max: _Optional[str] = ..., cpuset_cpus: _Optional[str] = ...) -> None: ...
+
 class Empty(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
