@@ -29,6 +29,7 @@ log = logging.getLogger("agent")
 OUTPUT_BUFFER = 256 * 1024
 READ_CHUNK = 64 * 1024
 STOP_GRACE = 0.05
+OOM_POLL = 0.25
 
 
 class OutputStream:
@@ -218,6 +219,9 @@ class Agent:
         self._early_exits: dict[int, tuple[int, float]] = {}
         self._loop = asyncio.get_running_loop()
         self._loop.add_signal_handler(signal.SIGCHLD, self._reap)
+        self._ooms: asyncio.Queue[str] = asyncio.Queue()
+        self._oom_seen: dict[str, int] = {}
+        self._oom_watch: asyncio.Task[None] | None = None
 
     # -- child processes -------------------------------------------------
 
@@ -234,7 +238,10 @@ class Agent:
             proc = self._by_pid.pop(pid, None)
             if proc is None:
                 self._early_exits[pid] = result
-            elif not proc.exited.done():
+                continue
+            if not proc.exec_id and proc.container_id in self.containers:
+                self._check_oom(proc.container_id)
+            if not proc.exited.done():
                 proc.exited.set_result(result)
 
     def _track(self, proc: Process) -> None:
@@ -493,6 +500,28 @@ class Agent:
         self._container(req.container_id)
         cgroups.update(req)
         return agent_pb2.Empty()
+
+    async def WaitOOM(self, req: agent_pb2.Empty, ctx: ttrpc.CallContext) -> agent_pb2.OOMEvent:
+        if self._oom_watch is None:
+            self._oom_watch = asyncio.create_task(self._watch_oom())
+        return agent_pb2.OOMEvent(container_id=await self._ooms.get())
+
+    def _check_oom(self, cid: str) -> None:
+        kills = cgroups.oom_kills(cid)
+        if kills > self._oom_seen.get(cid, 0):
+            self._ooms.put_nowait(cid)
+        self._oom_seen[cid] = kills
+
+    async def _watch_oom(self) -> None:
+        """Poll each container's oom_kill count (cgroup files cannot be awaited);
+        _reap also checks when a container's init exits, so a container that
+        dies and is removed between two polls is not missed."""
+        while True:
+            for cid in list(self.containers):
+                self._check_oom(cid)
+            for cid in set(self._oom_seen) - set(self.containers):
+                del self._oom_seen[cid]
+            await asyncio.sleep(OOM_POLL)
 
     async def Shutdown(self, req: agent_pb2.Empty, ctx: ttrpc.CallContext) -> agent_pb2.Empty:
         # Answer first; the VM goes away right after.

@@ -122,3 +122,7 @@ def update(req: agent_pb2.UpdateContainerRequest) -> None:
                 _write(f"{p}/{name}", getattr(req, field))
     except OSError as e:
         raise ttrpc.InvalidArgument(f"cgroup update: {e.strerror}") from None
+
+
+def oom_kills(cid: str) -> int:
+    return _keyed(f"{path(cid)}/memory.events").get("oom_kill", 0)

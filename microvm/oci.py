@@ -48,6 +48,8 @@ class Spec:
     root_path: str = "rootfs"
     root_readonly: bool = False
     annotations: dict[str, str] = field(default_factory=dict)
+    # linux.resources, as JSON: applied like an Update right after create.
+    resources: bytes = b""
 
 
 def _get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str,
@@ -109,7 +111,9 @@ def load_bundle(bundle: Path) -> Spec:
         process=process(data.get("process")), hostname=_get(data, "hostname", str, "", ""),
         root_path=_get(root, "path", str, "root.", "rootfs"),
         root_readonly=_get(root, "readonly", bool, "root.", False),
-        annotations={str(k): str(v) for k, v in annotations.items()})
+        annotations={str(k): str(v) for k, v in annotations.items()},
+        resources=json.dumps(_get(_get(data, "linux", dict, "", {}), "resources", dict,
+                                  "linux.", {})).encode())
 
 
 def read_annotations(bundle: Path) -> dict[str, str]:

@@ -312,6 +312,11 @@ class Sandbox:
     async def update(self, req: agent_pb2.UpdateContainerRequest) -> None:
         await self._call("UpdateContainer", req)
 
+    async def wait_oom(self) -> str:
+        """The next container the guest OOM-killed in (blocks)."""
+        event: agent_pb2.OOMEvent = await self._call("WaitOOM", agent_pb2.Empty())
+        return event.container_id
+
     async def remove_container(self, cid: str) -> None:
         state = self.containers.get(cid)
         if state is None:

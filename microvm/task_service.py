@@ -99,6 +99,7 @@ class TaskService:
         self.sandbox: Sandbox | None = None
         self.containers: dict[str, Container] = {}
         self._boot_lock = asyncio.Lock()
+        self._oom_task: asyncio.Task[None] | None = None
 
     # -- helpers -------------------------------------------------------------
 
@@ -136,7 +137,18 @@ class TaskService:
                 except KataError as e:
                     raise ttrpc.FailedPrecondition(str(e)) from None
                 self.sandbox = sb
+                self._oom_task = asyncio.create_task(self._forward_ooms(sb))
             return self.sandbox
+
+    async def _forward_ooms(self, sb: Sandbox) -> None:
+        """Long-poll the agent for OOM kills; each becomes a TaskOOM event."""
+        while True:
+            try:
+                cid = await sb.wait_oom()
+            except Exception as e:  # the VM is gone or going
+                log.debug("OOM watch ends: %s", e)
+                return
+            self._publish("/tasks/oom", events_pb2.TaskOOM(container_id=cid))
 
     async def _start_io(self, p: Proc) -> None:
         sb = self.sandbox
@@ -235,6 +247,8 @@ class TaskService:
         try:
             await sb.create_container(req.id, rootfs, spec.process, readonly=spec.root_readonly,
                                       hostname=spec.hostname, overlay=False)
+            if spec.resources not in (b"", b"{}"):
+                await sb.update(metrics.update_request(req.id, spec.resources))
             await self._start_io(p)
         except BaseException as e:
             self.containers.pop(req.id, None)
@@ -456,6 +470,8 @@ class TaskService:
             raise ttrpc.FailedPrecondition(str(e)) from None
 
     async def aclose(self) -> None:
+        if self._oom_task is not None:
+            self._oom_task.cancel()
         for c in list(self.containers.values()):
             for p in [c.init, *c.execs.values()]:
                 self._close_io(p)

@@ -6,6 +6,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class OOMEvent(_message.Message):
+    __slots__ = ("container_id",)
+    CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
+    container_id: str
+    def __init__(self, container_id: _Optional[str] = ...) -> None: ...
+
 class CgroupStats(_message.Message):
     __slots__ = ("cpu_stat", "memory_stat", "memory_events", "memory_current", "memory_max", "swap_current", "swap_max", "pids_current", "pids_max")
     class CpuStatEntry(_message.Message):

@@ -327,3 +327,20 @@ def test_pause_resume_metrics_update(ctd: Containerd) -> None:
         time.sleep(1)
         ctd.ctr("task", "delete", "t-pause")
         ctd.ctr("container", "rm", "t-pause")
+
+
+def test_oom_in_the_guest_is_reported(ctd: Containerd) -> None:
+    """The spec's memory limit applies in the guest; its OOM kill becomes TaskOOM."""
+    watch = subprocess.Popen(["ctr", "-a", ctd.address, "events"], stdout=subprocess.PIPE,
+                             text=True, env=ctd.env)
+    try:
+        time.sleep(0.5)
+        p = run(ctd, "t-oom", "tail", "/dev/zero", flags=("--rm", "--memory-limit", "33554432"))
+        assert p.returncode == 137, p.stderr
+        time.sleep(1)
+    finally:
+        watch.terminate()
+        out, _ = watch.communicate(timeout=10)
+    topics = [line.split()[5] for line in out.splitlines() if '"t-oom"' in line]
+    assert "/tasks/oom" in topics
+    assert topics.index("/tasks/oom") < topics.index("/tasks/exit")
