@@ -43,6 +43,29 @@ async def _write_all(fd: int, data: bytes) -> None:
                 loop.remove_writer(fd)
 
 
+async def copy_fd(src: int, dst: int) -> None:
+    """Copy src to dst until EOF on src (a FIFO's last writer gone, a file's end)."""
+    loop = asyncio.get_running_loop()
+    regular = stat.S_ISREG(os.fstat(src).st_mode)
+    if not regular:
+        os.set_blocking(src, False)
+    while True:
+        if not regular:
+            ready = loop.create_future()
+            loop.add_reader(src, ready.set_result, None)
+            try:
+                await ready
+            finally:
+                loop.remove_reader(src)
+        try:
+            data = os.read(src, CHUNK)
+        except BlockingIOError:
+            continue
+        if not data:
+            return
+        await _write_all(dst, data)
+
+
 async def pump_output(sb: Sandbox, cid: str, stream: str, fd: int, exec_id: str = "") -> None:
     while True:
         data = await sb.read_output(cid, stream, exec_id, CHUNK)

@@ -6,7 +6,9 @@ import asyncio
 import logging
 import os
 import secrets
+import signal
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -79,12 +81,16 @@ def _env(values: tuple[str, ...]) -> list[str]:
 @click.option("--kernel", metavar="PATH", help="Guest kernel (bzImage).")
 @click.option("--accel", type=click.Choice(config_mod.ACCELS), help="Accelerator.")
 @click.option("--read-only", is_flag=True, help="Mount the root file system read-only.")
+@click.option("-d", "--detach", is_flag=True,
+              help="Run in the background (through the shim); print the name.")
+@click.option("--name", metavar="NAME", help="Name of a detached container.")
 @click.argument("rootfs_name", metavar="ROOTFS")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
 def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ...], workdir: str,
         user: str, hostname: str, cpus: int | None, memory: int | None, kernel: str | None,
-        accel: str | None, read_only: bool, rootfs_name: str, command: tuple[str, ...]) -> None:
+        accel: str | None, read_only: bool, detach: bool, name: str | None, rootfs_name: str,
+        command: tuple[str, ...]) -> None:
     """Run COMMAND in a new container, in its own VM.
 
     ROOTFS is a directory, or `busybox` for the built-in image.
@@ -117,6 +123,18 @@ def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ..
         args=args, env=_env(env) + (["TERM=xterm"] if terminal else []), cwd=workdir,
         user=agent_pb2.User(uid=uid, gid=gid, additional_gids=extra), terminal=terminal,
         rows=rows, cols=cols, stdin=interactive)
+    if detach:
+        from . import detached
+        if cpus is not None or memory is not None or kernel is not None or accel is not None:
+            raise KataError("--cpus, --memory, --kernel and --accel are not yet supported with "
+                            "-d (set them in the config file)")
+        process.stdin = False
+        click.echo(asyncio.run(detached.run_detached(
+            name, root, process, hostname or secrets.token_hex(6), read_only,
+            obj.config_path)))
+        return
+    if name:
+        raise KataError("--name goes with -d")
     run_dir = mountns.enter()
     status = asyncio.run(_run(cfg, run_dir, root, process, read_only,
                               hostname or secrets.token_hex(6), interactive, terminal))
@@ -145,6 +163,111 @@ class _nothing:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+@cli.command("ps")
+@click.option("-a", "--all", "show_all", is_flag=True, help="Also exited containers.")
+def ps_cmd(show_all: bool) -> None:
+    """List detached containers."""
+    from . import detached
+    rows = asyncio.run(detached.list_all())
+    click.echo(f"{'NAME':<16}{'STATUS':<14}{'CREATED':<21}{'ROOTFS':<28}COMMAND")
+    for meta, status, code in rows:
+        if not show_all and status not in ("running", "paused", "created"):
+            continue
+        shown = f"exited ({code})" if status == "exited" else status
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(meta.created))
+        click.echo(f"{meta.name:<16}{shown:<14}{created:<21}{meta.rootfs[-27:]:<28}"
+                   f"{' '.join(meta.command)[:40]}")
+
+
+@cli.command("exec", context_settings={"allow_interspersed_args": False})
+@click.option("-i", "--interactive", is_flag=True, help="Pass stdin on.")
+@click.option("-t", "--tty", is_flag=True, help="Give the process a terminal.")
+@click.option("-e", "--env", multiple=True, metavar="KEY=VALUE")
+@click.option("-w", "--workdir", default="/", metavar="DIR")
+@click.option("-u", "--user", default="0", metavar="UID[:GID]")
+@click.argument("name")
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+def exec_cmd(interactive: bool, tty: bool, env: tuple[str, ...], workdir: str, user: str,
+             name: str, command: tuple[str, ...]) -> None:
+    """Run COMMAND in a running detached container."""
+    from . import detached
+    from .attach import Terminal
+    uid, _, gid = user.partition(":")
+    if not uid.isdigit() or (gid and not gid.isdigit()):
+        raise KataError("exec -u takes numeric UID[:GID]")
+    rows, cols = Terminal(sys.stdout.fileno()).size() if tty else (0, 0)
+    process = agent_pb2.Process(
+        args=list(command[1:] if command[:1] == ("--",) else command),
+        env=_env(env) + (["TERM=xterm"] if tty else []), cwd=workdir,
+        user=agent_pb2.User(uid=int(uid), gid=int(gid or 0)), terminal=tty, rows=rows,
+        cols=cols, stdin=interactive)
+    sys.exit(asyncio.run(detached.exec_process(name, process, interactive)))
+
+
+@cli.command("kill")
+@click.option("-s", "--signal", "sig", default="KILL", metavar="SIGNAL", show_default=True)
+@click.argument("names", nargs=-1, required=True)
+def kill_cmd(sig: str, names: tuple[str, ...]) -> None:
+    """Send a signal to detached containers."""
+    from . import detached
+    number = _signal_number(sig)
+    for n in names:
+        asyncio.run(detached.kill(n, number))
+        click.echo(n)
+
+
+def _signal_number(sig: str) -> int:
+    if sig.isdigit():
+        return int(sig)
+    name = sig.upper() if sig.upper().startswith("SIG") else f"SIG{sig.upper()}"
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise KataError(f"invalid signal: {sig}") from None
+
+
+@cli.command("stop")
+@click.option("-t", "--time", "timeout", default=10, show_default=True,
+              help="Seconds to wait after SIGTERM before SIGKILL.")
+@click.argument("names", nargs=-1, required=True)
+def stop_cmd(timeout: int, names: tuple[str, ...]) -> None:
+    """Stop detached containers: SIGTERM, then SIGKILL."""
+    from . import detached
+    for n in names:
+        asyncio.run(detached.stop(n, timeout))
+        click.echo(n)
+
+
+@cli.command("rm")
+@click.option("-f", "--force", is_flag=True, help="Kill a running container first.")
+@click.argument("names", nargs=-1, required=True)
+def rm_cmd(force: bool, names: tuple[str, ...]) -> None:
+    """Remove detached containers (their VM, shim and state)."""
+    from . import detached
+    for n in names:
+        asyncio.run(detached.remove(n, force))
+        click.echo(n)
+
+
+@cli.command("logs")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing until the container stops.")
+@click.argument("name")
+def logs_cmd(follow: bool, name: str) -> None:
+    """Print a detached container's output."""
+    from . import detached
+    asyncio.run(detached.logs(name, follow))
+
+
+@cli.command("inspect")
+@click.argument("name")
+def inspect_cmd(name: str) -> None:
+    """A detached container's state and configuration, as JSON."""
+    import json
+
+    from . import detached
+    click.echo(json.dumps(asyncio.run(detached.inspect(name)), indent=2))
 
 
 @cli.command()

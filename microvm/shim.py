@@ -236,7 +236,7 @@ def _serve_main(args: Args) -> int:
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     with contextlib.suppress(OSError):
         # containerd copies what arrives on this FIFO into its own log.
-        fd = os.open("log", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open("log", os.O_WRONLY | os.O_APPEND | os.O_NONBLOCK | os.O_CLOEXEC)
         os.set_blocking(fd, True)
         os.dup2(fd, 2)
         os.close(fd)

@@ -1,0 +1,342 @@
+"""The CLI's detached containers: the shim containerd runs, driven as containerd does.
+
+`microvm run -d` writes a bundle, runs `containerd-shim-kata-py-v2 ... start`
+in it and calls Create and Start over ttrpc; the shim then owns the VM and
+outlives the CLI.  The other verbs find the shim through the bundle's
+`address` file.  One daemon implementation, two clients.
+
+State: /var/lib/kata-py/containers/<name>/ holds the bundle (config.json),
+the container's upper layer, container.log (its stdout and stderr), log
+(the shim's own messages) and meta.json.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from google.protobuf import any_pb2
+from google.protobuf.message import Message
+
+from . import paths
+from .errors import CommandNotExecutable, CommandNotFound, KataError
+from .protocol import agent_pb2, task_pb2, ttrpc
+
+SERVICE = "containerd.task.v2.Task"
+NAMESPACE = "microvm"
+STATES = {task_pb2.UNKNOWN: "unknown", task_pb2.CREATED: "created",
+          task_pb2.RUNNING: "running", task_pb2.STOPPED: "exited", task_pb2.PAUSED: "paused",
+          task_pb2.PAUSING: "pausing"}
+_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$")
+
+
+def root() -> Path:
+    return paths.LIB / "containers"
+
+
+@dataclass
+class Meta:
+    name: str
+    rootfs: str
+    command: list[str]
+    created: float
+    read_only: bool = False
+    tty: bool = False
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+def _dir(name: str) -> Path:
+    if not _NAME.match(name):
+        raise KataError(f"invalid container name {name!r}")
+    return root() / name
+
+
+def _shim_binary() -> str:
+    here = Path(sys.executable).with_name("containerd-shim-kata-py-v2")
+    return str(here) if here.exists() else "containerd-shim-kata-py-v2"
+
+
+@contextlib.asynccontextmanager
+async def _client(name: str) -> AsyncIterator[ttrpc.Client]:
+    d = _dir(name)
+    if not d.exists():
+        raise KataError(f"no such container: {name}")
+    try:
+        address = (d / "address").read_text().strip().removeprefix("unix://")
+        reader, writer = await asyncio.open_unix_connection(address)
+    except OSError:
+        raise KataError(f"container {name} is not running (its shim is gone)") from None
+    client = ttrpc.Client(reader, writer, {"containerd-namespace-ttrpc": NAMESPACE})
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def _call(client: ttrpc.Client, method: str, req: Message, resp: type[Message],
+                timeout: float | None = 30) -> Any:
+    try:
+        return await client.call(SERVICE, method, req, resp, timeout)
+    except ttrpc.RpcError as e:
+        # The shim reports exec failures as runc's does, in words; docker's
+        # CLI reads the same words for its 127 and 126.
+        if "executable file not found" in e.message or "no such file" in e.message:
+            raise CommandNotFound(e.message) from None
+        if "permission denied" in e.message:
+            raise CommandNotExecutable(e.message) from None
+        raise KataError(e.message) from None
+
+
+def _spec(process: agent_pb2.Process, hostname: str, read_only: bool) -> dict[str, Any]:
+    return {
+        "ociVersion": "1.0.2",
+        "process": {"terminal": process.terminal, "args": list(process.args),
+                    "env": list(process.env), "cwd": process.cwd or "/",
+                    "user": {"uid": process.user.uid, "gid": process.user.gid,
+                             "additionalGids": list(process.user.additional_gids)}},
+        "root": {"path": "rootfs", "readonly": read_only},
+        "hostname": hostname,
+        "linux": {"resources": {}},
+    }
+
+
+async def run_detached(name: str | None, rootfs: Path, process: agent_pb2.Process,
+                       hostname: str, read_only: bool, config_path: str | None) -> str:
+    name = name or secrets.token_hex(6)
+    d = _dir(name)
+    try:
+        d.mkdir(parents=True, mode=0o700)
+    except FileExistsError:
+        raise KataError(f"the container name {name!r} is already in use") from None
+    try:
+        (d / "rootfs").mkdir()
+        (d / "upper").mkdir()
+        (d / "work").mkdir()
+        (d / "config.json").write_text(json.dumps(_spec(process, hostname, read_only)))
+        # Where the shim writes its own diagnostics (containerd passes a FIFO here).
+        (d / "log").touch(mode=0o600)
+        meta = Meta(name, str(rootfs), list(process.args), time.time(), read_only,
+                    process.terminal)
+        (d / "meta.json").write_text(json.dumps(asdict(meta)))
+        start = subprocess.run(
+            [_shim_binary(), "-namespace", NAMESPACE, "-address", str(paths.RUN / "microvm"),
+             "-id", name, "start"], cwd=d, capture_output=True, text=True, timeout=30)
+        if start.returncode != 0:
+            raise KataError(f"shim start failed: {start.stdout.strip() or start.stderr.strip()}")
+        if read_only:
+            mount = task_pb2.Mount(type="bind", source=str(rootfs), options=["rbind", "ro"])
+        else:
+            mount = task_pb2.Mount(type="overlay", source="overlay", options=[
+                f"lowerdir={rootfs}", f"upperdir={d / 'upper'}", f"workdir={d / 'work'}"])
+        log = f"file://{d / 'container.log'}"
+        options = None
+        if config_path:
+            opts = task_pb2.RuntimeOptions(config_path=config_path)
+            options = any_pb2.Any(type_url="runtimeoptions.v1.Options",
+                                  value=opts.SerializeToString())
+        async with _client(name) as client:
+            await _call(client, "Create", task_pb2.CreateTaskRequest(
+                id=name, bundle=str(d), rootfs=[mount], terminal=process.terminal,
+                stdout=log, stderr=log, options=options), task_pb2.CreateTaskResponse,
+                timeout=None)
+            await _call(client, "Start", task_pb2.StartRequest(id=name), task_pb2.StartResponse)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await remove(name, force=True)
+        raise
+    return name
+
+
+async def state(name: str) -> tuple[str, int, int]:
+    """(status, pid, exit status); status "gone" when the shim is not there."""
+    try:
+        async with _client(name) as client:
+            s = await _call(client, "State", task_pb2.StateRequest(id=name),
+                            task_pb2.StateResponse, timeout=5)
+            return STATES.get(s.status, "unknown"), s.pid, s.exit_status
+    except KataError:
+        return "gone", 0, 0
+
+
+async def list_all() -> list[tuple[Meta, str, int]]:
+    out = []
+    for d in sorted(root().glob("*/meta.json")) if root().exists() else []:
+        meta = Meta(**json.loads(d.read_text()))
+        status, _pid, code = await state(meta.name)
+        out.append((meta, status, code))
+    return out
+
+
+async def kill(name: str, sig: int) -> None:
+    async with _client(name) as client:
+        await _call(client, "Kill", task_pb2.KillRequest(id=name, signal=sig, all=True),
+                    task_pb2.StateResponse)
+
+
+async def stop(name: str, timeout: float) -> None:
+    async with _client(name) as client:
+        s = await _call(client, "State", task_pb2.StateRequest(id=name), task_pb2.StateResponse)
+        if s.status != task_pb2.RUNNING:
+            return
+        with contextlib.suppress(KataError):
+            await _call(client, "Kill", task_pb2.KillRequest(id=name, signal=signal.SIGTERM),
+                        task_pb2.StateResponse)
+        try:
+            await _call(client, "Wait", task_pb2.WaitRequest(id=name), task_pb2.WaitResponse,
+                        timeout=timeout)
+        except KataError:
+            with contextlib.suppress(KataError):
+                await _call(client, "Kill", task_pb2.KillRequest(id=name, signal=9, all=True),
+                            task_pb2.StateResponse)
+            await _call(client, "Wait", task_pb2.WaitRequest(id=name), task_pb2.WaitResponse)
+
+
+async def remove(name: str, force: bool) -> None:
+    d = _dir(name)
+    if not d.exists():
+        raise KataError(f"no such container: {name}")
+    status, _, _ = await state(name)
+    if status in ("running", "paused") and not force:
+        raise KataError(f"container {name} is {status}: stop it first or use rm -f")
+    if status != "gone":
+        async with _client(name) as client:
+            if status in ("running", "paused", "created"):
+                with contextlib.suppress(KataError):
+                    await _call(client, "Kill", task_pb2.KillRequest(id=name, signal=9, all=True),
+                                task_pb2.StateResponse)
+                with contextlib.suppress(KataError):
+                    await _call(client, "Wait", task_pb2.WaitRequest(id=name),
+                                task_pb2.WaitResponse, timeout=15)
+            with contextlib.suppress(KataError, ConnectionError):
+                await _call(client, "Delete", task_pb2.DeleteRequest(id=name),
+                            task_pb2.DeleteResponse)
+            with contextlib.suppress(KataError, ConnectionError):
+                await _call(client, "Shutdown", task_pb2.ShutdownRequest(id=name),
+                            task_pb2.StateResponse, timeout=10)
+    # As containerd does after every task: the shim's own clean-up action.
+    subprocess.run([_shim_binary(), "-namespace", NAMESPACE, "-id", name, "-bundle", str(d),
+                    "delete"], cwd=d, capture_output=True, timeout=10)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+async def exec_process(name: str, process: agent_pb2.Process, interactive: bool) -> int:
+    from .attach import FORWARDED, Terminal, copy_fd
+
+    exec_id = "exec-" + secrets.token_hex(4)
+    with tempfile.TemporaryDirectory(prefix="microvm-exec-") as tmp:
+        fifos = {s: Path(tmp) / s for s in ("stdin", "stdout", "stderr")}
+        for f in fifos.values():
+            os.mkfifo(f, 0o600)
+        # Ours open first, so the shim's opens never wait for a peer.
+        out_fd = os.open(fifos["stdout"], os.O_RDONLY | os.O_NONBLOCK)
+        err_fd = os.open(fifos["stderr"], os.O_RDONLY | os.O_NONBLOCK)
+        in_fd = os.open(fifos["stdin"], os.O_RDWR | os.O_NONBLOCK) if interactive else -1
+        spec = _spec(process, "", False)["process"]
+        async with _client(name) as client:
+            await _call(client, "Exec", task_pb2.ExecProcessRequest(
+                id=name, exec_id=exec_id, terminal=process.terminal,
+                stdin=str(fifos["stdin"]) if interactive else "", stdout=str(fifos["stdout"]),
+                stderr="" if process.terminal else str(fifos["stderr"]),
+                spec=any_pb2.Any(type_url="types.containerd.io/opencontainers/runtime-spec/1/"
+                                 "Process", value=json.dumps(spec).encode())),
+                task_pb2.StateResponse)
+            loop = asyncio.get_running_loop()
+            with Terminal(sys.stdin.fileno()) if process.terminal and interactive \
+                    else contextlib.nullcontext():
+                await _call(client, "Start", task_pb2.StartRequest(id=name, exec_id=exec_id),
+                            task_pb2.StartResponse)
+                pumps = [asyncio.create_task(copy_fd(out_fd, sys.stdout.fileno()))]
+                if not process.terminal:
+                    pumps.append(asyncio.create_task(copy_fd(err_fd, sys.stderr.fileno())))
+                feeder = None
+                if interactive:
+                    feeder = asyncio.create_task(_feed_stdin(in_fd))
+
+                def forward(sig: int) -> None:
+                    loop.create_task(_quiet(_call(client, "Kill", task_pb2.KillRequest(
+                        id=name, exec_id=exec_id, signal=sig), task_pb2.StateResponse)))
+
+                for sig in FORWARDED:
+                    loop.add_signal_handler(sig, forward, sig)
+                try:
+                    w = await _call(client, "Wait", task_pb2.WaitRequest(
+                        id=name, exec_id=exec_id), task_pb2.WaitResponse, timeout=None)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(asyncio.gather(*pumps), 5)
+                finally:
+                    for sig in FORWARDED:
+                        loop.remove_signal_handler(sig)
+                    for t in [*pumps, *([feeder] if feeder else [])]:
+                        t.cancel()
+                with contextlib.suppress(KataError):
+                    await _call(client, "Delete", task_pb2.DeleteRequest(
+                        id=name, exec_id=exec_id), task_pb2.DeleteResponse)
+        # in_fd is the feeder's: it closes it (that close is the EOF).
+        for fd in (out_fd, err_fd):
+            os.close(fd)
+        if feeder is None and in_fd >= 0:
+            os.close(in_fd)
+        return int(w.exit_status)
+
+
+async def _quiet(aw: Any) -> None:
+    with contextlib.suppress(Exception):
+        await aw
+
+
+async def _feed_stdin(fifo_fd: int) -> None:
+    from .attach import copy_fd
+    try:
+        await copy_fd(sys.stdin.fileno(), fifo_fd)
+    finally:
+        # Our O_RDWR end is the FIFO's only writer: closing it is the EOF.
+        with contextlib.suppress(OSError):
+            os.close(fifo_fd)
+
+
+async def logs(name: str, follow: bool) -> None:
+    path = _dir(name) / "container.log"
+    if not _dir(name).exists():
+        raise KataError(f"no such container: {name}")
+    offset = 0
+    while True:
+        with contextlib.suppress(FileNotFoundError), open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+            offset += len(data)
+            if data:
+                sys.stdout.buffer.write(data)
+                sys.stdout.flush()
+        if not follow:
+            return
+        status, _, _ = await state(name)
+        if status not in ("running", "paused", "created"):
+            # One last read for what came before the exit.
+            follow = False
+            continue
+        await asyncio.sleep(0.2)
+
+
+async def inspect(name: str) -> dict[str, Any]:
+    d = _dir(name)
+    if not (d / "meta.json").exists():
+        raise KataError(f"no such container: {name}")
+    meta = json.loads((d / "meta.json").read_text())
+    status, pid, code = await state(name)
+    return {**meta, "state": {"status": status, "pid": pid, "exit_code": code},
+            "bundle": str(d), "log_path": str(d / "container.log"), "shim_log": str(d / "log"),
+            "config": json.loads((d / "config.json").read_text())}

@@ -1,0 +1,128 @@
+"""`microvm run -d` and friends: the CLI driving the shim, as containerd would."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Microvm, helper_processes
+
+pytestmark = pytest.mark.vm
+STATE = Path("/var/lib/kata-py/containers")
+SOCKETS = Path("/run/containerd/s")
+
+
+def shims() -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True,
+                         text=True).stdout
+    return [line for line in out.splitlines()
+            if "microvm.shim" in line and "Z" not in line.split(None, 2)[1]]
+
+
+@pytest.fixture
+def cli(microvm: Microvm) -> Iterator[Microvm]:
+    """The CLI; after the test no detached container, shim or shim socket is left."""
+    sockets = set(os.listdir(SOCKETS)) if SOCKETS.exists() else set()
+    before = set(os.listdir(STATE)) if STATE.exists() else set()
+    yield microvm
+    for name in (set(os.listdir(STATE)) if STATE.exists() else set()) - before:
+        microvm.run("rm", "-f", name)
+    deadline = time.monotonic() + 15
+    while True:
+        left = [f"shim: {s}" for s in shims()]
+        left += [f"socket: {s}" for s in (set(os.listdir(SOCKETS)) - sockets
+                                           if SOCKETS.exists() else set())]
+        left += [f"state: {s}" for s in (set(os.listdir(STATE)) - before
+                                          if STATE.exists() else set())]
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert not left, "left behind:\n" + "\n".join(left)
+
+
+def wait_for(fn, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not fn():
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+def status(cli: Microvm, name: str) -> str:
+    """As `ps -a` words it: "running", "exited (CODE)", "gone"; "" if unknown."""
+    r = cli.run("inspect", name)
+    if r.returncode != 0:
+        return ""
+    st = json.loads(r.stdout)["state"]
+    shown = f"exited ({st['exit_code']})" if st["status"] == "exited" else st["status"]
+    # ps shows the same.
+    assert any(line.split()[:1] == [name] and shown in line
+               for line in cli.run("ps", "-a").stdout.splitlines()[1:])
+    return str(shown)
+
+
+def test_lifecycle(cli: Microvm) -> None:
+    r = cli.run("run", "-d", "--name", "kp-life", "busybox", "--", "sh", "-c",
+                "trap 'echo bye; exit 143' TERM; echo started; "
+                "while :; do sleep 0.2; done")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "kp-life\n"
+    # The CLI is gone; the container is not.
+    assert status(cli, "kp-life").startswith("running")
+    wait_for(lambda: "started" in cli.run("logs", "kp-life").stdout)
+
+    e = cli.run("exec", "kp-life", "sh", "-c", "echo $((6*7)); exit 4")
+    assert (e.returncode, e.stdout) == (4, "42\n")
+    e = cli.run("exec", "-i", "kp-life", "sh", "-c", "tr a-z A-Z", input="quiet\n")
+    assert (e.returncode, e.stdout) == (0, "QUIET\n")
+    missing = cli.run("exec", "kp-life", "no-such-program")
+    assert missing.returncode == 127
+
+    # rm refuses a running container without -f.
+    no = cli.run("rm", "kp-life")
+    assert no.returncode == 125 and "stop it first" in no.error_lines[-1]
+
+    # SIGTERM reaches the process's handler: exit 143, as docker stop would.
+    assert cli.run("stop", "-t", "20", "kp-life").returncode == 0
+    assert status(cli, "kp-life") == "exited (143)"
+    assert "bye" in cli.run("logs", "kp-life").stdout
+    assert cli.run("rm", "kp-life").returncode == 0
+    assert not (STATE / "kp-life").exists()
+    assert not helper_processes()
+
+
+def test_kill_and_force_remove(cli: Microvm) -> None:
+    assert cli.run("run", "-d", "--name", "kp-kill", "busybox", "sleep", "1000").returncode == 0
+    assert cli.run("kill", "-s", "KILL", "kp-kill").returncode == 0
+    wait_for(lambda: status(cli, "kp-kill") == "exited (137)")
+    assert cli.run("run", "-d", "--name", "kp-force", "busybox", "sleep", "1000").returncode == 0
+    assert cli.run("rm", "-f", "kp-force").returncode == 0
+    assert status(cli, "kp-force") == ""
+
+
+def test_name_in_use_and_unknown_container(cli: Microvm) -> None:
+    assert cli.run("run", "-d", "--name", "kp-dup", "busybox", "sleep", "1000").returncode == 0
+    dup = cli.run("run", "-d", "--name", "kp-dup", "busybox", "true")
+    assert dup.returncode == 125
+    assert dup.error_lines == ["microvm: error: the container name 'kp-dup' is already in use"]
+    gone = cli.run("exec", "kp-nope", "true")
+    assert gone.returncode == 125
+    assert gone.error_lines == ["microvm: error: no such container: kp-nope"]
+    bad = cli.run("kill", "-s", "NOSUCH", "kp-dup")
+    assert bad.returncode == 125 and bad.error_lines == ["microvm: error: invalid signal: NOSUCH"]
+
+
+def test_shim_killed_then_rm_cleans_up(cli: Microvm) -> None:
+    assert cli.run("run", "-d", "--name", "kp-crash", "busybox", "sleep", "1000").returncode == 0
+    pid = int(shims()[0].split()[0])
+    os.kill(pid, signal.SIGKILL)
+    # The VM goes with its shim (PR_SET_PDEATHSIG); the state says so.
+    wait_for(lambda: not helper_processes(), 15)
+    assert status(cli, "kp-crash") == "gone"
+    assert cli.run("rm", "kp-crash").returncode == 0
