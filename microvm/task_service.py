@@ -10,11 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import logging
 import os
 import secrets
+import subprocess
+import sys
 import time
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +61,7 @@ class Proc:
     pumps: list[asyncio.Task[None]] = field(default_factory=list)
     stdin_task: asyncio.Task[None] | None = None
     fds: list[int] = field(default_factory=list)
+    logger: subprocess.Popen[bytes] | None = None
 
     def exit_time(self) -> object:
         if self.exited_at is None:
@@ -73,6 +78,53 @@ class Container:
     init: Proc
     rootfs_mounted: bool = False
     execs: dict[str, Proc] = field(default_factory=dict)
+
+
+_LOGGER_EXEC = """import os, sys
+fds = [int(a) for a in sys.argv[1:4]]
+for target, fd in zip((3, 4, 5), fds):
+    os.dup2(fd, target)
+    os.close(fd)
+os.execv(sys.argv[4], sys.argv[4:])
+"""
+
+
+def _start_logger(uri: str, cid: str, namespace: str) -> tuple[subprocess.Popen[bytes], int, int]:
+    """containerd's binary:// logging: the logger reads stdout on fd 3 and
+    stderr on fd 4, and closes fd 5 once it is ready.  Returns it and the
+    write ends of its two pipes."""
+    parsed = urllib.parse.urlsplit(uri)
+    args = [parsed.path]
+    for key, values in urllib.parse.parse_qs(parsed.query, keep_blank_values=True).items():
+        args += [key, values[0]] if values and values[0] else [key]
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    # The child's ends go above 9, so moving them onto 3, 4, 5 cannot
+    # overwrite one another.  A tiny exec wrapper moves them: no preexec_fn
+    # (subprocess closes what it was not passed after that anyway), and
+    # dash only redirects single-digit fds.
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (out_r, err_r, ready_w)]
+    for fd in (out_r, err_r, ready_w):
+        os.close(fd)
+    out_r, err_r, ready_w = high
+    env = {**os.environ, "CONTAINER_ID": cid, "CONTAINER_NAMESPACE": namespace}
+    try:
+        proc = subprocess.Popen([sys.executable, "-S", "-c", _LOGGER_EXEC, str(out_r),
+                                 str(err_r), str(ready_w), *args], env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, pass_fds=(out_r, err_r, ready_w))
+    except OSError as e:
+        for fd in (out_r, out_w, err_r, err_w, ready_r, ready_w):
+            os.close(fd)
+        raise ttrpc.InvalidArgument(f"logging binary {parsed.path}: {e.strerror}") from None
+    for fd in (out_r, err_r, ready_w):
+        os.close(fd)
+    try:
+        os.read(ready_r, 1)  # EOF once the logger closed its end: ready
+    finally:
+        os.close(ready_r)
+    return proc, out_w, err_w
 
 
 def _open_output(uri: str) -> int:
@@ -154,12 +206,23 @@ class TaskService:
         sb = self.sandbox
         assert sb is not None
         try:
-            out = _open_output(p.stdout)
+            logger_err = None
+            if p.stdout.startswith("binary://"):
+                # Synchronous: no threads in the shim (its helpers fork), and a
+                # logger says ready at once.
+                p.logger, out, logger_err = _start_logger(p.stdout, p.cid, self.namespace)
+                p.fds.append(logger_err)
+            else:
+                out = _open_output(p.stdout)
             p.fds.append(out)
             p.pumps.append(asyncio.create_task(pump_output(sb, p.cid, "stdout", out, p.exec_id)))
             if not p.terminal:
-                err = out if p.stderr == p.stdout and p.stdout.startswith("file://") \
-                    else _open_output(p.stderr)
+                if logger_err is not None:
+                    err = logger_err
+                elif p.stderr == p.stdout and p.stdout.startswith("file://"):
+                    err = out
+                else:
+                    err = _open_output(p.stderr)
                 if err != out:
                     p.fds.append(err)
                 p.pumps.append(asyncio.create_task(
@@ -207,6 +270,16 @@ class TaskService:
             with contextlib.suppress(OSError):
                 os.close(fd)
         p.fds.clear()
+        if p.logger is not None:
+            # It saw EOF on both pipes; SIGTERM is containerd's "stop" too.
+            with contextlib.suppress(ProcessLookupError):
+                p.logger.terminate()
+            try:
+                p.logger.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                p.logger.kill()
+                p.logger.wait()
+            p.logger = None
 
     def _mount_rootfs(self, bundle: Path, mounts: list[task_pb2.Mount]) -> None:
         target = bundle / "rootfs"

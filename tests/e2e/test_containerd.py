@@ -344,3 +344,55 @@ def test_oom_in_the_guest_is_reported(ctd: Containerd) -> None:
     topics = [line.split()[5] for line in out.splitlines() if '"t-oom"' in line]
     assert "/tasks/oom" in topics
     assert topics.index("/tasks/oom") < topics.index("/tasks/exit")
+
+
+LOGGER = """#!/bin/sh
+# A containerd binary:// logger: stdout on fd 3, stderr on fd 4, ready = close fd 5.
+exec 5>&-
+cat <&3 > "$2.out" &
+cat <&4 > "$2.err" &
+wait
+echo "$CONTAINER_NAMESPACE/$CONTAINER_ID" > "$2.who"
+"""
+
+
+def test_binary_logger(ctd: Containerd, tmp_path: Path) -> None:
+    logger = tmp_path / "logger.sh"
+    logger.write_text(LOGGER)
+    logger.chmod(0o755)
+    base = tmp_path / "log"
+    p = run(ctd, "t-log", "sh", "-c", "echo to-out; echo to-err >&2",
+            flags=("--rm", "--log-uri", f"binary://{logger}?file={base}"))
+    assert p.returncode == 0, p.stderr
+    deadline = time.monotonic() + 10
+    who = Path(f"{base}.who")
+    while not (who.exists() and who.read_text().endswith("\n")):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert Path(f"{base}.out").read_text() == "to-out\n"
+    assert Path(f"{base}.err").read_text() == "to-err\n"
+    assert Path(f"{base}.who").read_text() == "default/t-log\n"
+
+
+def test_runtime_options_name_the_config(ctd: Containerd, tmp_path: Path) -> None:
+    good = tmp_path / "kata-py.yaml"
+    good.write_text("memory_mib: 300\n")
+    p = run(ctd, "t-cfg", "grep", "MemTotal", "/proc/meminfo",
+            flags=("--rm", "--runtime-config-path", str(good)))
+    assert p.returncode == 0, p.stderr
+    assert 250_000 < int(p.stdout.split()[1]) < 300 * 1024
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("memory_mb: 300\n")
+    p = run(ctd, "t-cfg2", "true", flags=("--rm", "--runtime-config-path", str(bad)))
+    assert p.returncode != 0
+    assert f"{bad}: unknown key 'memory_mb'" in p.stderr
+    ctd.ctr("container", "rm", "t-cfg2")
+
+
+def test_output_faster_than_the_reader_is_not_lost(ctd: Containerd) -> None:
+    p = subprocess.run(
+        ["ctr", "-a", ctd.address, "run", "--runtime", RUNTIME, "--rm", IMAGE, "t-big", "sh",
+         "-c", "dd if=/dev/zero bs=65536 count=128 2>/dev/null | od -v -An | head -c 5000000"],
+        capture_output=True, timeout=180, env=ctd.env)
+    assert p.returncode == 0, p.stderr
+    assert len(p.stdout) == 5_000_000
