@@ -55,3 +55,17 @@ def oci_archive(rootfs: Path, out: Path, name: str, cmd: list[str]) -> Path:
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     return out
+
+
+def main() -> None:
+    """python -m microvm.ociarchive OUT.tar [NAME]: the built-in busybox as an image."""
+    import sys
+
+    from . import rootfs
+    out = Path(sys.argv[1])
+    name = sys.argv[2] if len(sys.argv) > 2 else "docker.io/library/busybox:latest"
+    oci_archive(rootfs.builtin("busybox"), out, name, ["sh"])
+
+
+if __name__ == "__main__":
+    main()

@@ -251,6 +251,8 @@ def test_events_reach_containerd_in_order(ctd: Containerd) -> None:
         time.sleep(0.5)
         assert run(ctd, "t-ev", "sleep", "1000", flags=("-d",)).returncode == 0
         ctd.ctr("task", "exec", "--exec-id", "x1", "t-ev", "true", check=True)
+        ctd.ctr("task", "pause", "t-ev", check=True)
+        ctd.ctr("task", "resume", "t-ev", check=True)
         ctd.ctr("task", "kill", "-s", "9", "t-ev", check=True)
         deadline = time.monotonic() + 30
         while "STOPPED" not in ctd.ctr("task", "ls").stdout:
@@ -265,7 +267,8 @@ def test_events_reach_containerd_in_order(ctd: Containerd) -> None:
     topics = [line.split()[5] for line in out.splitlines()
               if '"t-ev"' in line and "/tasks/" in line]
     assert topics == ["/tasks/create", "/tasks/start", "/tasks/exec-added",
-                      "/tasks/exec-started", "/tasks/exit", "/tasks/exit", "/tasks/delete"]
+                      "/tasks/exec-started", "/tasks/exit", "/tasks/paused", "/tasks/resumed",
+                      "/tasks/exit", "/tasks/delete"]
 
 
 def _wait_status(ctd: Containerd, cid: str, status: str) -> None:
