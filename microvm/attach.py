@@ -16,6 +16,7 @@ import stat
 import sys
 import termios
 import tty
+from collections.abc import AsyncIterator
 from typing import Any
 
 from .sandbox import Sandbox
@@ -26,43 +27,50 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signa
              signal.SIGUSR2)
 
 
-async def _write_all(fd: int, data: bytes) -> None:
-    """Write to our stdout/stderr without blocking the loop on a full pipe."""
+async def _ready(fd: int, writable: bool) -> None:
+    """Until fd can be read (or written) without blocking."""
     loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+    add, remove = (loop.add_writer, loop.remove_writer) if writable else \
+        (loop.add_reader, loop.remove_reader)
+    add(fd, fut.set_result, None)
+    try:
+        await fut
+    finally:
+        remove(fd)
+
+
+async def _write_all(fd: int, data: bytes) -> None:
+    """Write to our stdout/stderr (or a FIFO) without blocking the loop."""
     view = memoryview(data)
     while view:
         try:
             n = os.write(fd, view)
             view = view[n:]
         except BlockingIOError:
-            fut = loop.create_future()
-            loop.add_writer(fd, fut.set_result, None)
-            try:
-                await fut
-            finally:
-                loop.remove_writer(fd)
+            await _ready(fd, writable=True)
 
 
-async def copy_fd(src: int, dst: int) -> None:
-    """Copy src to dst until EOF on src (a FIFO's last writer gone, a file's end)."""
-    loop = asyncio.get_running_loop()
-    regular = stat.S_ISREG(os.fstat(src).st_mode)
+async def read_chunks(fd: int) -> AsyncIterator[bytes]:
+    """What fd yields until EOF, without blocking the loop (files never block)."""
+    regular = stat.S_ISREG(os.fstat(fd).st_mode)
     if not regular:
-        os.set_blocking(src, False)
+        os.set_blocking(fd, False)
     while True:
         if not regular:
-            ready = loop.create_future()
-            loop.add_reader(src, ready.set_result, None)
-            try:
-                await ready
-            finally:
-                loop.remove_reader(src)
+            await _ready(fd, writable=False)
         try:
-            data = os.read(src, CHUNK)
+            data = os.read(fd, CHUNK)
         except BlockingIOError:
             continue
         if not data:
             return
+        yield data
+
+
+async def copy_fd(src: int, dst: int) -> None:
+    """Copy src to dst until EOF on src (a FIFO's last writer gone, a file's end)."""
+    async for data in read_chunks(src):
         await _write_all(dst, data)
 
 
@@ -79,25 +87,8 @@ async def pump_output(sb: Sandbox, cid: str, stream: str, fd: int, exec_id: str 
 
 
 async def pump_input(sb: Sandbox, cid: str, fd: int, exec_id: str = "") -> None:
-    loop = asyncio.get_running_loop()
-    regular = stat.S_ISREG(os.fstat(fd).st_mode)
     try:
-        while True:
-            if regular:
-                data = os.read(fd, CHUNK)  # files never block
-            else:
-                ready = loop.create_future()
-                loop.add_reader(fd, ready.set_result, None)
-                try:
-                    await ready
-                finally:
-                    loop.remove_reader(fd)
-                try:
-                    data = os.read(fd, CHUNK)
-                except BlockingIOError:
-                    continue
-            if not data:
-                break
+        async for data in read_chunks(fd):
             await sb.write_input(cid, data, exec_id)
     finally:
         with contextlib.suppress(Exception):
@@ -141,10 +132,7 @@ async def attach(sb: Sandbox, cid: str, *, stdin: bool, terminal: bool,
         tasks.append(asyncio.create_task(pump_output(sb, cid, "stderr", err_fd, exec_id)))
     input_task = None
     if stdin:
-        in_fd = sys.stdin.fileno()
-        if not stat.S_ISREG(os.fstat(in_fd).st_mode):
-            os.set_blocking(in_fd, False)
-        input_task = asyncio.create_task(pump_input(sb, cid, in_fd, exec_id))
+        input_task = asyncio.create_task(pump_input(sb, cid, sys.stdin.fileno(), exec_id))
 
     def forward(sig: int) -> None:
         loop.create_task(_signal_quietly(sb, cid, sig, exec_id))
