@@ -104,7 +104,10 @@ async def _call(client: ttrpc.Client, method: str, req: Message, resp: type[Mess
 def _spec(process: agent_pb2.Process, hostname: str, read_only: bool) -> dict[str, Any]:
     return {
         "ociVersion": "1.0.2",
-        "process": {"terminal": process.terminal, "args": list(process.args),
+        "process": {"terminal": process.terminal,
+                    **({"consoleSize": {"height": process.rows, "width": process.cols}}
+                       if process.terminal and process.rows else {}),
+                    "args": list(process.args),
                     "env": list(process.env), "cwd": process.cwd or "/",
                     "user": {"uid": process.user.uid, "gid": process.user.gid,
                              "additionalGids": list(process.user.additional_gids)}},
@@ -272,13 +275,21 @@ async def exec_process(name: str, process: agent_pb2.Process, interactive: bool)
 
                 for sig in FORWARDED:
                     loop.add_signal_handler(sig, forward, sig)
+                if process.terminal:
+                    def resized() -> None:
+                        rows, cols = Terminal(sys.stdout.fileno()).size()
+                        req = task_pb2.ResizePtyRequest(id=name, exec_id=exec_id, width=cols,
+                                                        height=rows)
+                        loop.create_task(_quiet(_call(client, "ResizePty", req,
+                                                      task_pb2.StateResponse)))
+                    loop.add_signal_handler(signal.SIGWINCH, resized)
                 try:
                     w = await _call(client, "Wait", task_pb2.WaitRequest(
                         id=name, exec_id=exec_id), task_pb2.WaitResponse, timeout=None)
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(asyncio.gather(*pumps), 5)
                 finally:
-                    for sig in FORWARDED:
+                    for sig in (*FORWARDED, signal.SIGWINCH):
                         loop.remove_signal_handler(sig)
                     for t in [*pumps, *([feeder] if feeder else [])]:
                         t.cancel()

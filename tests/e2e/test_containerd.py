@@ -162,6 +162,11 @@ def test_two_containers_of_a_pod_share_one_vm(ctd: Containerd) -> None:
         assert first == second.stdout
         # One VM for the pod: a single QEMU while the first container still runs.
         assert len([p for p in helper_processes() if "qemu-system" in p]) == 1
+        # The second container's Delete, Shutdown and `delete` left the pod's shim
+        # serving the first.
+        again = ctd.ctr("task", "exec", "--exec-id", "c", "pod-a", "cat",
+                        "/proc/sys/kernel/random/boot_id", check=True).stdout
+        assert again == first
     finally:
         ctd.ctr("task", "kill", "-s", "9", "pod-a")
         time.sleep(1)
@@ -206,6 +211,13 @@ def test_malformed_frames_get_errors_and_the_shim_keeps_serving(ctd: Containerd)
         state = asyncio.run(_task_call(sock, "State", task_pb2.StateRequest(id="t-bad"),
                                        task_pb2.StateResponse))
         assert state.status == task_pb2.RUNNING  # type: ignore[attr-defined]
+        with pytest.raises(ttrpc.Unimplemented, match="checkpoint"):
+            asyncio.run(_task_call(sock, "Checkpoint",
+                                   task_pb2.CheckpointTaskRequest(id="t-bad"),
+                                   task_pb2.ConnectResponse))
+        with pytest.raises(ttrpc.NotFound):
+            asyncio.run(_task_call(sock, "State", task_pb2.StateRequest(id="nope"),
+                                   task_pb2.StateResponse))
     finally:
         ctd.ctr("task", "kill", "-s", "9", "t-bad")
         time.sleep(1)

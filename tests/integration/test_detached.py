@@ -126,3 +126,29 @@ def test_shim_killed_then_rm_cleans_up(cli: Microvm) -> None:
     wait_for(lambda: not helper_processes(), 15)
     assert status(cli, "kp-crash") == "gone"
     assert cli.run("rm", "kp-crash").returncode == 0
+
+
+def test_exec_with_a_terminal(cli: Microvm) -> None:
+    import pty
+
+    from tests.conftest import pty_expect, pty_winsize
+    assert cli.run("run", "-d", "--name", "kp-tty", "busybox", "sleep", "1000").returncode == 0
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execv(cli.argv()[0], cli.argv("exec", "-it", "kp-tty", "sh"))
+    try:
+        pty_winsize(fd, 22, 77)
+        pty_expect(fd, b"# ")
+        os.write(fd, b"tty; stty size\n")
+        out = pty_expect(fd, b"22 77")
+        assert b"/dev/pts/" in out
+        pty_winsize(fd, 30, 90)   # SIGWINCH -> ResizePty
+        time.sleep(0.5)
+        os.write(fd, b"stty size\n")
+        pty_expect(fd, b"30 90")
+        os.write(fd, b"exit 3\n")
+        pty_expect(fd, None)
+    finally:
+        _, st = os.waitpid(pid, 0)
+        os.close(fd)
+    assert os.waitstatus_to_exitcode(st) == 3
