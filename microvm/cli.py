@@ -10,10 +10,11 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 
-from . import __version__, mountns, rootfs
+from . import __version__, images, mountns, rootfs
 from . import accel as accel_mod
 from . import config as config_mod
 from .errors import KataError
@@ -57,14 +58,16 @@ def cli(ctx: click.Context, config_path: str | None, debug: bool) -> None:
     ctx.obj = Context(config_path, debug)
 
 
-def _env(values: tuple[str, ...]) -> list[str]:
-    env = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"]
-    for v in values:
-        if "=" in v:
-            env.append(v)
-        elif v in os.environ:  # docker: -e NAME takes the value from our environment
-            env.append(f"{v}={os.environ[v]}")
-    return env
+def _env(values: tuple[str, ...], image_env: list[str] | None = None) -> list[str]:
+    """The image's environment, with -e on top (a later KEY wins)."""
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"}
+    for kv in [*(image_env or []), *values]:
+        if "=" in kv:
+            key, value = kv.split("=", 1)
+            env[key] = value
+        elif kv in os.environ:  # docker: -e NAME takes the value from our environment
+            env[kv] = os.environ[kv]
+    return [f"{k}={v}" for k, v in env.items()]
 
 
 @cli.command(context_settings={"allow_interspersed_args": False})
@@ -73,8 +76,10 @@ def _env(values: tuple[str, ...]) -> list[str]:
 @click.option("-t", "--tty", is_flag=True, help="Give the process a terminal.")
 @click.option("-e", "--env", multiple=True, metavar="KEY=VALUE",
               help="Set an environment variable.")
-@click.option("-w", "--workdir", default="/", metavar="DIR", help="Working directory.")
-@click.option("-u", "--user", default="", metavar="UID[:GID]", help="User (name or id).")
+@click.option("-w", "--workdir", default=None, metavar="DIR", help="Working directory.")
+@click.option("-u", "--user", default=None, metavar="UID[:GID]", help="User (name or id).")
+@click.option("--entrypoint", default=None, metavar="CMD",
+              help="Overwrite the image's entrypoint.")
 @click.option("--hostname", default="", metavar="NAME", help="Container host name.")
 @click.option("--cpus", type=int, help="vCPUs of the VM.")
 @click.option("--memory", type=int, metavar="MiB", help="Memory of the VM, MiB.")
@@ -87,13 +92,14 @@ def _env(values: tuple[str, ...]) -> list[str]:
 @click.argument("rootfs_name", metavar="ROOTFS")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
-def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ...], workdir: str,
-        user: str, hostname: str, cpus: int | None, memory: int | None, kernel: str | None,
-        accel: str | None, read_only: bool, detach: bool, name: str | None, rootfs_name: str,
+def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ...],
+        workdir: str | None, user: str | None, entrypoint: str | None, hostname: str,
+        cpus: int | None, memory: int | None, kernel: str | None, accel: str | None,
+        read_only: bool, detach: bool, name: str | None, rootfs_name: str,
         command: tuple[str, ...]) -> None:
     """Run COMMAND in a new container, in its own VM.
 
-    ROOTFS is a directory, or `busybox` for the built-in image.
+    ROOTFS is a directory, `busybox` (built in), or an image from `microvm images`.
     """
     cfg = obj.config()
     if cpus is not None:
@@ -106,21 +112,38 @@ def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ..
         cfg.accel = accel
     cfg.source = "command line"
     cfg.validate()
-    root = rootfs.resolve(rootfs_name)
     # `run IMAGE -- CMD...`: the separator is ours, not the command's.
     command = command[1:] if command[:1] == ("--",) else command
-    args = list(command) or rootfs.DEFAULT_CMD.get(rootfs_name, [])
+    root: Path | list[Path]
+    image_config: dict[str, Any] = {}
+    if Path(rootfs_name).is_dir() or rootfs_name in rootfs.BUILTIN:
+        root = rootfs.resolve(rootfs_name)
+        args = list(command) or rootfs.DEFAULT_CMD.get(rootfs_name, [])
+        if entrypoint is not None:
+            args = [entrypoint, *command]
+    else:
+        img = images.get(rootfs_name)
+        if img is None:
+            if rootfs_name.startswith(("/", ".")):
+                raise KataError(f"rootfs {rootfs_name}: no such directory")
+            raise KataError(f"no such image: {images.parse_reference(rootfs_name).name} "
+                            "(microvm import FILE to add one)")
+        root = img.layer_dirs()
+        image_config = img.config.get("config") or {}
+        args = images.command_line(image_config, list(command), entrypoint)
     if not args:
         raise KataError("no command specified")
     # Like docker, root too gets its groups from the image's /etc/group.
-    uid, gid, extra = rootfs.lookup_user(root, user or "0")
+    uid, gid, extra = rootfs.lookup_user(root, user or image_config.get("User") or "0")
+    workdir = workdir or image_config.get("WorkingDir") or "/"
     terminal = tty and True
     rows, cols = (0, 0)
     if terminal:
         from .attach import Terminal
         rows, cols = Terminal(sys.stdout.fileno()).size()
     process = agent_pb2.Process(
-        args=args, env=_env(env) + (["TERM=xterm"] if terminal else []), cwd=workdir,
+        args=args, env=_env(env, image_config.get("Env") or []) + (
+            ["TERM=xterm"] if terminal else []), cwd=workdir,
         user=agent_pb2.User(uid=uid, gid=gid, additional_gids=extra), terminal=terminal,
         rows=rows, cols=cols, stdin=interactive)
     if detach:
@@ -141,7 +164,8 @@ def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ..
     sys.exit(status)
 
 
-async def _run(cfg: config_mod.Config, run_dir: Path, root: Path, process: agent_pb2.Process,
+async def _run(cfg: config_mod.Config, run_dir: Path, root: Path | list[Path],
+               process: agent_pb2.Process,
                read_only: bool, hostname: str, interactive: bool, terminal: bool) -> int:
     from .attach import Terminal, attach
     from .sandbox import Sandbox
@@ -163,6 +187,49 @@ class _nothing:
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+@cli.command("import")
+@click.argument("archive", type=click.Path(path_type=Path))
+def import_cmd(archive: Path) -> None:
+    """Add images from a docker save archive or an OCI image layout (dir or tar)."""
+    for img in images.import_archive(archive):
+        click.echo(f"imported {img.ref} ({img.id})")
+
+
+@cli.command("images")
+def images_cmd() -> None:
+    """List stored images."""
+    click.echo(f"{'REPOSITORY':<40}{'TAG':<12}{'IMAGE ID':<14}{'CREATED':<22}SIZE")
+    for img in images.list_images():
+        ref = images.parse_reference(img.ref)
+        click.echo(f"{ref.registry + '/' + ref.repository:<40}{ref.tag:<12}{img.id:<14}"
+                   f"{images.created_ago(img.created):<22}{img.size / 1e6:.1f}MB")
+
+
+@cli.command("rmi")
+@click.argument("refs", nargs=-1, required=True)
+def rmi_cmd(refs: tuple[str, ...]) -> None:
+    """Remove images (and the layers no other image uses)."""
+    for ref in refs:
+        click.echo(f"untagged: {images.remove(ref).ref}")
+
+
+@cli.group("image")
+def image_group() -> None:
+    """Manage images."""
+
+
+@image_group.command("inspect")
+@click.argument("ref")
+def image_inspect(ref: str) -> None:
+    """An image's record and configuration, as JSON."""
+    import json
+    img = images.get(ref)
+    if img is None:
+        raise KataError(f"no such image: {ref}")
+    click.echo(json.dumps({"ref": img.ref, "id": img.manifest, "size": img.size,
+                           "layers": img.layers, "config": img.config}, indent=2))
 
 
 @cli.command("ps")

@@ -117,7 +117,7 @@ def _spec(process: agent_pb2.Process, hostname: str, read_only: bool) -> dict[st
     }
 
 
-async def run_detached(name: str | None, rootfs: Path, process: agent_pb2.Process,
+async def run_detached(name: str | None, rootfs: Path | list[Path], process: agent_pb2.Process,
                        hostname: str, read_only: bool, config_path: str | None) -> str:
     name = name or secrets.token_hex(6)
     d = _dir(name)
@@ -132,7 +132,10 @@ async def run_detached(name: str | None, rootfs: Path, process: agent_pb2.Proces
         (d / "config.json").write_text(json.dumps(_spec(process, hostname, read_only)))
         # Where the shim writes its own diagnostics (containerd passes a FIFO here).
         (d / "log").touch(mode=0o600)
-        meta = Meta(name, str(rootfs), list(process.args), time.time(), read_only,
+        # An image's layers, bottom first; overlayfs lists the top first.
+        lowers = rootfs if isinstance(rootfs, list) else [rootfs]
+        lowerdir = ":".join(str(p) for p in reversed(lowers))
+        meta = Meta(name, str(lowers[-1]), list(process.args), time.time(), read_only,
                     process.terminal)
         (d / "meta.json").write_text(json.dumps(asdict(meta)))
         start = subprocess.run(
@@ -140,11 +143,14 @@ async def run_detached(name: str | None, rootfs: Path, process: agent_pb2.Proces
              "-id", name, "start"], cwd=d, capture_output=True, text=True, timeout=30)
         if start.returncode != 0:
             raise KataError(f"shim start failed: {start.stdout.strip() or start.stderr.strip()}")
-        if read_only:
-            mount = task_pb2.Mount(type="bind", source=str(rootfs), options=["rbind", "ro"])
+        if read_only and len(lowers) == 1:
+            mount = task_pb2.Mount(type="bind", source=str(lowers[0]), options=["rbind", "ro"])
+        elif read_only:
+            mount = task_pb2.Mount(type="overlay", source="overlay",
+                                   options=["ro", f"lowerdir={lowerdir}"])
         else:
             mount = task_pb2.Mount(type="overlay", source="overlay", options=[
-                f"lowerdir={rootfs}", f"upperdir={d / 'upper'}", f"workdir={d / 'work'}"])
+                f"lowerdir={lowerdir}", f"upperdir={d / 'upper'}", f"workdir={d / 'work'}"])
         log = f"file://{d / 'container.log'}"
         options = None
         if config_path:

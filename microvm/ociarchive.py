@@ -22,6 +22,31 @@ def _blob(tar: tarfile.TarFile, data: bytes, media_type: str) -> dict[str, objec
     return {"mediaType": media_type, "digest": f"sha256:{digest}", "size": len(data)}
 
 
+def gzip_layer(plain: bytes) -> tuple[bytes, str]:
+    """A plain tar as a gzip layer blob, with its diff id."""
+    return gzip.compress(plain, mtime=0), "sha256:" + hashlib.sha256(plain).hexdigest()
+
+
+def docker_archive(out: Path, name: str, plain_layers: list[bytes],
+                   image_config: dict[str, object]) -> Path:
+    """What `docker save` writes: manifest.json, a config, plain layer tars."""
+    diff_ids = ["sha256:" + hashlib.sha256(p).hexdigest() for p in plain_layers]
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": image_config,
+                         "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
+    files = {"config.json": config}
+    for i, data in enumerate(plain_layers):
+        files[f"layer{i}/layer.tar"] = data
+    files["manifest.json"] = json.dumps([{
+        "Config": "config.json", "RepoTags": [name],
+        "Layers": [f"layer{i}/layer.tar" for i in range(len(plain_layers))]}]).encode()
+    with tarfile.open(out, "w") as tar:
+        for fname, data in files.items():
+            info = tarfile.TarInfo(fname)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return out
+
+
 def layer_from_dir(root: Path) -> tuple[bytes, str]:
     """A gzip layer of root's tree; and the diff id (digest of the plain tar)."""
     raw = io.BytesIO()
@@ -34,17 +59,24 @@ def layer_from_dir(root: Path) -> tuple[bytes, str]:
 
 def oci_archive(rootfs: Path, out: Path, name: str, cmd: list[str]) -> Path:
     layer, diff_id = layer_from_dir(rootfs)
+    return oci_archive_from_layers(out, name, [(layer, diff_id)], {"Cmd": cmd})
+
+
+def oci_archive_from_layers(out: Path, name: str, layers: list[tuple[bytes, str]],
+                            image_config: dict[str, object]) -> Path:
+    """layers: (gzip blob, diff id) pairs, bottom first; image_config: its "config"."""
     config = {
         "architecture": "amd64", "os": "linux",
-        "config": {"Cmd": cmd, "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"]},
-        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        "config": {"Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"], **image_config},
+        "rootfs": {"type": "layers", "diff_ids": [d for _, d in layers]},
     }
     with tarfile.open(out, "w") as tar:
-        layer_desc = _blob(tar, layer, "application/vnd.oci.image.layer.v1.tar+gzip")
+        layer_descs = [_blob(tar, data, "application/vnd.oci.image.layer.v1.tar+gzip")
+                       for data, _ in layers]
         config_desc = _blob(tar, json.dumps(config).encode(),
                             "application/vnd.oci.image.config.v1+json")
         manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                    "config": config_desc, "layers": [layer_desc]}
+                    "config": config_desc, "layers": layer_descs}
         manifest_desc = _blob(tar, json.dumps(manifest).encode(),
                               "application/vnd.oci.image.manifest.v1+json")
         manifest_desc["annotations"] = {"org.opencontainers.image.ref.name": name}

@@ -81,11 +81,16 @@ def _make_busybox(root: Path) -> None:
     (root / "etc/hostname").write_text("busybox\n")
 
 
-def lookup_user(rootfs: Path, spec: str) -> tuple[int, int, list[int]]:
-    """docker's -u USER[:GROUP], names looked up in the container's files."""
+def lookup_user(rootfs: Path | list[Path], spec: str) -> tuple[int, int, list[int]]:
+    """docker's -u USER[:GROUP], names looked up in the container's files.
+
+    rootfs: a directory, or an image's layers bottom first (the topmost
+    layer that has the file wins, as in the overlay the container sees).
+    """
+    layers = list(reversed(rootfs)) if isinstance(rootfs, list) else [rootfs]
     user, _, group = spec.partition(":")
-    passwd = _table(rootfs / "etc/passwd")
-    groups = _table(rootfs / "etc/group")
+    passwd = next((t for t in (_table(r / "etc/passwd") for r in layers) if t), {})
+    groups = next((t for t in (_table(r / "etc/group") for r in layers) if t), {})
     if user.isdigit():
         uid = int(user)
         entry = next((e for e in passwd.values() if e[2] == user), None)

@@ -204,7 +204,8 @@ class Sandbox:
             raise VMError(self._with_console("the VM is gone"))
         return self.agent
 
-    async def create_container(self, cid: str, rootfs: Path, process: agent_pb2.Process,
+    async def create_container(self, cid: str, rootfs: Path | list[Path],
+                               process: agent_pb2.Process,
                                readonly: bool = False, hostname: str = "",
                                overlay: bool = True) -> int:
         """Share rootfs into the VM and create the container's init there.
@@ -217,8 +218,16 @@ class Sandbox:
             raise KataError(f"container {cid} already exists")
         target = self.shared / cid / "rootfs"
         target.mkdir(parents=True)
+        # An image's layers, bottom first; overlayfs wants the top first.
+        lowers = rootfs if isinstance(rootfs, list) else [rootfs]
+        lowerdir = ":".join(str(p) for p in reversed(lowers))
+        rootfs = lowers[0]
         try:
-            if readonly or not overlay:
+            if len(lowers) > 1 and readonly:
+                # Lower layers only: overlayfs mounts that read-only.
+                linux.mount("overlay", str(target), "overlay", linux.MS_RDONLY,
+                            f"lowerdir={lowerdir}")
+            elif readonly or not overlay:
                 linux.mount(str(rootfs), str(target), None, linux.MS_BIND | linux.MS_REC)
                 if readonly:
                     linux.mount(None, str(target), None,
@@ -230,7 +239,7 @@ class Sandbox:
                 upper.mkdir(parents=True)
                 work.mkdir()
                 linux.mount("overlay", str(target), "overlay", 0,
-                            f"lowerdir={rootfs},upperdir={upper},workdir={work}")
+                            f"lowerdir={lowerdir},upperdir={upper},workdir={work}")
         except OSError as e:
             raise KataError(f"cannot mount rootfs {rootfs}: {e.strerror}") from None
         state = ContainerState(cid, target)

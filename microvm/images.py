@@ -1,0 +1,373 @@
+"""Images for the CLI: references, a content store, archive import.
+
+Store (under /var/lib/kata-py/images):
+  blobs/sha256/<hex>      content-addressed; verified before it is renamed in
+  layers/<diff hex>/      each layer unpacked once, shared by every image
+  refs/<escaped ref>.json {"ref", "manifest", "config", "layers": [diff ids]}
+
+Every write goes to a temporary name in the same directory and is renamed
+into place only when complete and verified, so an interrupted import leaves
+nothing a later run would trust.  A lock file serialises writers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from . import paths
+from .errors import KataError
+from .unpack import open_layer, unpack
+
+DEFAULT_REGISTRY = "docker.io"
+MANIFEST_TYPES = {"application/vnd.oci.image.manifest.v1+json",
+                  "application/vnd.docker.distribution.manifest.v2+json"}
+
+
+def store_root() -> Path:
+    return paths.LIB / "images"
+
+
+@dataclass(frozen=True)
+class Reference:
+    registry: str
+    repository: str
+    tag: str = "latest"
+    digest: str = ""
+
+    @property
+    def name(self) -> str:
+        s = f"{self.registry}/{self.repository}"
+        return f"{s}@{self.digest}" if self.digest else f"{s}:{self.tag}"
+
+
+def parse_reference(ref: str) -> Reference:
+    """docker's rules: `busybox` is docker.io/library/busybox:latest."""
+    if not ref or ref != ref.strip() or any(c.isspace() for c in ref):
+        raise KataError(f"invalid reference format: {ref!r}")
+    digest = ""
+    if "@" in ref:
+        ref, digest = ref.split("@", 1)
+        if not digest.startswith("sha256:") or len(digest) != 71:
+            raise KataError(f"invalid digest in reference: {digest!r}")
+    first, _, rest = ref.partition("/")
+    if rest and ("." in first or ":" in first or first == "localhost"):
+        registry, path = first, rest
+    else:
+        registry, path = DEFAULT_REGISTRY, ref
+    tag = "latest"
+    last = path.rsplit("/", 1)[-1]
+    if ":" in last:
+        path, tag = path.rsplit(":", 1)
+    if registry == DEFAULT_REGISTRY and "/" not in path:
+        path = f"library/{path}"
+    if not path or path != path.lower() or not all(c.isalnum() or c in "._-/" for c in path):
+        raise KataError(f"invalid reference format: repository name must be lowercase: {ref!r}")
+    return Reference(registry, path, tag, digest)
+
+
+@dataclass
+class Image:
+    ref: str
+    manifest: str
+    config: dict[str, Any]
+    layers: list[str]          # diff ids, bottom first
+    size: int
+    created: str
+
+    @property
+    def id(self) -> str:
+        return self.manifest.removeprefix("sha256:")[:12]
+
+    def layer_dirs(self) -> list[Path]:
+        return [store_root() / "layers" / d.removeprefix("sha256:") for d in self.layers]
+
+
+@contextlib.contextmanager
+def _locked() -> Iterator[None]:
+    root = store_root()
+    for d in ("blobs/sha256", "layers", "refs", "tmp"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    with open(root / "lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _ref_file(ref: str) -> Path:
+    return store_root() / "refs" / (ref.replace("/", "%2F").replace(":", "%3A") + ".json")
+
+
+def _put_blob(data: bytes, digest: str) -> None:
+    algo, _, hexd = digest.partition(":")
+    if algo != "sha256" or hashlib.sha256(data).hexdigest() != hexd:
+        raise KataError(f"blob digest mismatch: expected {digest}")
+    dest = store_root() / "blobs/sha256" / hexd
+    if not dest.exists():
+        tmp = dest.with_name(f".{hexd}.tmp{os.getpid()}")
+        tmp.write_bytes(data)
+        tmp.rename(dest)
+
+
+def _digest(value: object) -> str:
+    """A digest from an untrusted document: it becomes a file name."""
+    if not isinstance(value, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", value):
+        raise KataError(f"invalid digest {value!r}")
+    return value
+
+
+def _inside(root: Path, name: object) -> Path:
+    """A file named by an untrusted document, which must stay inside root."""
+    if not isinstance(name, str) or name.startswith("/") or ".." in name.split("/"):
+        raise KataError(f"hostile file name in image archive: {name!r}")
+    return root / name
+
+
+def _blob(digest: str) -> Path:
+    return store_root() / "blobs/sha256" / digest.removeprefix("sha256:")
+
+
+class _Hashing(io.RawIOBase):
+    """A read-through stream that hashes what passes (for diff ids)."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f, self.h = f, hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        data = self.f.read(len(b))
+        self.h.update(data)
+        b[:len(data)] = data
+        return len(data)
+
+
+def _unpack_layer(blob: Path, diff_id: str) -> None:
+    dest = store_root() / "layers" / diff_id.removeprefix("sha256:")
+    if dest.exists():
+        return  # unpacked once, shared by every image
+    tmp = Path(tempfile.mkdtemp(dir=store_root() / "tmp"))
+    try:
+        with open_layer(blob) as f:
+            h = _Hashing(f)
+            unpack(io.BufferedReader(h, 1 << 20), tmp)  # type: ignore[arg-type]
+            while h.read(1 << 20):  # tar padding after the end marker
+                pass
+        if f"sha256:{h.h.hexdigest()}" != diff_id:
+            raise KataError(f"layer {blob.name[:12]} does not match its diff id {diff_id}")
+        tmp.chmod(0o755)
+        tmp.rename(dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save(ref: Reference, manifest_digest: str, manifest: dict[str, Any],
+          config: dict[str, Any]) -> Image:
+    diff_ids = config.get("rootfs", {}).get("diff_ids", [])
+    layers = manifest.get("layers", [])
+    if len(diff_ids) != len(layers):
+        raise KataError("image config and manifest disagree on the number of layers")
+    for desc, diff in zip(layers, diff_ids, strict=True):
+        _unpack_layer(_blob(_digest(desc.get("digest"))), _digest(diff))
+    img = Image(ref.name, manifest_digest, config, list(diff_ids),
+                sum(int(d.get("size", 0)) for d in layers),
+                str(config.get("created", "")))
+    record = {"ref": img.ref, "manifest": img.manifest, "layers": img.layers,
+              "size": img.size, "created": img.created,
+              "config": manifest["config"]["digest"]}
+    tmp = _ref_file(img.ref).with_suffix(".tmp")
+    tmp.write_text(json.dumps(record))
+    tmp.rename(_ref_file(img.ref))
+    return img
+
+
+def get(ref: str) -> Image | None:
+    name = parse_reference(ref).name
+    try:
+        record = json.loads(_ref_file(name).read_text())
+    except FileNotFoundError:
+        return None
+    config = json.loads(_blob(record["config"]).read_bytes())
+    return Image(record["ref"], record["manifest"], config, record["layers"], record["size"],
+                 record["created"])
+
+
+def list_images() -> list[Image]:
+    refs = store_root() / "refs"
+    out = []
+    for f in sorted(refs.glob("*.json")) if refs.exists() else []:
+        img = get(json.loads(f.read_text())["ref"])
+        if img is not None:
+            out.append(img)
+    return out
+
+
+def remove(ref: str) -> Image:
+    with _locked():
+        img = get(ref)
+        if img is None:
+            raise KataError(f"no such image: {ref}")
+        _ref_file(img.ref).unlink()
+        _collect()
+    return img
+
+
+def _collect() -> None:
+    """Remove blobs and layers no image refers to any more."""
+    used_layers: set[str] = set()
+    used_blobs: set[str] = set()
+    for img in list_images():
+        used_layers |= {d.removeprefix("sha256:") for d in img.layers}
+        record = json.loads(_ref_file(img.ref).read_text())
+        used_blobs |= {record["manifest"].removeprefix("sha256:"),
+                       record["config"].removeprefix("sha256:")}
+        manifest = json.loads(_blob(record["manifest"]).read_bytes())
+        used_blobs |= {d["digest"].removeprefix("sha256:") for d in manifest["layers"]}
+    for d in (store_root() / "layers").iterdir():
+        if d.name not in used_layers:
+            shutil.rmtree(d, ignore_errors=True)
+    for b in (store_root() / "blobs/sha256").iterdir():
+        if b.name not in used_blobs:
+            b.unlink(missing_ok=True)
+
+
+# -- import ---------------------------------------------------------------------
+
+
+def import_archive(path: Path) -> list[Image]:
+    """docker save archives and OCI image layouts (a directory or a tar)."""
+    if not path.exists():
+        raise KataError(f"{path}: no such file or directory")
+    with tempfile.TemporaryDirectory(dir=_tmp_dir()) as tmp:
+        if path.is_dir():
+            root = path
+        else:
+            root = Path(tmp)
+            try:
+                with tarfile.open(path) as tar:
+                    for m in tar:
+                        if not (m.isfile() or m.isdir()):
+                            continue
+                        parts = [p for p in m.name.split("/") if p not in ("", ".")]
+                        if m.name.startswith("/") or ".." in parts:
+                            raise KataError(f"{path}: hostile path in archive: {m.name!r}")
+                        if m.isfile():
+                            dest = root.joinpath(*parts)
+                            dest.parent.mkdir(parents=True, exist_ok=True)
+                            src = tar.extractfile(m)
+                            assert src is not None
+                            with open(dest, "wb") as out:
+                                shutil.copyfileobj(src, out)
+            except (tarfile.TarError, EOFError) as e:
+                # tarfile lists every compression it tried, one per line.
+                why = str(e).splitlines()[0].rstrip(":") if str(e) else type(e).__name__
+                raise KataError(f"{path}: not an image archive ({why})") from None
+        with _locked():
+            if (root / "index.json").exists():
+                return _import_oci(root, path)
+            if (root / "manifest.json").exists():
+                return _import_docker(root, path)
+        raise KataError(f"{path}: neither an OCI image layout nor a docker save archive")
+
+
+def _tmp_dir() -> Path:
+    d = store_root() / "tmp"
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise KataError(f"{what}: unreadable ({e})") from None
+
+
+def _import_oci(root: Path, src: Path) -> list[Image]:
+    index = _read_json(root / "index.json", f"{src}: index.json")
+    images = []
+    for desc in index.get("manifests", []):
+        name = (desc.get("annotations") or {}).get("io.containerd.image.name") or \
+            (desc.get("annotations") or {}).get("org.opencontainers.image.ref.name")
+        if not name:
+            continue
+        digest = _digest(desc.get("digest"))
+        if desc.get("mediaType") not in MANIFEST_TYPES:
+            raise KataError(f"{src}: unsupported manifest media type {desc.get('mediaType')!r}")
+        def blob(d: object) -> bytes:
+            return (root / "blobs" / _digest(d).replace(":", "/")).read_bytes()
+
+        manifest_bytes = blob(digest)
+        _put_blob(manifest_bytes, digest)
+        manifest = json.loads(manifest_bytes)
+        config_bytes = blob(manifest["config"]["digest"])
+        _put_blob(config_bytes, manifest["config"]["digest"])
+        for layer in manifest["layers"]:
+            _put_blob(blob(layer["digest"]), layer["digest"])
+        images.append(_save(parse_reference(name), digest, manifest, json.loads(config_bytes)))
+    if not images:
+        raise KataError(f"{src}: the layout names no image (org.opencontainers.image.ref.name)")
+    return images
+
+
+def _import_docker(root: Path, src: Path) -> list[Image]:
+    images = []
+    for entry in _read_json(root / "manifest.json", f"{src}: manifest.json"):
+        config_bytes = _inside(root, entry.get("Config")).read_bytes()
+        config_digest = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
+        _put_blob(config_bytes, config_digest)
+        layers = []
+        for name in entry.get("Layers") or []:
+            data = _inside(root, name).read_bytes()
+            digest = "sha256:" + hashlib.sha256(data).hexdigest()
+            _put_blob(data, digest)
+            layers.append({"mediaType": "application/vnd.docker.image.rootfs.diff.tar",
+                           "digest": digest, "size": len(data)})
+        manifest = {"schemaVersion": 2,
+                    "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                    "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
+                               "digest": config_digest, "size": len(config_bytes)},
+                    "layers": layers}
+        manifest_bytes = json.dumps(manifest, sort_keys=True).encode()
+        manifest_digest = "sha256:" + hashlib.sha256(manifest_bytes).hexdigest()
+        _put_blob(manifest_bytes, manifest_digest)
+        for tag in entry.get("RepoTags") or []:
+            images.append(_save(parse_reference(tag), manifest_digest, manifest,
+                                json.loads(config_bytes)))
+    if not images:
+        raise KataError(f"{src}: the archive has no tagged image")
+    return images
+
+
+def created_ago(created: str) -> str:
+    if not created:
+        return ""
+    try:
+        t = time.mktime(time.strptime(created[:19], "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return created
+    days = (time.time() - t) / 86400
+    return f"{int(days)} days ago" if days >= 1 else "less than a day ago"
+
+
+def command_line(config: dict[str, Any], command: list[str],
+                 entrypoint: str | None) -> list[str]:
+    """docker's rules: --entrypoint replaces Entrypoint and drops Cmd;
+    arguments replace Cmd."""
+    if entrypoint is not None:
+        return [entrypoint, *command] if entrypoint else command
+    ep = list(config.get("Entrypoint") or [])
+    return ep + (command or list(config.get("Cmd") or []))

@@ -1,0 +1,156 @@
+"""Images in the CLI: import (OCI layout, docker save), run with the image config, rmi.
+
+The images are built here from busybox-static: no registry.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from microvm.ociarchive import (
+    docker_archive,
+    gzip_layer,
+    layer_from_dir,
+    oci_archive_from_layers,
+)
+from tests.conftest import Microvm
+
+pytestmark = pytest.mark.vm
+BUSYBOX = Path("/var/lib/kata-py/rootfs/busybox")
+STORE = Path("/var/lib/kata-py/images")
+
+
+def tar_of(entries: dict[str, bytes | None]) -> bytes:
+    """A plain layer tar: name -> content (None: a directory)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        for name, data in entries.items():
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type, info.mode = tarfile.DIRTYPE, 0o755
+                t.addfile(info)
+            else:
+                info.size, info.mode = len(data), 0o644
+                t.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def store_listing() -> dict[str, list[str]]:
+    return {d: sorted(os.listdir(STORE / d)) if (STORE / d).exists() else []
+            for d in ("blobs/sha256", "layers", "refs")}
+
+
+@pytest.fixture
+def cli(microvm: Microvm) -> Iterator[Microvm]:
+    """The CLI; images a test imported are removed after it."""
+    before = {line.split()[0] + ":" + line.split()[1]
+              for line in microvm.run("images").stdout.splitlines()[1:]}
+    yield microvm
+    for line in microvm.run("images").stdout.splitlines()[1:]:
+        ref = line.split()[0] + ":" + line.split()[1]
+        if ref not in before:
+            microvm.run("rmi", ref)
+
+
+BASE = layer_from_dir(BUSYBOX)
+TOP = gzip_layer(tar_of({
+    "etc/motd": b"from the top layer\n",
+    "etc/.wh.hostname": b"",           # removes /etc/hostname of the base
+    "srv": None,
+}))
+CONFIG = {"Entrypoint": ["/bin/sh", "-c"],
+          "Cmd": ["cat /etc/motd; test -e /etc/hostname || echo no-hostname; pwd; "
+                  "echo $FOO; id -u"],
+          "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "FOO=from-image"],
+          "WorkingDir": "/srv", "User": "65534"}
+
+
+def test_import_oci_layout_and_run_with_its_config(cli: Microvm, tmp_path: Path) -> None:
+    archive = oci_archive_from_layers(tmp_path / "img.tar", "localhost/kp-test:1",
+                                      [BASE, TOP], CONFIG)
+    r = cli.run("import", str(archive))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("imported localhost/kp-test:1 ")
+    assert "localhost/kp-test" in cli.run("images").stdout
+
+    run = cli.run("run", "--rm", "localhost/kp-test:1")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["from the top layer", "no-hostname", "/srv",
+                                       "from-image", "65534"]
+    # Arguments replace Cmd; -e, -w and -u replace the image's.
+    run = cli.run("run", "--rm", "-e", "FOO=cli", "-w", "/tmp", "-u", "0",
+                  "localhost/kp-test:1", "echo $FOO $(pwd) $(id -u)")
+    assert run.stdout == "cli /tmp 0\n"
+    run = cli.run("run", "--rm", "--entrypoint", "/bin/echo", "localhost/kp-test:1", "a", "b")
+    assert run.stdout == "a b\n"
+
+
+def test_docker_save_archive_and_rmi_reclaims_layers(cli: Microvm, tmp_path: Path) -> None:
+    before = store_listing()
+    plain_top = tar_of({"hello.txt": b"hi from docker save\n"})
+    base_plain = io.BytesIO()
+    with tarfile.open(fileobj=base_plain, mode="w") as t:
+        t.add(BUSYBOX, arcname=".")
+    archive = docker_archive(tmp_path / "saved.tar", "kp-saved:latest",
+                             [base_plain.getvalue(), plain_top],
+                             {"Cmd": ["cat", "/hello.txt"]})
+    assert cli.run("import", str(archive)).returncode == 0
+    # Short names mean docker.io/library/...
+    run = cli.run("run", "--rm", "kp-saved")
+    assert run.stdout == "hi from docker save\n", run.stderr
+    inspect = json.loads(cli.run("image", "inspect", "docker.io/library/kp-saved").stdout)
+    assert len(inspect["layers"]) == 2
+    assert cli.run("rmi", "kp-saved").returncode == 0
+    assert store_listing() == before
+    gone = cli.run("run", "--rm", "kp-saved")
+    assert gone.returncode == 125
+    assert gone.error_lines[-1].startswith(
+        "microvm: error: no such image: docker.io/library/kp-saved:latest")
+
+
+def test_hostile_layer_is_refused_and_the_store_unchanged(cli: Microvm, tmp_path: Path) -> None:
+    before = store_listing()
+    evil = gzip_layer(tar_of({"../../../../tmp/kata-py-escaped": b"x"}))
+    archive = oci_archive_from_layers(tmp_path / "evil.tar", "localhost/evil:1", [evil], {})
+    r = cli.run("import", str(archive))
+    assert r.returncode == 125
+    assert "path escapes the layer" in r.error_lines[-1]
+    assert len(r.error_lines) == 1
+    assert not Path("/tmp/kata-py-escaped").exists()
+    after = store_listing()
+    # Blobs may stay until collected; no layer and no ref refer to the evil image.
+    assert after["layers"] == before["layers"] and after["refs"] == before["refs"]
+
+
+def test_tampered_blob_is_refused(cli: Microvm, tmp_path: Path) -> None:
+    layout = tmp_path / "layout"
+    archive = oci_archive_from_layers(tmp_path / "ok.tar", "localhost/tamper:1", [TOP], {})
+    with tarfile.open(archive) as t:
+        t.extractall(layout)  # our own archive, made just above
+    blob = next(p for p in (layout / "blobs/sha256").iterdir()
+                if p.stat().st_size == len(TOP[0]))
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    r = cli.run("import", str(layout))
+    assert r.returncode == 125
+    assert "digest mismatch" in r.error_lines[-1]
+    assert cli.run("image", "inspect", "localhost/tamper:1").returncode == 125
+
+
+def test_bad_archives(cli: Microvm, tmp_path: Path) -> None:
+    missing = cli.run("import", str(tmp_path / "nope.tar"))
+    assert missing.returncode == 125 and "no such file" in missing.error_lines[-1]
+    junk = tmp_path / "junk.tar"
+    junk.write_bytes(b"not a tar at all")
+    r = cli.run("import", str(junk))
+    assert r.returncode == 125 and "not an image archive" in r.error_lines[-1]
+    bad_ref = cli.run("run", "--rm", "UPPER/Case")
+    assert bad_ref.returncode == 125 and "invalid reference format" in bad_ref.error_lines[-1]
