@@ -81,6 +81,8 @@ def _env(values: tuple[str, ...], image_env: list[str] | None = None) -> list[st
 @click.option("--entrypoint", default=None, metavar="CMD",
               help="Overwrite the image's entrypoint.")
 @click.option("--hostname", default="", metavar="NAME", help="Container host name.")
+@click.option("--pull", "pull_policy", type=click.Choice(["missing", "always", "never"]),
+              default="missing", show_default=True, help="Pull the image before running.")
 @click.option("--cpus", type=int, help="vCPUs of the VM.")
 @click.option("--memory", type=int, metavar="MiB", help="Memory of the VM, MiB.")
 @click.option("--kernel", metavar="PATH", help="Guest kernel (bzImage).")
@@ -94,8 +96,8 @@ def _env(values: tuple[str, ...], image_env: list[str] | None = None) -> list[st
 @click.pass_obj
 def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ...],
         workdir: str | None, user: str | None, entrypoint: str | None, hostname: str,
-        cpus: int | None, memory: int | None, kernel: str | None, accel: str | None,
-        read_only: bool, detach: bool, name: str | None, rootfs_name: str,
+        pull_policy: str, cpus: int | None, memory: int | None, kernel: str | None,
+        accel: str | None, read_only: bool, detach: bool, name: str | None, rootfs_name: str,
         command: tuple[str, ...]) -> None:
     """Run COMMAND in a new container, in its own VM.
 
@@ -122,12 +124,15 @@ def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ..
         if entrypoint is not None:
             args = [entrypoint, *command]
     else:
-        img = images.get(rootfs_name)
+        if rootfs_name.startswith(("/", ".")):
+            raise KataError(f"rootfs {rootfs_name}: no such directory")
+        img = None if pull_policy == "always" else images.get(rootfs_name)
+        if img is None and pull_policy != "never":
+            from . import registry
+            img = registry.pull(rootfs_name)
         if img is None:
-            if rootfs_name.startswith(("/", ".")):
-                raise KataError(f"rootfs {rootfs_name}: no such directory")
             raise KataError(f"no such image: {images.parse_reference(rootfs_name).name} "
-                            "(microvm import FILE to add one)")
+                            "(microvm pull or microvm import FILE)")
         root = img.layer_dirs()
         image_config = img.config.get("config") or {}
         args = images.command_line(image_config, list(command), entrypoint)
@@ -195,6 +200,34 @@ def import_cmd(archive: Path) -> None:
     """Add images from a docker save archive or an OCI image layout (dir or tar)."""
     for img in images.import_archive(archive):
         click.echo(f"imported {img.ref} ({img.id})")
+
+
+@cli.command("pull")
+@click.option("--insecure-registry", "insecure", multiple=True, metavar="HOST[:PORT]",
+              help="Allow plain HTTP to this registry (loopback ones always may).")
+@click.argument("ref")
+def pull_cmd(insecure: tuple[str, ...], ref: str) -> None:
+    """Pull an image from a registry (OCI distribution API v2)."""
+    from . import registry
+    img = registry.pull(ref, insecure)
+    click.echo(f"pulled {img.ref} ({img.id})")
+
+
+@cli.command("login")
+@click.option("-u", "--username", required=True)
+@click.option("-p", "--password", default=None, help="Prefer --password-stdin.")
+@click.option("--password-stdin", is_flag=True, help="Read the password from stdin.")
+@click.argument("registry_host", metavar="REGISTRY")
+def login_cmd(username: str, password: str | None, password_stdin: bool,
+              registry_host: str) -> None:
+    """Store credentials for a registry (0600, under /var/lib/kata-py)."""
+    from . import registry
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    if password is None:
+        password = click.prompt("Password", hide_input=True)
+    registry.login(registry_host, username, password)
+    click.echo("Login Succeeded")
 
 
 @cli.command("images")

@@ -363,6 +363,9 @@ def test_oom_in_the_guest_is_reported(ctd: Containerd) -> None:
 
 LOGGER = """#!/bin/sh
 # A containerd binary:// logger: stdout on fd 3, stderr on fd 4, ready = close fd 5.
+# SIGTERM follows the pipes' close at once (as containerd does it): it means
+# "finish up", so finish writing rather than die.
+trap '' TERM
 exec 5>&-
 cat <&3 > "$2.out" &
 cat <&4 > "$2.err" &

@@ -109,7 +109,7 @@ def test_docker_save_archive_and_rmi_reclaims_layers(cli: Microvm, tmp_path: Pat
     assert len(inspect["layers"]) == 2
     assert cli.run("rmi", "kp-saved").returncode == 0
     assert store_listing() == before
-    gone = cli.run("run", "--rm", "kp-saved")
+    gone = cli.run("run", "--rm", "--pull", "never", "kp-saved")
     assert gone.returncode == 125
     assert gone.error_lines[-1].startswith(
         "microvm: error: no such image: docker.io/library/kp-saved:latest")
