@@ -105,3 +105,29 @@ def test_truncated_layer_is_one_clear_error(tmp_path: Path) -> None:
 def test_later_entry_replaces_earlier(tmp_path: Path) -> None:
     unpack(layer(("file", "f", "one"), ("symlink", "f", "elsewhere")), tmp_path)
     assert os.readlink(tmp_path / "f") == "elsewhere"
+
+
+def test_zstd_layers(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    from microvm.unpack import open_layer
+    if shutil.which("zstd") is None:
+        pytest.skip("zstd not installed (scripts/setup installs it)")
+    blob = tmp_path / "layer.zst"
+    plain = layer(("file", "etc/motd", "zstd works\n")).getvalue()
+    blob.write_bytes(subprocess.run(["zstd", "-q", "-c"], input=plain, capture_output=True,
+                                    check=True).stdout)
+    dest = tmp_path / "out"
+    dest.mkdir()
+    with open_layer(blob) as f:
+        unpack(f, dest)
+    assert (dest / "etc/motd").read_text() == "zstd works\n"
+    # A corrupt zstd stream is an error, not a silently short layer.
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with pytest.raises(KataError), open_layer(blob) as f:
+        unpack(f, bad)
