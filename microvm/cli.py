@@ -118,6 +118,7 @@ def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ..
     command = command[1:] if command[:1] == ("--",) else command
     root: Path | list[Path]
     image_config: dict[str, Any] = {}
+    image_ref = ""
     if Path(rootfs_name).is_dir() or rootfs_name in rootfs.BUILTIN:
         root = rootfs.resolve(rootfs_name)
         args = list(command) or rootfs.DEFAULT_CMD.get(rootfs_name, [])
@@ -134,6 +135,7 @@ def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ..
             raise KataError(f"no such image: {images.parse_reference(rootfs_name).name} "
                             "(microvm pull or microvm import FILE)")
         root = img.layer_dirs()
+        image_ref = img.ref
         image_config = img.config.get("config") or {}
         args = images.command_line(image_config, list(command), entrypoint)
     if not args:
@@ -159,7 +161,7 @@ def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ..
         process.stdin = False
         click.echo(asyncio.run(detached.run_detached(
             name, root, process, hostname or secrets.token_hex(6), read_only,
-            obj.config_path)))
+            obj.config_path, image_ref)))
         return
     if name:
         raise KataError("--name goes with -d")
@@ -368,6 +370,33 @@ def inspect_cmd(name: str) -> None:
 
     from . import detached
     click.echo(json.dumps(asyncio.run(detached.inspect(name)), indent=2))
+
+
+@cli.group("system")
+def system_group() -> None:
+    """What kata-py keeps on disk."""
+
+
+@system_group.command("df")
+def system_df() -> None:
+    """Disk used by images and detached containers."""
+    from . import system
+    click.echo(f"{'TYPE':<14}{'TOTAL':>6}{'ACTIVE':>8}{'SIZE':>12}{'RECLAIMABLE':>14}")
+    for u in asyncio.run(system.df()):
+        click.echo(f"{u.kind:<14}{u.total:>6}{u.active:>8}{u.size / 1e6:>10.1f}MB"
+                   f"{u.reclaimable / 1e6:>12.1f}MB")
+
+
+@system_group.command("prune")
+@click.option("-a", "--all", "all_images", is_flag=True,
+              help="Also remove every image no running container uses.")
+def system_prune(all_images: bool) -> None:
+    """Remove stopped containers, unused layers and interrupted downloads."""
+    from . import system
+    removed, freed = asyncio.run(system.prune(all_images))
+    for what in removed:
+        click.echo(f"deleted {what}")
+    click.echo(f"Total reclaimed space: {freed / 1e6:.1f}MB")
 
 
 @cli.command()

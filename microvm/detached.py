@@ -57,6 +57,7 @@ class Meta:
     read_only: bool = False
     tty: bool = False
     labels: dict[str, str] = field(default_factory=dict)
+    image: str = ""             # the image reference, when run from one
 
 
 def _dir(name: str) -> Path:
@@ -118,7 +119,8 @@ def _spec(process: agent_pb2.Process, hostname: str, read_only: bool) -> dict[st
 
 
 async def run_detached(name: str | None, rootfs: Path | list[Path], process: agent_pb2.Process,
-                       hostname: str, read_only: bool, config_path: str | None) -> str:
+                       hostname: str, read_only: bool, config_path: str | None,
+                       image: str = "") -> str:
     name = name or secrets.token_hex(6)
     d = _dir(name)
     try:
@@ -136,7 +138,7 @@ async def run_detached(name: str | None, rootfs: Path | list[Path], process: age
         lowers = rootfs if isinstance(rootfs, list) else [rootfs]
         lowerdir = ":".join(str(p) for p in reversed(lowers))
         meta = Meta(name, str(lowers[-1]), list(process.args), time.time(), read_only,
-                    process.terminal)
+                    process.terminal, image=image)
         (d / "meta.json").write_text(json.dumps(asdict(meta)))
         start = subprocess.run(
             [_shim_binary(), "-namespace", NAMESPACE, "-address", str(paths.RUN / "microvm"),

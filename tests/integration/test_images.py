@@ -9,6 +9,7 @@ import io
 import json
 import os
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -154,3 +155,40 @@ def test_bad_archives(cli: Microvm, tmp_path: Path) -> None:
     assert r.returncode == 125 and "not an image archive" in r.error_lines[-1]
     bad_ref = cli.run("run", "--rm", "UPPER/Case")
     assert bad_ref.returncode == 125 and "invalid reference format" in bad_ref.error_lines[-1]
+
+
+def test_system_df_and_prune(cli: Microvm, tmp_path: Path) -> None:
+    archive = oci_archive_from_layers(tmp_path / "p.tar", "localhost/kp-prune:1", [BASE, TOP],
+                                      {"Cmd": ["sleep", "1000"]})
+    assert cli.run("import", str(archive)).returncode == 0
+    assert cli.run("run", "-d", "--name", "kp-live", "localhost/kp-prune:1").returncode == 0
+    assert cli.run("run", "-d", "--name", "kp-done", "localhost/kp-prune:1", "true"
+                   ).returncode == 0
+    try:
+        df = {line.split()[0]: line.split()[1:] for line in
+              cli.run("system", "df").stdout.splitlines()[1:]}
+        assert int(df["Containers"][0]) >= 2 and int(df["Images"][1]) >= 1
+        # What an interrupted pull or import leaves.
+        (STORE / "tmp/half-unpacked").mkdir(parents=True, exist_ok=True)
+        (STORE / "blobs/sha256/.pull-interrupted").write_bytes(b"partial")
+        time.sleep(2)
+        r = cli.run("system", "prune")
+        assert r.returncode == 0, r.stderr
+        assert "deleted container kp-done" in r.stdout
+        assert "kp-live" not in r.stdout
+        assert not (STORE / "tmp/half-unpacked").exists()
+        assert not (STORE / "blobs/sha256/.pull-interrupted").exists()
+        assert cli.run("exec", "kp-live", "true").returncode == 0
+        assert cli.run("image", "inspect", "localhost/kp-prune:1").returncode == 0
+        others = [line for line in cli.run("images").stdout.splitlines()[1:]
+                  if "kp-prune" not in line]
+        if not others:  # never prune -a a store with someone else's images
+            r = cli.run("system", "prune", "-a")
+            assert "localhost/kp-prune:1" not in r.stdout  # in use by kp-live
+            assert cli.run("rm", "-f", "kp-live").returncode == 0
+            r = cli.run("system", "prune", "-a")
+            assert "deleted image localhost/kp-prune:1" in r.stdout
+            assert store_listing()["layers"] == []
+    finally:
+        cli.run("rm", "-f", "kp-live")
+        cli.run("rm", "-f", "kp-done")
