@@ -8,6 +8,7 @@ busybox-static and imported with `ctr image import` (no registry).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import pty
 import shutil
@@ -71,6 +72,34 @@ def ctd(containerd: Containerd) -> Iterator[Containerd]:
     assert not left, "left behind:\n" + "\n".join(left)
 
 
+def force_remove(ctd: Containerd, cid: str) -> None:
+    """Whatever state the task is in: kill it, delete it, remove the container."""
+    ctd.ctr("task", "kill", "-s", "9", cid)
+    deadline = time.monotonic() + 15
+    while cid in ctd.ctr("task", "ls", "-q").stdout.split() and \
+            ctd.ctr("task", "delete", cid).returncode != 0:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    ctd.ctr("container", "rm", cid)
+
+
+@contextlib.contextmanager
+def events(ctd: Containerd) -> Iterator[list[str]]:
+    """`ctr events` while the block runs; the lines, once it is done."""
+    watch = subprocess.Popen(["ctr", "-a", ctd.address, "events"], stdout=subprocess.PIPE,
+                             text=True, env=ctd.env)
+    lines: list[str] = []
+    try:
+        time.sleep(0.5)
+        yield lines
+        time.sleep(1)
+    finally:
+        watch.terminate()
+        out, _ = watch.communicate(timeout=10)
+        lines += out.splitlines()
+
+
 def run(ctd: Containerd, cid: str, *cmd: str, input: str | None = None,
         flags: tuple[str, ...] = ("--rm",)) -> subprocess.CompletedProcess[str]:
     return ctd.ctr("run", "--runtime", RUNTIME, *flags, IMAGE, cid, *cmd, input=input)
@@ -120,17 +149,12 @@ def test_detached_exec_ps_kill_delete(ctd: Containerd) -> None:
         ps = ctd.ctr("task", "ps", "t-det", check=True)
         assert len(ps.stdout.splitlines()) >= 2
         ctd.ctr("task", "kill", "-s", "SIGKILL", "t-det", check=True)
-        deadline = time.monotonic() + 30
-        while "STOPPED" not in ctd.ctr("task", "ls").stdout:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        _wait_status(ctd, "t-det", "STOPPED")
         d = ctd.ctr("task", "delete", "t-det")
         assert d.returncode == 0, d.stderr
         assert "137" in d.stderr
     finally:
-        ctd.ctr("task", "kill", "-s", "9", "t-det")
-        ctd.ctr("task", "delete", "t-det")
-        ctd.ctr("container", "rm", "t-det")
+        force_remove(ctd, "t-det")
 
 
 def test_sigterm_ends_a_trapping_process(ctd: Containerd) -> None:
@@ -140,10 +164,7 @@ def test_sigterm_ends_a_trapping_process(ctd: Containerd) -> None:
     try:
         time.sleep(1)
         ctd.ctr("task", "kill", "-s", "SIGTERM", "t-term", check=True)
-        deadline = time.monotonic() + 30
-        while "STOPPED" not in ctd.ctr("task", "ls").stdout:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        _wait_status(ctd, "t-term", "STOPPED")
         assert "143" in ctd.ctr("task", "delete", "t-term").stderr
     finally:
         ctd.ctr("task", "delete", "t-term")
@@ -168,10 +189,7 @@ def test_two_containers_of_a_pod_share_one_vm(ctd: Containerd) -> None:
                         "/proc/sys/kernel/random/boot_id", check=True).stdout
         assert again == first
     finally:
-        ctd.ctr("task", "kill", "-s", "9", "pod-a")
-        time.sleep(1)
-        ctd.ctr("task", "delete", "pod-a")
-        ctd.ctr("container", "rm", "pod-a")
+        force_remove(ctd, "pod-a")
 
 
 async def _task_call(sock: str, method: str, req: object, resp: type) -> object:
@@ -219,10 +237,7 @@ def test_malformed_frames_get_errors_and_the_shim_keeps_serving(ctd: Containerd)
             asyncio.run(_task_call(sock, "State", task_pb2.StateRequest(id="nope"),
                                    task_pb2.StateResponse))
     finally:
-        ctd.ctr("task", "kill", "-s", "9", "t-bad")
-        time.sleep(1)
-        ctd.ctr("task", "delete", "t-bad")
-        ctd.ctr("container", "rm", "t-bad")
+        force_remove(ctd, "t-bad")
 
 
 def test_sigkill_of_the_shim_then_delete_leaves_nothing(ctd: Containerd) -> None:
@@ -257,27 +272,16 @@ def test_containerd_restart_keeps_the_task(ctd: Containerd) -> None:
 
 
 def test_events_reach_containerd_in_order(ctd: Containerd) -> None:
-    watch = subprocess.Popen(["ctr", "-a", ctd.address, "events"], stdout=subprocess.PIPE,
-                             text=True, env=ctd.env)
-    try:
-        time.sleep(0.5)
+    with events(ctd) as lines:
         assert run(ctd, "t-ev", "sleep", "1000", flags=("-d",)).returncode == 0
         ctd.ctr("task", "exec", "--exec-id", "x1", "t-ev", "true", check=True)
         ctd.ctr("task", "pause", "t-ev", check=True)
         ctd.ctr("task", "resume", "t-ev", check=True)
         ctd.ctr("task", "kill", "-s", "9", "t-ev", check=True)
-        deadline = time.monotonic() + 30
-        while "STOPPED" not in ctd.ctr("task", "ls").stdout:
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        _wait_status(ctd, "t-ev", "STOPPED")
         ctd.ctr("task", "delete", "t-ev", check=True)
-        time.sleep(1)
-    finally:
-        watch.terminate()
-        out, _ = watch.communicate(timeout=10)
-        ctd.ctr("container", "rm", "t-ev")
-    topics = [line.split()[5] for line in out.splitlines()
-              if '"t-ev"' in line and "/tasks/" in line]
+    ctd.ctr("container", "rm", "t-ev")
+    topics = [line.split()[5] for line in lines if '"t-ev"' in line and "/tasks/" in line]
     assert topics == ["/tasks/create", "/tasks/start", "/tasks/exec-added",
                       "/tasks/exec-started", "/tasks/exit", "/tasks/paused", "/tasks/resumed",
                       "/tasks/exit", "/tasks/delete"]
@@ -338,25 +342,15 @@ def test_pause_resume_metrics_update(ctd: Containerd) -> None:
         assert metrics.memory.usage_limit == 104857600
         assert metrics.pids.limit == 50
     finally:
-        ctd.ctr("task", "kill", "-s", "9", "t-pause")
-        time.sleep(1)
-        ctd.ctr("task", "delete", "t-pause")
-        ctd.ctr("container", "rm", "t-pause")
+        force_remove(ctd, "t-pause")
 
 
 def test_oom_in_the_guest_is_reported(ctd: Containerd) -> None:
     """The spec's memory limit applies in the guest; its OOM kill becomes TaskOOM."""
-    watch = subprocess.Popen(["ctr", "-a", ctd.address, "events"], stdout=subprocess.PIPE,
-                             text=True, env=ctd.env)
-    try:
-        time.sleep(0.5)
+    with events(ctd) as lines:
         p = run(ctd, "t-oom", "tail", "/dev/zero", flags=("--rm", "--memory-limit", "33554432"))
         assert p.returncode == 137, p.stderr
-        time.sleep(1)
-    finally:
-        watch.terminate()
-        out, _ = watch.communicate(timeout=10)
-    topics = [line.split()[5] for line in out.splitlines() if '"t-oom"' in line]
+    topics = [line.split()[5] for line in lines if '"t-oom"' in line]
     assert "/tasks/oom" in topics
     assert topics.index("/tasks/oom") < topics.index("/tasks/exit")
 
