@@ -119,7 +119,7 @@ def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ..
     root: Path | list[Path]
     image_config: dict[str, Any] = {}
     image_ref = ""
-    if Path(rootfs_name).is_dir() or rootfs_name in rootfs.BUILTIN:
+    if Path(rootfs_name).is_dir():
         root = rootfs.resolve(rootfs_name)
         args = list(command) or rootfs.DEFAULT_CMD.get(rootfs_name, [])
         if entrypoint is not None:
@@ -128,6 +128,8 @@ def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ..
         if rootfs_name.startswith(("/", ".")):
             raise KataError(f"rootfs {rootfs_name}: no such directory")
         img = None if pull_policy == "always" else images.get(rootfs_name)
+        if img is None and images.parse_reference(rootfs_name).name == images.BUILTIN_IMAGE:
+            img = images.ensure_builtin()  # offline, from busybox-static
         if img is None and pull_policy != "never":
             from . import registry
             img = registry.pull(rootfs_name)
@@ -238,16 +240,18 @@ def images_cmd() -> None:
     click.echo(f"{'REPOSITORY':<40}{'TAG':<12}{'IMAGE ID':<14}{'CREATED':<22}SIZE")
     for img in images.list_images():
         ref = images.parse_reference(img.ref)
-        click.echo(f"{ref.registry + '/' + ref.repository:<40}{ref.tag:<12}{img.id:<14}"
+        tag = "<none>" if ref.digest else ref.tag  # pulled by digest
+        click.echo(f"{ref.registry + '/' + ref.repository:<40}{tag:<12}{img.id:<14}"
                    f"{images.created_ago(img.created):<22}{img.size / 1e6:.1f}MB")
 
 
 @cli.command("rmi")
 @click.argument("refs", nargs=-1, required=True)
 def rmi_cmd(refs: tuple[str, ...]) -> None:
-    """Remove images (and the layers no other image uses)."""
+    """Remove images by reference or ID (and the layers no other image uses)."""
     for ref in refs:
-        click.echo(f"untagged: {images.remove(ref).ref}")
+        for img in images.remove(ref):
+            click.echo(f"untagged: {img.ref}")
 
 
 @cli.group("image")

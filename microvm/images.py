@@ -215,14 +215,23 @@ def list_images() -> list[Image]:
     return out
 
 
-def remove(ref: str) -> Image:
+def remove(ref: str) -> list[Image]:
+    """By reference, or by image ID (a prefix of the manifest digest): every
+    reference to that image then."""
     with _locked():
-        img = get(ref)
-        if img is None:
+        img = None
+        with contextlib.suppress(KataError):
+            img = get(ref)
+        found = [img] if img is not None else []
+        if not found and re.fullmatch(r"(sha256:)?[0-9a-f]{4,64}", ref):
+            hexd = ref.removeprefix("sha256:")
+            found = [i for i in list_images() if i.manifest[7:].startswith(hexd)]
+        if not found:
             raise KataError(f"no such image: {ref}")
-        _ref_file(img.ref).unlink()
+        for i in found:
+            _ref_file(i.ref).unlink()
         _collect()
-    return img
+    return found
 
 
 def _collect() -> None:
@@ -371,3 +380,23 @@ def command_line(config: dict[str, Any], command: list[str],
         return [entrypoint, *command] if entrypoint else command
     ep = list(config.get("Entrypoint") or [])
     return ep + (command or list(config.get("Cmd") or []))
+
+
+BUILTIN_IMAGE = "docker.io/library/busybox:latest"
+
+
+def ensure_builtin() -> Image:
+    """docker.io/library/busybox:latest from Debian's busybox-static, offline.
+
+    An ordinary stored image (scripts/setup imports it); made again here if
+    it was removed, so `run busybox` never needs a registry.
+    """
+    img = get(BUILTIN_IMAGE)
+    if img is not None:
+        return img
+    from . import rootfs
+    from .ociarchive import oci_archive
+    with tempfile.TemporaryDirectory(dir=_tmp_dir()) as tmp:
+        archive = oci_archive(rootfs.builtin("busybox"), Path(tmp) / "busybox.tar",
+                              BUILTIN_IMAGE, ["sh"])
+        return import_archive(archive)[0]

@@ -51,13 +51,11 @@ def store_listing() -> dict[str, list[str]]:
 @pytest.fixture
 def cli(microvm: Microvm) -> Iterator[Microvm]:
     """The CLI; images a test imported are removed after it."""
-    before = {line.split()[0] + ":" + line.split()[1]
-              for line in microvm.run("images").stdout.splitlines()[1:]}
+    before = {line.split()[2] for line in microvm.run("images").stdout.splitlines()[1:]}
     yield microvm
     for line in microvm.run("images").stdout.splitlines()[1:]:
-        ref = line.split()[0] + ":" + line.split()[1]
-        if ref not in before:
-            microvm.run("rmi", ref)
+        if line.split()[2] not in before:
+            microvm.run("rmi", line.split()[2])
 
 
 BASE = layer_from_dir(BUSYBOX)

@@ -64,7 +64,7 @@ def cli(microvm: Microvm, registry: str) -> Iterator[Microvm]:
     yield microvm
     for line in microvm.run("images").stdout.splitlines()[1:]:
         if line.startswith(registry):
-            microvm.run("rmi", line.split()[0] + ":" + line.split()[1])
+            microvm.run("rmi", line.split()[2])
 
 
 BASE = layer_from_dir(BUSYBOX)
