@@ -221,14 +221,14 @@ class Sandbox:
         # An image's layers, bottom first; overlayfs wants the top first.
         lowers = rootfs if isinstance(rootfs, list) else [rootfs]
         lowerdir = ":".join(str(p) for p in reversed(lowers))
-        rootfs = lowers[0]
         try:
             if len(lowers) > 1 and readonly:
                 # Lower layers only: overlayfs mounts that read-only.
                 linux.mount("overlay", str(target), "overlay", linux.MS_RDONLY,
                             f"lowerdir={lowerdir}")
             elif readonly or not overlay:
-                linux.mount(str(rootfs), str(target), None, linux.MS_BIND | linux.MS_REC)
+                # One directory (a CLI rootfs, a containerd snapshot), bound as is.
+                linux.mount(str(lowers[0]), str(target), None, linux.MS_BIND | linux.MS_REC)
                 if readonly:
                     linux.mount(None, str(target), None,
                                 linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY)
@@ -241,7 +241,7 @@ class Sandbox:
                 linux.mount("overlay", str(target), "overlay", 0,
                             f"lowerdir={lowerdir},upperdir={upper},workdir={work}")
         except OSError as e:
-            raise KataError(f"cannot mount rootfs {rootfs}: {e.strerror}") from None
+            raise KataError(f"cannot mount rootfs {lowerdir}: {e.strerror}") from None
         state = ContainerState(cid, target)
         self.containers[cid] = state
         req = agent_pb2.CreateContainerRequest(

@@ -689,13 +689,20 @@ def test_pending_calls_fail_when_server_closes() -> None:
     run(body())
 
 
+async def pending_echo(cr: asyncio.StreamReader, cw: asyncio.StreamWriter,
+                       pr: asyncio.StreamReader) -> tuple[Client, asyncio.Task[Any]]:
+    """A client with one Echo call sent (the raw peer has read its request)."""
+    client = Client(cr, cw)
+    call = asyncio.create_task(client.call(SVC, "Echo", agent_pb2.WriteStreamRequest(),
+                                           agent_pb2.ReadStreamResponse))
+    assert await asyncio.wait_for(read_frame(pr), 5) is not None
+    return client, call
+
+
 def test_pending_call_fails_when_server_breaks_framing() -> None:
     async def body() -> None:
         async with raw_pair() as (cr, cw, pr, pw):
-            client = Client(cr, cw)
-            call = asyncio.create_task(client.call(SVC, "Echo", agent_pb2.WriteStreamRequest(),
-                                                   agent_pb2.ReadStreamResponse))
-            assert await asyncio.wait_for(read_frame(pr), 5) is not None
+            client, call = await pending_echo(cr, cw, pr)
             pw.write(HEADER.pack(50, 1, TYPE_RESPONSE, 0) + b"trunc")
             pw.close()
             with pytest.raises(ConnectionError, match="connection lost"):
@@ -707,10 +714,7 @@ def test_pending_call_fails_when_server_breaks_framing() -> None:
 def test_client_malformed_response_fails_only_that_call() -> None:
     async def body() -> None:
         async with raw_pair() as (cr, cw, pr, pw):
-            client = Client(cr, cw)
-            call = asyncio.create_task(client.call(SVC, "Echo", agent_pb2.WriteStreamRequest(),
-                                                   agent_pb2.ReadStreamResponse))
-            assert await asyncio.wait_for(read_frame(pr), 5) is not None
+            client, call = await pending_echo(cr, cw, pr)
             await send_raw(pw, 1, TYPE_RESPONSE, b"\xff\xff")
             with pytest.raises(ProtocolError, match="malformed ttrpc response"):
                 await asyncio.wait_for(call, 5)
@@ -722,10 +726,7 @@ def test_client_malformed_response_fails_only_that_call() -> None:
 def test_client_oversized_response_frame() -> None:
     async def body() -> None:
         async with raw_pair() as (cr, cw, pr, pw):
-            client = Client(cr, cw)
-            call = asyncio.create_task(client.call(SVC, "Echo", agent_pb2.WriteStreamRequest(),
-                                                   agent_pb2.ReadStreamResponse))
-            assert await asyncio.wait_for(read_frame(pr), 5) is not None
+            client, call = await pending_echo(cr, cw, pr)
             pw.write(HEADER.pack(MAX_MESSAGE + 1, 1, TYPE_RESPONSE, 0))
             pw.write(b"\0" * (MAX_MESSAGE + 1))
             await pw.drain()
@@ -746,10 +747,7 @@ def test_client_oversized_response_frame() -> None:
 def test_client_aclose_fails_pending_calls() -> None:
     async def body() -> None:
         async with raw_pair() as (cr, cw, pr, pw):
-            client = Client(cr, cw)
-            call = asyncio.create_task(client.call(SVC, "Echo", agent_pb2.WriteStreamRequest(),
-                                                   agent_pb2.ReadStreamResponse))
-            assert await asyncio.wait_for(read_frame(pr), 5) is not None
+            client, call = await pending_echo(cr, cw, pr)
             await client.aclose()
             with pytest.raises(ConnectionError, match="closed"):
                 await asyncio.wait_for(call, 5)
