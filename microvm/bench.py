@@ -154,10 +154,24 @@ def main() -> None:
     ap.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     ap.add_argument("--no-containerd", action="store_true",
                     help="skip the runs through containerd (kata-py shim vs runc)")
+    ap.add_argument("--no-images", action="store_true",
+                    help="skip pull throughput (vs skopeo + umoci) and run IMAGE")
+    ap.add_argument("--only", choices=["images"],
+                    help="run only this part (with its floor)")
     args = ap.parse_args()
     cfg = config.load()
     choice = accel.choose(cfg.accel)
     microvm = shutil.which("microvm") or str(Path(sys.executable).with_name("microvm"))
+    images_bench = None
+    if not args.no_images and all(map(shutil.which, ("docker-registry", "skopeo", "umoci"))):
+        from . import bench_images
+        floor_ = floor_argv(cfg, choice.accel)
+        images_bench = bench_images.run(args.n, lambda: timed(floor_), microvm)
+        if args.only == "images":
+            bench_images.report(images_bench)
+            if args.json:
+                Path(args.json).write_text(json.dumps({"images_bench": images_bench}, indent=1))
+            return
     cases: dict[str, Callable[[], float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         bundle = runc_bundle(Path(tmp))
@@ -203,11 +217,15 @@ def main() -> None:
     if through_containerd is not None:
         from . import bench_containerd
         bench_containerd.report(through_containerd)
+    if images_bench is not None:
+        from . import bench_images
+        bench_images.report(images_bench)
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"accel": choice.accel, "n": args.n, "stats": stats,
              "ratios": {"run/floor": run_m / floor_m, "run/runc": run_m / runc_m},
-             "breakdown": steps, "images": images, "containerd": through_containerd},
+             "breakdown": steps, "images": images, "containerd": through_containerd,
+             "images_bench": images_bench},
             indent=1) + "\n")
 
 

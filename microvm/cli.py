@@ -221,17 +221,30 @@ def pull_cmd(insecure: tuple[str, ...], ref: str) -> None:
 @click.option("-u", "--username", required=True)
 @click.option("-p", "--password", default=None, help="Prefer --password-stdin.")
 @click.option("--password-stdin", is_flag=True, help="Read the password from stdin.")
+@click.option("--insecure-registry", "insecure", multiple=True, metavar="HOST[:PORT]",
+              help="Allow plain HTTP to this registry (loopback ones always may).")
 @click.argument("registry_host", metavar="REGISTRY")
 def login_cmd(username: str, password: str | None, password_stdin: bool,
-              registry_host: str) -> None:
-    """Store credentials for a registry (0600, under /var/lib/kata-py)."""
+              insecure: tuple[str, ...], registry_host: str) -> None:
+    """Check credentials against a registry, then store them (0600, under /var/lib/kata-py)."""
     from . import registry
     if password_stdin:
         password = sys.stdin.readline().rstrip("\n")
     if password is None:
         password = click.prompt("Password", hide_input=True)
-    registry.login(registry_host, username, password)
+    registry.login(registry_host, username, password, insecure)
     click.echo("Login Succeeded")
+
+
+@cli.command("logout")
+@click.argument("registry_host", metavar="REGISTRY")
+def logout_cmd(registry_host: str) -> None:
+    """Forget the stored credentials for a registry."""
+    from . import registry
+    if registry.logout(registry_host):
+        click.echo(f"Removing login credentials for {registry_host}")
+    else:
+        click.echo(f"Not logged in to {registry_host}")
 
 
 @cli.command("images")

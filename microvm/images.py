@@ -35,6 +35,14 @@ from .unpack import open_layer, unpack
 DEFAULT_REGISTRY = "docker.io"
 MANIFEST_TYPES = {"application/vnd.oci.image.manifest.v1+json",
                   "application/vnd.docker.distribution.manifest.v2+json"}
+# Layers we can unpack (the compression itself is read from the blob's magic).
+# Anything else, such as Windows foreign layers or an artifact's blobs, is
+# refused before a byte is written.
+LAYER_TYPES = {f"application/vnd.oci.image.layer.{kind}v1.{fmt}"
+               for kind in ("", "nondistributable.")
+               for fmt in ("tar", "tar+gzip", "tar+zstd")} | {
+    "application/vnd.docker.image.rootfs.diff.tar",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip"}
 
 
 def store_root() -> Path:
@@ -174,9 +182,26 @@ def _unpack_layer(blob: Path, diff_id: str) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def check_manifest(doc: object) -> None:
+    """An image manifest from an untrusted source: its shape, and layers we can unpack."""
+    if not isinstance(doc, dict) or not isinstance(doc.get("config"), dict) \
+            or not isinstance(doc.get("layers", []), list) \
+            or not all(isinstance(d, dict) for d in doc.get("layers", [])):
+        raise KataError("malformed image manifest")
+    _digest(doc["config"].get("digest"))
+    for desc in doc.get("layers", []):
+        _digest(desc.get("digest"))
+        if desc.get("mediaType") not in LAYER_TYPES:
+            raise KataError(f"unsupported layer media type {desc.get('mediaType')!r}")
+
+
 def _save(ref: Reference, manifest_digest: str, manifest: dict[str, Any],
           config: dict[str, Any]) -> Image:
-    diff_ids = config.get("rootfs", {}).get("diff_ids", [])
+    check_manifest(manifest)
+    rootfs = config.get("rootfs") if isinstance(config, dict) else None
+    diff_ids = rootfs.get("diff_ids", []) if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list):
+        raise KataError("malformed image config")
     layers = manifest.get("layers", [])
     if len(diff_ids) != len(layers):
         raise KataError("image config and manifest disagree on the number of layers")
@@ -300,9 +325,16 @@ def _tmp_dir() -> Path:
 
 def _read_json(path: Path, what: str) -> Any:
     try:
-        return json.loads(path.read_bytes())
-    except (OSError, ValueError) as e:
-        raise KataError(f"{what}: unreadable ({e})") from None
+        return _parse_json(path.read_bytes(), what)
+    except OSError as e:
+        raise KataError(f"{what}: unreadable ({e.strerror})") from None
+
+
+def _parse_json(data: bytes, what: str) -> Any:
+    try:
+        return json.loads(data)
+    except ValueError as e:
+        raise KataError(f"{what}: not JSON ({e})") from None
 
 
 def _import_oci(root: Path, src: Path) -> list[Image]:
@@ -317,16 +349,22 @@ def _import_oci(root: Path, src: Path) -> list[Image]:
         if desc.get("mediaType") not in MANIFEST_TYPES:
             raise KataError(f"{src}: unsupported manifest media type {desc.get('mediaType')!r}")
         def blob(d: object) -> bytes:
-            return (root / "blobs" / _digest(d).replace(":", "/")).read_bytes()
+            path = root / "blobs" / _digest(d).replace(":", "/")
+            try:
+                return path.read_bytes()
+            except OSError:
+                raise KataError(f"{src}: blob {d} is missing from the layout") from None
 
         manifest_bytes = blob(digest)
         _put_blob(manifest_bytes, digest)
-        manifest = json.loads(manifest_bytes)
+        manifest = _parse_json(manifest_bytes, f"{src}: manifest")
+        check_manifest(manifest)
         config_bytes = blob(manifest["config"]["digest"])
         _put_blob(config_bytes, manifest["config"]["digest"])
         for layer in manifest["layers"]:
             _put_blob(blob(layer["digest"]), layer["digest"])
-        images.append(_save(parse_reference(name), digest, manifest, json.loads(config_bytes)))
+        images.append(_save(parse_reference(name), digest, manifest,
+                            _parse_json(config_bytes, f"{src}: image config")))
     if not images:
         raise KataError(f"{src}: the layout names no image (org.opencontainers.image.ref.name)")
     return images
@@ -355,7 +393,7 @@ def _import_docker(root: Path, src: Path) -> list[Image]:
         _put_blob(manifest_bytes, manifest_digest)
         for tag in entry.get("RepoTags") or []:
             images.append(_save(parse_reference(tag), manifest_digest, manifest,
-                                json.loads(config_bytes)))
+                                _parse_json(config_bytes, f"{src}: image config")))
     if not images:
         raise KataError(f"{src}: the archive has no tagged image")
     return images

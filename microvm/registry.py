@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import http.client
 import json
 import os
 import re
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from . import images
 from .errors import KataError
@@ -47,33 +47,57 @@ def _challenge(header: str) -> tuple[str, dict[str, str]]:
     return scheme.lower(), dict(re.findall(r'(\w+)="([^"]*)"', rest))
 
 
+class _Redirect(urllib.request.HTTPRedirectHandler):
+    """Registries send blobs to a CDN or object store by redirect: our
+    credentials stay with the registry (S3 also refuses a second auth)."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str,
+                         headers: Any, newurl: str) -> urllib.request.Request | None:
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and urllib.parse.urlsplit(newurl).netloc != \
+                urllib.parse.urlsplit(req.full_url).netloc:
+            new.remove_header("Authorization")
+        return new
+
+
+_opener = urllib.request.build_opener(_Redirect)
+
+
 class Client:
     def __init__(self, ref: images.Reference, insecure: tuple[str, ...] = (),
                  credentials: tuple[str, str] | None = None) -> None:
         self.ref = ref
-        self.base = f"{_scheme(ref.registry, insecure)}://{_host(ref.registry)}/v2/{ref.repository}"
+        self.root = f"{_scheme(ref.registry, insecure)}://{_host(ref.registry)}/v2/"
+        self.base = self.root + ref.repository
         self.credentials = credentials
         self.auth: str | None = None
 
-    def _open(self, url: str, accept: str = "") -> Any:
+    def _open(self, url: str, accept: str = "", headers: dict[str, str] | None = None) -> Any:
         for attempt in range(2):
-            req = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
+            req = urllib.request.Request(url, headers=dict(headers or {}))
+            if accept:
+                req.add_header("Accept", accept)
             if self.auth:
                 req.add_header("Authorization", self.auth)
             try:
-                return urllib.request.urlopen(req, timeout=60)  # noqa: S310 - http(s) only
+                return _opener.open(req, timeout=60)
             except urllib.error.HTTPError as e:
+                e.close()
                 if e.code == 401 and attempt == 0:
                     self._login(e.headers.get("WWW-Authenticate", ""))
                     continue
+                what = self.ref.name if self.ref.repository else self.ref.registry
+                if e.code in (401, 403):
+                    hint = "wrong credentials" if self.credentials else "microvm login"
+                    raise KataError(f"{what}: unauthorized ({hint})") from None
                 if e.code == 404:
-                    raise KataError(f"{self.ref.name}: not found in the registry") from None
-                raise KataError(f"{self.ref.name}: registry answered {e.code} {e.reason}") \
-                    from None
-            except urllib.error.URLError as e:
-                raise KataError(f"{self.ref.registry}: cannot reach the registry "
-                                f"({e.reason})") from None
-        raise KataError(f"{self.ref.name}: unauthorized")
+                    raise KataError(f"{what}: not found in the registry") from None
+                raise KataError(f"{what}: registry answered {e.code} {e.reason}") from None
+            except (urllib.error.URLError, OSError) as e:
+                why = e.reason if isinstance(e, urllib.error.URLError) else e
+                raise _Transport(f"{self.ref.registry}: cannot reach the registry "
+                                 f"({why})") from None
+        raise AssertionError("unreachable")
 
     def _login(self, header: str) -> None:
         scheme, params = _challenge(header)
@@ -88,19 +112,31 @@ class Client:
         if scheme != "bearer" or "realm" not in params:
             raise KataError(f"{self.ref.registry}: unsupported auth challenge {header!r}")
         query = {k: v for k, v in params.items() if k in ("service", "scope")}
-        query.setdefault("scope", f"repository:{self.ref.repository}:pull")
+        if self.ref.repository:  # a login check asks for no scope, as docker's does
+            query.setdefault("scope", f"repository:{self.ref.repository}:pull")
+        if self.credentials:
+            query["account"] = self.credentials[0]
         req = urllib.request.Request(f"{params['realm']}?{urllib.parse.urlencode(query)}")
         if basic:
             req.add_header("Authorization", basic)
         try:
-            with urllib.request.urlopen(req, timeout=30) as r:  # noqa: S310
-                body = json.loads(r.read())
+            with _opener.open(req, timeout=30) as r:
+                body = json.loads(r.read(1 << 20))
+        except urllib.error.HTTPError as e:
+            why = "unauthorized" if e.code in (401, 403) else f"{e.code} {e.reason}"
+            raise KataError(f"{self.ref.registry}: token request failed: {why}") from None
         except (urllib.error.URLError, ValueError) as e:
             raise KataError(f"{self.ref.registry}: token request failed ({e})") from None
+        if not isinstance(body, dict):
+            raise KataError(f"{self.ref.registry}: the token service answered no JSON object")
         token = body.get("token") or body.get("access_token")
         if not token:
             raise KataError(f"{self.ref.registry}: the token service gave no token")
         self.auth = f"Bearer {token}"
+
+    def ping(self) -> None:
+        """GET /v2/, answering a challenge: how a login is checked."""
+        self._open(self.root).close()
 
     def manifest(self, reference: str) -> tuple[dict[str, Any], str, bytes]:
         with self._open(f"{self.base}/manifests/{reference}", ACCEPT) as r:
@@ -116,29 +152,63 @@ class Client:
         return doc, media or doc.get("mediaType", ""), data
 
     def blob(self, desc: dict[str, Any], dest: Path, progress: Progress) -> None:
+        """Fetch one blob into dest, verified.  A pull that was killed leaves
+        `.partial-<hex>`: its bytes are hashed again and the rest is asked for
+        with Range (a registry that ignores Range sends it all, and we start
+        over).  Nothing is trusted before the digest matches."""
         digest, size = images._digest(desc.get("digest")), int(desc.get("size", -1))
         if dest.exists():
             return
-        h = hashlib.sha256()
-        got = 0
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".pull-")
-        try:
-            with os.fdopen(fd, "wb") as out, self._open(f"{self.base}/blobs/{digest}") as r:
-                while chunk := r.read(1 << 20):
-                    got += len(chunk)
-                    if size >= 0 and got > size:
-                        raise KataError(f"blob {digest[:19]} is larger than its descriptor")
-                    h.update(chunk)
-                    out.write(chunk)
-                    progress.update(digest, got, size)
-            if size >= 0 and got != size:
-                raise KataError(f"blob {digest[:19]} is truncated: {got} of {size} bytes")
-            if "sha256:" + h.hexdigest() != digest:
-                raise KataError(f"blob digest mismatch: expected {digest}")
-            os.rename(tmp, dest)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        partial = dest.with_name(f".partial-{dest.name}")
+        fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "r+b") as out:
+            h, got = hashlib.sha256(), 0
+            while chunk := out.read(1 << 20):
+                h.update(chunk)
+                got += len(chunk)
+            try:
+                if size < 0 or got < size:
+                    h, got = self._fetch(digest, size, out, h, got, progress)
+                if size >= 0 and got != size:
+                    raise KataError(f"blob {digest[:19]} is truncated: {got} of {size} bytes")
+                if "sha256:" + h.hexdigest() != digest:
+                    raise KataError(f"blob digest mismatch: expected {digest}")
+            except _Transport:
+                raise  # the bytes so far are kept for the next pull to resume (as on ^C)
+            except KataError:
+                partial.unlink(missing_ok=True)  # the content is wrong: never resume it
+                raise
+        os.rename(partial, dest)
+
+    def _fetch(self, digest: str, size: int, out: IO[bytes], h: Any, got: int,
+               progress: Progress) -> tuple[Any, int]:
+        headers = {"Range": f"bytes={got}-"} if got else {}
+        with self._open(f"{self.base}/blobs/{digest}", headers=headers) as r:
+            if got and r.status != 206:
+                out.seek(0)
+                out.truncate()
+                h, got = hashlib.sha256(), 0
+            while chunk := _read(r, digest):
+                got += len(chunk)
+                if size >= 0 and got > size:
+                    raise KataError(f"blob {digest[:19]} is larger than its descriptor")
+                h.update(chunk)
+                out.write(chunk)
+                progress.update(digest, got, size)
+        return h, got
+
+
+class _Transport(KataError):
+    """The connection failed, not the content: a later pull may resume."""
+
+
+def _read(r: Any, digest: str) -> bytes:
+    try:
+        return r.read(1 << 20)  # type: ignore[no-any-return]
+    except (OSError, http.client.HTTPException) as e:
+        # A connection cut short is IncompleteRead, or a reset or a timeout.
+        raise _Transport(f"blob {digest[:19]}: download failed ({type(e).__name__})") \
+            from None
 
 
 class Progress:
@@ -179,15 +249,22 @@ def pull(ref_text: str, insecure: tuple[str, ...] = (),
         doc, media, data = client.manifest(_platform(doc, ref.name))
     if media not in images.MANIFEST_TYPES:
         raise KataError(f"{ref.name}: unsupported manifest media type {media!r}")
+    images.check_manifest(doc)  # before a byte is fetched
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     progress = Progress()
     with images._locked():
         blobs = images.store_root() / "blobs/sha256"
-        for desc in [doc["config"], *doc.get("layers", [])]:
-            client.blob(desc, blobs / images._digest(desc.get("digest"))[7:], progress)
-        images._put_blob(data, digest)
-        config = json.loads(images._blob(doc["config"]["digest"]).read_bytes())
-        return images._save(ref, digest, doc, config)
+        try:
+            for desc in [doc["config"], *doc.get("layers", [])]:
+                client.blob(desc, blobs / images._digest(desc.get("digest"))[7:], progress)
+            images._put_blob(data, digest)
+            config = images._read_json(images._blob(doc["config"]["digest"]), "image config")
+            return images._save(ref, digest, doc, config)
+        except _Transport:
+            raise  # what came whole stays, for the next pull to go on from
+        except KataError:
+            images._collect()  # bad content: the store is as it was before
+            raise
 
 
 # -- credentials -------------------------------------------------------------------
@@ -197,14 +274,50 @@ def _auth_file() -> Path:
     return images.store_root().parent / "auth.json"
 
 
-def login(registry: str, user: str, password: str) -> None:
+def _registry_name(registry: str) -> str:
+    """docker's spelling of the default registry is accepted for docker.io."""
+    if registry in ("index.docker.io", DOCKER_HUB, "https://index.docker.io/v1/"):
+        return images.DEFAULT_REGISTRY
+    if not registry or "/" in registry or any(c.isspace() for c in registry):
+        raise KataError(f"invalid registry name: {registry!r}")
+    return registry
+
+
+def _write_auth(data: dict[str, str]) -> None:
     path = _auth_file()
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data[registry] = base64.b64encode(f"{user}:{password}".encode()).decode()
-    fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(data, f)
-    os.rename(path.with_suffix(".tmp"), path)
+    os.rename(tmp, path)
+
+
+def _read_auth() -> dict[str, str]:
+    try:
+        data = json.loads(_auth_file().read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def login(registry: str, user: str, password: str, insecure: tuple[str, ...] = ()) -> None:
+    """Checked against the registry first, as docker does: a wrong password
+    is refused, not stored."""
+    registry = _registry_name(registry)
+    Client(images.Reference(registry, ""), insecure, (user, password)).ping()
+    data = _read_auth()
+    data[registry] = base64.b64encode(f"{user}:{password}".encode()).decode()
+    _write_auth(data)
+
+
+def logout(registry: str) -> bool:
+    registry = _registry_name(registry)
+    data = _read_auth()
+    if data.pop(registry, None) is None:
+        return False
+    _write_auth(data)
+    return True
 
 
 def load_credentials(registry: str) -> tuple[str, str] | None:
