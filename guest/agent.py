@@ -18,7 +18,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from guest import cgroups, container
+from guest import cgroups, container, network
 from microvm import linux
 from microvm.protocol import AGENT_SERVICE, PROTOCOL_VERSION, agent_pb2, ttrpc
 
@@ -217,6 +217,7 @@ class Agent:
         self._by_pid: dict[int, Process] = {}
         # Exits seen before the pid was known to us (a child can die fast).
         self._early_exits: dict[int, tuple[int, float]] = {}
+        self._tools: dict[int, asyncio.Future[tuple[int, float]]] = {}
         self._loop = asyncio.get_running_loop()
         self._loop.add_signal_handler(signal.SIGCHLD, self._reap)
         self._ooms: asyncio.Queue[str] = asyncio.Queue()
@@ -235,6 +236,10 @@ class Agent:
                 return
             code = os.waitstatus_to_exitcode(status)
             result = (128 - code if code < 0 else code, time.time())
+            tool = self._tools.pop(pid, None)
+            if tool is not None:
+                tool.set_result(result)
+                continue
             proc = self._by_pid.pop(pid, None)
             if proc is None:
                 self._early_exits[pid] = result
@@ -522,6 +527,40 @@ class Agent:
             for cid in set(self._oom_seen) - set(self.containers):
                 del self._oom_seen[cid]
             await asyncio.sleep(OOM_POLL)
+
+    async def run_tool(self, argv: list[str]) -> tuple[int, str]:
+        """Run one of the agent's own helpers (not a container's); its exit
+        status and output.  _reap, the one waiter, hands the status over."""
+        r, w = os.pipe()
+        try:
+            pid = os.posix_spawn(argv[0], argv, {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+                                 file_actions=[(os.POSIX_SPAWN_DUP2, w, 1),
+                                               (os.POSIX_SPAWN_DUP2, w, 2)])
+        except OSError as e:
+            os.close(r)
+            return 127, f"{argv[0]}: {e.strerror}"
+        finally:
+            os.close(w)
+        # Registered before the loop runs _reap again: no exit is missed.
+        done: asyncio.Future[tuple[int, float]] = self._loop.create_future()
+        early = self._early_exits.pop(pid, None)
+        if early is not None:
+            done.set_result(early)
+        else:
+            self._tools[pid] = done
+        code, _ = await done
+        with os.fdopen(r, "rb") as f:
+            os.set_blocking(r, False)
+            output = f.read(65536) or b""
+        return code, output.decode(errors="replace")
+
+    async def ConfigureNetwork(self, req: agent_pb2.NetworkConfig,
+                               ctx: ttrpc.CallContext) -> agent_pb2.Empty:
+        try:
+            await network.configure(req, self.run_tool)
+        except network.NetworkError as e:
+            raise ttrpc.InvalidArgument(f"network: {e}") from None
+        return agent_pb2.Empty()
 
     async def Shutdown(self, req: agent_pb2.Empty, ctx: ttrpc.CallContext) -> agent_pb2.Empty:
         # Answer first; the VM goes away right after.

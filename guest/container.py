@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 
 from guest import cgroups
 from microvm import linux
+from microvm.protocol import GUEST_SHARED_ROOT
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-SHARED_ROOT = "/run/kata-py/shared"
+SHARED_ROOT = GUEST_SHARED_ROOT
 
 # Reported to the agent so the host can give docker's 127 / 126.
 ERR_NOT_FOUND = "notfound"

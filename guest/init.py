@@ -16,7 +16,7 @@ import sys
 import time
 import traceback
 
-from guest import agent, cgroups, container
+from guest import agent, cgroups, container, network
 from microvm import linux
 from microvm.protocol import SERIAL_PORT_NAME, SHARED_FS_TAG, VSOCK_PORT
 
@@ -131,6 +131,7 @@ def main(started: float | None = None) -> None:
             level=logging.DEBUG if settings.get("kata_py.debug") == "1" else logging.WARNING)
         make_root_pivotable()
         mount_shared()
+        network.loopback_up()  # every container has localhost, networked or not
         cgroups.setup()
         asyncio.run(main_async(started, settings))
     except BaseException:

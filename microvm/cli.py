@@ -70,6 +70,18 @@ def _env(values: tuple[str, ...], image_env: list[str] | None = None) -> list[st
     return [f"{k}={v}" for k, v in env.items()]
 
 
+def _network(mode: str) -> str | None:
+    """--network: the namespace to take over, or None for loopback only."""
+    if mode == "none":
+        return None
+    if mode.startswith("ns:") and mode[3:]:
+        path = mode[3:]
+        if not os.path.exists(path):
+            raise KataError(f"--network {mode}: no such network namespace")
+        return path
+    raise KataError(f"--network {mode!r}: expected none or ns:PATH")
+
+
 @cli.command(context_settings={"allow_interspersed_args": False})
 @click.option("--rm", is_flag=True, help="Remove the container when it exits (always, for now).")
 @click.option("-i", "--interactive", is_flag=True, help="Keep stdin open and pass it on.")
@@ -91,14 +103,17 @@ def _env(values: tuple[str, ...], image_env: list[str] | None = None) -> list[st
 @click.option("-d", "--detach", is_flag=True,
               help="Run in the background (through the shim); print the name.")
 @click.option("--name", metavar="NAME", help="Name of a detached container.")
+@click.option("--network", "--net", "network", default="none", metavar="MODE",
+              help="none (loopback only) or ns:PATH (take over an existing network "
+                   "namespace's interfaces, as a CNI-prepared pod's).")
 @click.argument("rootfs_name", metavar="ROOTFS")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
 def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ...],
         workdir: str | None, user: str | None, entrypoint: str | None, hostname: str,
         pull_policy: str, cpus: int | None, memory: int | None, kernel: str | None,
-        accel: str | None, read_only: bool, detach: bool, name: str | None, rootfs_name: str,
-        command: tuple[str, ...]) -> None:
+        accel: str | None, read_only: bool, detach: bool, name: str | None, network: str,
+        rootfs_name: str, command: tuple[str, ...]) -> None:
     """Run COMMAND in a new container, in its own VM.
 
     ROOTFS is a directory, `busybox` (built in), or an image from `microvm images`.
@@ -114,6 +129,7 @@ def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ..
         cfg.accel = accel
     cfg.source = "command line"
     cfg.validate()
+    netns = _network(network)
     # `run IMAGE -- CMD...`: the separator is ours, not the command's.
     command = command[1:] if command[:1] == ("--",) else command
     root: Path | list[Path]
@@ -157,6 +173,8 @@ def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ..
         rows=rows, cols=cols, stdin=interactive)
     if detach:
         from . import detached
+        if netns is not None:
+            raise KataError("--network ns:PATH is not yet supported with -d")
         if cpus is not None or memory is not None or kernel is not None or accel is not None:
             raise KataError("--cpus, --memory, --kernel and --accel are not yet supported with "
                             "-d (set them in the config file)")
@@ -169,13 +187,14 @@ def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ..
         raise KataError("--name goes with -d")
     run_dir = mountns.enter()
     status = asyncio.run(_run(cfg, run_dir, root, process, read_only,
-                              hostname or secrets.token_hex(6), interactive, terminal))
+                              hostname or secrets.token_hex(6), interactive, terminal, netns))
     sys.exit(status)
 
 
 async def _run(cfg: config_mod.Config, run_dir: Path, root: Path | list[Path],
                process: agent_pb2.Process,
-               read_only: bool, hostname: str, interactive: bool, terminal: bool) -> int:
+               read_only: bool, hostname: str, interactive: bool, terminal: bool,
+               netns: str | None) -> int:
     from .attach import Terminal, attach
     from .sandbox import Sandbox
 
@@ -183,7 +202,7 @@ async def _run(cfg: config_mod.Config, run_dir: Path, root: Path | list[Path],
     if choice.fallback:
         log.warning("using TCG emulation (slow): %s", choice.reason)
     cid = secrets.token_hex(8)
-    async with Sandbox(cfg, cid, run_dir, choice) as sb:
+    async with Sandbox(cfg, cid, run_dir, choice, netns=netns) as sb:
         await sb.create_container(cid, root, process, readonly=read_only, hostname=hostname)
         with Terminal(sys.stdin.fileno()) if terminal and interactive else _nothing():
             await sb.start_container(cid)

@@ -34,6 +34,8 @@ class Config:
     transport: str = "auto"
     qemu: str = "qemu-system-x86_64"
     virtiofsd: str = "/usr/lib/qemu/virtiofsd"
+    # A static busybox, shared read-only into networked sandboxes for `ip`.
+    busybox: str = "/bin/busybox"
     # Seconds.  TCG boots take a few seconds; KVM well under one.
     boot_timeout: float = 60.0
     shutdown_timeout: float = 10.0

@@ -59,6 +59,15 @@ def host_tsc_khz(cpuinfo: str = "/proc/cpuinfo") -> int:
 
 
 @dataclass
+class Nic:
+    """A virtio-net device on a tap we opened (one fd per queue)."""
+
+    mac: str
+    fds: list[int]
+    mtu: int = 1500
+
+
+@dataclass
 class VMSpec:
     name: str
     kernel: str
@@ -74,6 +83,7 @@ class VMSpec:
     virtiofs_socket: str | None = None
     tsc_khz: int = 0               # host TSC rate, given to TCG guests
     sandbox: bool = True           # QEMU's seccomp filter
+    nics: list[Nic] = field(default_factory=list)
 
     @property
     def block_root(self) -> bool:
@@ -135,6 +145,14 @@ def command_line(qemu: str, spec: VMSpec) -> list[str]:
         argv += ["-device", "virtio-serial-device,max_ports=2",
                  "-chardev", f"socket,id=agent,fd={spec.serial_fd}",
                  "-device", f"virtserialport,chardev=agent,name={SERIAL_PORT_NAME}"]
+    for i, nic in enumerate(spec.nics):
+        # The tap is already open (in the sandbox's network namespace, which
+        # QEMU never enters); vhost-net would need /dev/vhost-net.
+        fds = ":".join(map(str, nic.fds))
+        multi = len(nic.fds) > 1
+        argv += ["-netdev", f"tap,id=net{i},{'fds' if multi else 'fd'}={fds},vhost=off",
+                 "-device", f"virtio-net-device,netdev=net{i},mac={nic.mac},"
+                            f"host_mtu={nic.mtu}" + (",mq=on" if multi else "")]
     if spec.virtiofs_socket:
         argv += ["-chardev", f"socket,id=vfs,path={_opt(spec.virtiofs_socket)}",
                  "-device", f"vhost-user-fs-device,chardev=vfs,tag={SHARED_FS_TAG},"

@@ -22,17 +22,19 @@ from typing import Any
 from google.protobuf.message import Message
 
 from . import accel as accel_mod
-from . import linux
+from . import linux, tcfilter
 from .agent_client import AgentClient
 from .config import Config
 from .errors import CommandNotExecutable, CommandNotFound, KataError, VMError
-from .protocol import PROTOCOL_VERSION, agent_pb2, ttrpc
-from .qemu import Machine, VMSpec, host_tsc_khz, tail
+from .protocol import GUEST_SHARED_ROOT, PROTOCOL_VERSION, agent_pb2, ttrpc
+from .qemu import Machine, Nic, VMSpec, host_tsc_khz, tail
 from .virtiofsd import Virtiofsd
 
 log = logging.getLogger(__name__)
 
 _SPAWNING = ("CreateContainer", "StartContainer", "ExecProcess")
+# Host tools shared read-only into the VM, under shared/.
+TOOLS_DIR = ".kata-py-tools"
 
 
 def vhost_vsock_usable() -> bool:
@@ -66,8 +68,12 @@ class Timings:
 
 class Sandbox:
     def __init__(self, config: Config, sandbox_id: str, run_dir: Path,
-                 accel: accel_mod.Choice) -> None:
+                 accel: accel_mod.Choice, netns: str | None = None) -> None:
+        """netns: a network namespace whose veths the guest takes over
+        (tcfilter); None: the guest has only its loopback."""
         self.config = config
+        self.netns = netns
+        self.network: tcfilter.Network | None = None
         self.id = sandbox_id
         self.dir = run_dir / sandbox_id
         self.accel = accel
@@ -128,6 +134,14 @@ class Sandbox:
             transport=self.transport, virtiofs_socket=str(vfs.socket_path),
             tsc_khz=host_tsc_khz() if self.accel.accel == "tcg" else 0)
         extra_fds = []
+        if self.netns:
+            # Undone after QEMU is gone (the exit stack runs in reverse).
+            self.network = await asyncio.to_thread(tcfilter.plumb, self.netns,
+                                                   self.config.vcpus)
+            self._stack.callback(tcfilter.teardown, self.network)
+            for itf in self.network.interfaces:
+                spec.nics.append(Nic(itf.mac, list(itf.tap_fds), itf.mtu))
+                extra_fds += itf.tap_fds
         serial_ours = None
         if self.transport == "serial":
             serial_ours, serial_theirs = socket.socketpair()
@@ -143,6 +157,8 @@ class Sandbox:
         finally:
             if serial_ours is not None:
                 serial_theirs.close()
+            if self.network is not None:
+                self.network.close_fds()  # QEMU holds the taps now
         vfs.forget_socket()
         self.timings.launched = time.monotonic()
 
@@ -158,10 +174,38 @@ class Sandbox:
         if self.details.protocol_version != PROTOCOL_VERSION:
             raise VMError(f"guest agent speaks protocol {self.details.protocol_version}, "
                           f"this host {PROTOCOL_VERSION}: rebuild the guest image")
+        if self.network is not None and self.network.interfaces:
+            await self._race(self._configure_network(self.network), deadline)
         self.timings.ready = time.monotonic()
         self.timings.guest = {"agent_started": self.details.agent_started,
                               "agent_ready": self.details.agent_ready}
         log.debug("sandbox %s ready in %.2fs", self.id, self.timings.ready - self.timings.start)
+
+    async def _configure_network(self, net: tcfilter.Network) -> None:
+        """The guest copies the namespace's veths, with busybox's ip, shared
+        read-only for this (the guest image has no networking tools)."""
+        tools = self.shared / TOOLS_DIR
+        tools.mkdir(exist_ok=True)
+        (tools / "busybox").touch(mode=0o555)
+        linux.mount(self.config.busybox, str(tools / "busybox"), None, linux.MS_BIND)
+        self._stack.callback(_umount, tools / "busybox")
+        linux.mount(None, str(tools / "busybox"), None,
+                    linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY)
+        by_name = {i.name: i.mac for i in net.interfaces}
+        req = agent_pb2.NetworkConfig(
+            interfaces=[agent_pb2.NetworkInterface(
+                mac=i.mac, mtu=i.mtu, name=i.name, addresses=[a.cidr for a in i.addresses])
+                for i in net.interfaces],
+            routes=[agent_pb2.NetworkRoute(
+                dest=r.dest, gateway=r.gateway, device_mac=by_name[r.device],
+                source=r.source, scope=r.scope, ipv6=r.family == socket.AF_INET6,
+                metric=r.metric) for r in net.routes],
+            ip_command=[f"{GUEST_SHARED_ROOT}/{TOOLS_DIR}/busybox", "ip"])
+        assert self.agent is not None
+        try:
+            await self.agent.call("ConfigureNetwork", req)
+        except ttrpc.RpcError as e:
+            raise KataError(f"guest network set-up failed: {e}") from None
 
     async def _race(self, aw, deadline: float):  # type: ignore[no-untyped-def]
         """Await aw unless the VM exits or the boot deadline passes first."""

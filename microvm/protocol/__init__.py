@@ -3,7 +3,7 @@
 Kept free of heavy imports: the guest agent loads it at every boot.
 """
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2   # 2: ConfigureNetwork
 AGENT_SERVICE = "katapy.agent.v1.Agent"
 # virtio-serial port name (/sys/class/virtio-ports/*/name in the guest).
 SERIAL_PORT_NAME = "kata-py.agent"
@@ -11,3 +11,5 @@ SERIAL_PORT_NAME = "kata-py.agent"
 VSOCK_PORT = 1024
 # virtio-fs tag of the sandbox's shared directory.
 SHARED_FS_TAG = "kata-py-shared"
+# Where the guest mounts it.
+GUEST_SHARED_ROOT = "/run/kata-py/shared"

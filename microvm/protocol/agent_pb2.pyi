@@ -6,6 +6,46 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class NetworkInterface(_message.Message):
+    __slots__ = ("mac", "mtu", "addresses", "name")
+    MAC_FIELD_NUMBER: _ClassVar[int]
+    MTU_FIELD_NUMBER: _ClassVar[int]
+    ADDRESSES_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    mac: str
+    mtu: int
+    addresses: _containers.RepeatedScalarFieldContainer[str]
+    name: str
+    def __init__(self, mac: _Optional[str] = ..., mtu: _Optional[int] = ..., addresses: _Optional[_Iterable[str]] = ..., name: _Optional[str] = ...) -> None: ...
+
+class NetworkRoute(_message.Message):
+    __slots__ = ("dest", "gateway", "device_mac", "source", "scope", "ipv6", "metric")
+    DEST_FIELD_NUMBER: _ClassVar[int]
+    GATEWAY_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_MAC_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    IPV6_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    dest: str
+    gateway: str
+    device_mac: str
+    source: str
+    scope: int
+    ipv6: bool
+    metric: int
+    def __init__(self, dest: _Optional[str] = ..., gateway: _Optional[str] = ..., device_mac: _Optional[str] = ..., source: _Optional[str] = ..., scope: _Optional[int] = ..., ipv6: _Optional[bool] = ..., metric: _Optional[int] = ...) -> None: ...
+
+class NetworkConfig(_message.Message):
+    __slots__ = ("interfaces", "routes", "ip_command")
+    INTERFACES_FIELD_NUMBER: _ClassVar[int]
+    ROUTES_FIELD_NUMBER: _ClassVar[int]
+    IP_COMMAND_FIELD_NUMBER: _ClassVar[int]
+    interfaces: _containers.RepeatedCompositeFieldContainer[NetworkInterface]
+    routes: _containers.RepeatedCompositeFieldContainer[NetworkRoute]
+    ip_command: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, interfaces: _Optional[_Iterable[_Union[NetworkInterface, _Mapping]]] = ..., routes: _Optional[_Iterable[_Union[NetworkRoute, _Mapping]]] = ..., ip_command: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class OOMEvent(_message.Message):
     __slots__ = ("container_id",)
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
