@@ -280,3 +280,20 @@ def test_comma_in_paths_is_escaped() -> None:
     vfs = [v for v in values(argv, "-chardev") if "id=vfs" in qemu_opts(v)]
     assert len(vfs) == 1
     assert "path=/run/a,b/vfs.sock" in qemu_opts(vfs[0])
+
+
+def test_nics_on_open_taps() -> None:
+    from microvm.qemu import Nic
+    argv = command_line(QEMU, spec(nics=[Nic("02:00:00:00:00:01", [7], 1400),
+                                         Nic("02:00:00:00:00:02", [8, 9], 9000)]))
+    netdevs = [opts(v) for v in values(argv, "-netdev")]
+    assert netdevs == [("tap", {"id": "net0", "fd": "7", "vhost": "off"}),
+                       ("tap", {"id": "net1", "fds": "8:9", "vhost": "off"})]
+    assert devices(argv, "virtio-net-device") == [
+        {"netdev": "net0", "mac": "02:00:00:00:00:01", "host_mtu": "1400"},
+        {"netdev": "net1", "mac": "02:00:00:00:00:02", "host_mtu": "9000", "mq": "on"}]
+
+
+def test_no_nics_no_netdev() -> None:
+    argv = command_line(QEMU, spec())
+    assert values(argv, "-netdev") == [] and devices(argv, "virtio-net-device") == []

@@ -1,0 +1,131 @@
+"""Networking on real VMs: a pod namespace prepared by the CNI bridge plugin,
+taken over by the guest through Kata's tcfilter plumbing.
+
+Every namespace here is made by the test (a "node" namespace stands in for
+the machine), so no traffic touches the machine's own interfaces.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Microvm, assert_no_leaks
+from tests.integration.netns import CNI_BIN, Pod, cni_pod, links, namespace, qdiscs, sh
+
+pytestmark = [pytest.mark.vm, pytest.mark.skipif(
+    not (CNI_BIN / "bridge").exists(), reason="containernetworking-plugins not installed")]
+
+# httpd with a CGI that answers the client's address; the interface first.
+SERVE = ("mkdir -p /www/cgi-bin && "
+         "printf '#!/bin/sh\\necho Content-Type: text/plain\\necho\\necho $REMOTE_ADDR\\n' "
+         "> /www/cgi-bin/ip && chmod +x /www/cgi-bin/ip && "
+         "ip -o link show eth0 && ip -o addr show eth0 && ip route && "
+         "trap 'exit 0' TERM; httpd -f -p 8080 -h /www & echo serving; wait")
+
+
+@pytest.fixture
+def node() -> Iterator[str]:
+    with namespace("kt-node") as name:
+        yield name
+
+
+@pytest.fixture
+def pod(node: str, tmp_path: Path) -> Iterator[Pod]:
+    with cni_pod(node, tmp_path / "ipam") as p:
+        yield p
+
+
+def serve(microvm: Microvm, pod: Pod) -> tuple[subprocess.Popen[bytes], list[str]]:
+    """The container serving; what it printed before it served."""
+    p = microvm.popen("run", "--rm", "--network", f"ns:{pod.netns}", "busybox",
+                      "sh", "-c", SERVE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None
+    lines = []
+    while (line := p.stdout.readline().decode()) and line.strip() != "serving":
+        lines.append(line)
+    assert line, f"no container output: {lines} {p.stderr.read() if p.stderr else ''!r}"
+    return p, lines
+
+
+def fetch(ns: str, url: str, timeout: float = 30) -> str:
+    """curl from inside ns, until the server answers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = sh("curl", "-sS", "-g", "--max-time", "3", url, ns=ns, check=False)
+        if r.returncode == 0:
+            return r.stdout
+        assert time.monotonic() < deadline, f"{url}: {r.stderr}"
+        time.sleep(0.2)
+
+
+def client(remote_addr: str) -> str:
+    """httpd's REMOTE_ADDR: [v6], or v4 as [::ffff:v4] (it listens on both)."""
+    return remote_addr.strip().strip("[]").removeprefix("::ffff:")
+
+
+def test_cni_pod_reachable_with_its_own_address(microvm: Microvm, pod: Pod) -> None:
+    p, printed = serve(microvm, pod)
+    try:
+        link, addrs, routes = printed[0], "".join(printed[1:3]), "".join(printed[3:])
+        assert f"link/ether {pod.mac}" in link and "mtu 1400" in link
+        assert f"inet {pod.ip}/24" in addrs and f"inet6 {pod.ip6}/64" in addrs
+        assert f"default via {pod.gateway} dev eth0" in routes
+        # TCP from the node side; the container sees the node's bridge address.
+        assert client(fetch(pod.node, f"http://{pod.ip}:8080/cgi-bin/ip")) == pod.gateway
+        assert client(fetch(pod.node, f"http://[{pod.ip6}]:8080/cgi-bin/ip")).startswith(
+            "fd00:88::")
+        ping = sh("busybox", "ping", "-c", "2", "-W", "5", pod.ip, ns=pod.node, check=False)
+        assert " 0% packet loss" in ping.stdout, ping.stdout + ping.stderr
+        # While it runs: a tap beside eth0, both joined by ingress redirects.
+        assert "tap0_kata" in links(Path(pod.netns).name)
+        assert "ingress" in qdiscs(Path(pod.netns).name)
+    finally:
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    ns = Path(pod.netns).name
+    assert "ingress" not in qdiscs(ns) and "tap0_kata" not in links(ns)
+
+
+def test_sigkill_leaves_no_tap_and_the_next_run_recovers(microvm: Microvm, pod: Pod) -> None:
+    """SIGKILL of the CLI takes QEMU along, and the tap with it (its last fd).
+    The ingress qdisc on the pod's veth is the namespace's to remove (CNI DEL
+    removes the veth); a new sandbox in the namespace replaces it."""
+    ns = Path(pod.netns).name
+    p, _ = serve(microvm, pod)
+    fetch(pod.node, f"http://{pod.ip}:8080/cgi-bin/ip")
+    p.send_signal(signal.SIGKILL)
+    p.communicate(timeout=30)
+    assert_no_leaks()
+    deadline = time.monotonic() + 10
+    while "tap0_kata" in links(ns):
+        assert time.monotonic() < deadline, sh("ps", "-ef").stdout
+        time.sleep(0.1)
+    r = microvm.run("run", "--rm", "--network", f"ns:{pod.netns}", "busybox",
+                    "ping", "-c", "1", "-W", "5", pod.gateway)
+    assert r.returncode == 0 and " 0% packet loss" in r.stdout, r.stdout + r.stderr
+    assert "ingress" not in qdiscs(ns) and "tap0_kata" not in links(ns)
+
+
+def test_no_network_means_loopback_only(microvm: Microvm) -> None:
+    r = microvm.run("run", "--rm", "--network", "none", "busybox", "sh", "-c",
+                    "ip -o link | cut -d: -f2; ping -c 1 -W 3 127.0.0.1 >/dev/null && echo lo-ok")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["lo", "lo-ok"]
+
+
+@pytest.mark.parametrize("mode, message", [
+    ("ns:/var/run/netns/kata-py-no-such-ns", "no such network namespace"),
+    ("ns:/etc/hostname", "is not a network namespace"),
+    ("bogus", "expected none or ns:PATH"),
+])
+def test_bad_network_is_one_line(microvm: Microvm, mode: str, message: str) -> None:
+    r = microvm.run("run", "--rm", "--network", mode, "busybox", "true")
+    assert r.returncode == 125
+    assert len(r.error_lines) == 1 and message in r.error_lines[0], r.stderr
