@@ -50,6 +50,10 @@ class Spec:
     annotations: dict[str, str] = field(default_factory=dict)
     # linux.resources, as JSON: applied like an Update right after create.
     resources: bytes = b""
+    # linux.namespaces' network path: the namespace CNI prepared, whose veths
+    # the guest takes over.  "" when the spec asks for a new (empty) one or
+    # for none (the host's, which a VM can never share).
+    netns: str = ""
 
 
 def _get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str,
@@ -107,13 +111,32 @@ def load_bundle(bundle: Path) -> Spec:
         raise ttrpc.InvalidArgument("OCI spec: not an object")
     root = _get(data, "root", dict, "", {})
     annotations = _get(data, "annotations", dict, "", {})
+    linux_ = _get(data, "linux", dict, "", {})
     return Spec(
+        netns=network_namespace(_get(linux_, "namespaces", list, "linux.", [])),
         process=process(data.get("process")), hostname=_get(data, "hostname", str, "", ""),
         root_path=_get(root, "path", str, "root.", "rootfs"),
         root_readonly=_get(root, "readonly", bool, "root.", False),
         annotations={str(k): str(v) for k, v in annotations.items()},
-        resources=json.dumps(_get(_get(data, "linux", dict, "", {}), "resources", dict,
-                                  "linux.", {})).encode())
+        resources=json.dumps(_get(linux_, "resources", dict, "linux.", {})).encode())
+
+
+def network_namespace(namespaces: list[Any]) -> str:
+    for i, ns in enumerate(namespaces):
+        if not isinstance(ns, dict):
+            raise ttrpc.InvalidArgument(f"OCI spec: linux.namespaces[{i}] is not an object")
+        if _get(ns, "type", str, f"linux.namespaces[{i}].", "") == "network":
+            return str(_get(ns, "path", str, f"linux.namespaces[{i}].", ""))
+    return ""
+
+
+def read_bundle_netns(bundle: Path) -> str:
+    """The network namespace path only (for clean-up), tolerant of a bad spec."""
+    try:
+        data = json.loads((bundle / "config.json").read_text())
+        return network_namespace(data["linux"]["namespaces"])
+    except (OSError, ValueError, KeyError, TypeError, ttrpc.RpcError):
+        return ""
 
 
 def read_annotations(bundle: Path) -> dict[str, str]:

@@ -92,11 +92,7 @@ class Sandbox:
         return self.log_dir / "console.log"
 
     async def __aenter__(self) -> Sandbox:
-        try:
-            await self.start()
-        except BaseException:
-            await self._stack.aclose()
-            raise
+        await self.start()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -105,6 +101,14 @@ class Sandbox:
     # -- start-up --------------------------------------------------------
 
     async def start(self) -> None:
+        """Boot the VM; a failure at any step unwinds what was done."""
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+
+    async def _start(self) -> None:
         self.timings.start = time.monotonic()
         for path in (self.config.kernel, self.config.guest_image):
             if not os.path.isfile(path):

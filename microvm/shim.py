@@ -167,6 +167,13 @@ def delete(args: Args) -> int:
     with contextlib.suppress(OSError):
         if os.path.ismount(rootfs):
             linux.umount(str(rootfs), linux.MNT_DETACH)
+    # A SIGKILLed shim's VM took its taps along; the veths' redirects remain.
+    netns = oci.read_bundle_netns(bundle)
+    if netns and (path is None or not _alive(path)):
+        from . import tcfilter
+        with contextlib.suppress(Exception):
+            if tcfilter.usable_netns(netns):
+                tcfilter.clean_stale(netns)
     resp = task_pb2.DeleteResponse(pid=0, exit_status=128 + signal.SIGKILL,
                                    exited_at=timestamp())
     sys.stdout.buffer.write(resp.SerializeToString())

@@ -26,7 +26,7 @@ from typing import TypeVar
 
 from google.protobuf import empty_pb2
 
-from . import accel, linux, metrics, mountns, oci
+from . import accel, linux, metrics, mountns, oci, tcfilter
 from . import config as config_mod
 from .attach import pump_input, pump_output
 from .errors import KataError
@@ -178,13 +178,17 @@ class TaskService:
         m = self.sandbox.machine if self.sandbox else None
         return m.proc.pid if m is not None and m.proc is not None else 0
 
-    async def _ensure_sandbox(self, options_config: str | None) -> Sandbox:
+    async def _ensure_sandbox(self, options_config: str | None, netns: str) -> Sandbox:
+        """The pod's VM, booted by its first container (CRI's pause container),
+        with that container's network namespace."""
         async with self._boot_lock:
             if self.sandbox is None:
                 try:
                     cfg = config_mod.load(options_config)
+                    ns = tcfilter.usable_netns(netns)
                     run_dir = mountns.enter()
-                    sb = Sandbox(cfg, secrets.token_hex(8), run_dir, accel.choose(cfg.accel))
+                    sb = Sandbox(cfg, secrets.token_hex(8), run_dir, accel.choose(cfg.accel),
+                                 netns=ns)
                     await sb.start()
                 except KataError as e:
                     raise ttrpc.FailedPrecondition(str(e)) from None
@@ -305,7 +309,7 @@ class TaskService:
         if req.options.value:
             from .shim import runtime_options_config
             config_path = runtime_options_config(req.options)
-        sb = await self._ensure_sandbox(config_path)
+        sb = await self._ensure_sandbox(config_path, spec.netns)
         if req.rootfs:
             self._mount_rootfs(bundle, list(req.rootfs))
             rootfs = bundle / "rootfs"

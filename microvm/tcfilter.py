@@ -124,6 +124,43 @@ def in_netns(path: str, fn: Callable[[IPRoute], T]) -> T:
     return result[0]
 
 
+def usable_netns(path: str) -> str | None:
+    """The namespace to take over, or None for loopback only.
+
+    Never our own (a spec with no network namespace, as `--net-host`, would
+    name none, and the host's veths must never be redirected into a VM)."""
+    if not path:
+        return None
+    try:
+        theirs, ours = os.stat(path), os.stat("/proc/self/ns/net")
+    except FileNotFoundError:
+        raise KataError(f"network namespace {path} does not exist") from None
+    except OSError as e:
+        raise KataError(f"network namespace {path}: {e.strerror}") from None
+    if (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino):
+        log.warning("%s is the host's network namespace: the guest gets loopback only", path)
+        return None
+    return path
+
+
+def clean_stale(path: str) -> None:
+    """After a killed owner (the shim's delete): the veths' ingress qdiscs,
+    if no tap of ours lives in the namespace any more."""
+
+    def work(ipr: IPRoute) -> None:
+        names = [link.get("ifname") for link in ipr.get_links()]
+        if any(n.startswith("tap") and n.endswith("_kata") for n in names):
+            return  # a sandbox still runs there
+        for link in ipr.get_links():
+            if _kind(link) == "veth":
+                _del_ingress(ipr, link["index"])
+
+    try:
+        in_netns(path, work)
+    except (KataError, NetlinkError) as e:
+        log.debug("clean-up in %s: %s", path, e)
+
+
 def _kind(link: Any) -> str | None:
     return link.get(("linkinfo", "kind"))  # type: ignore[no-any-return]
 

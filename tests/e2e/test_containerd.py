@@ -26,6 +26,7 @@ from microvm.ociarchive import oci_archive
 from microvm.privatecontainerd import Containerd
 from microvm.protocol import task_pb2, ttrpc
 from tests.conftest import helper_processes, pty_expect, pty_winsize
+from tests.netns import CNI_BIN, Pod, cni_pod, links, namespace, qdiscs
 
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(shutil.which("containerd") is None,
                                                  reason="containerd not installed")]
@@ -408,3 +409,46 @@ def test_output_faster_than_the_reader_is_not_lost(ctd: Containerd) -> None:
         capture_output=True, timeout=180, env=ctd.env)
     assert p.returncode == 0, p.stderr
     assert len(p.stdout) == 5_000_000
+
+
+@pytest.fixture
+def pod(tmp_path: Path) -> Iterator[Pod]:
+    """A pod namespace prepared by the CNI bridge plugin, in a node namespace
+    of the test's own (no traffic on the machine's interfaces)."""
+    if not (CNI_BIN / "bridge").exists():
+        pytest.skip("containernetworking-plugins not installed")
+    with namespace("kt-node") as node, cni_pod(node, tmp_path / "ipam") as p:
+        yield p
+
+
+def test_cni_pod_network_inside_the_guest(ctd: Containerd, pod: Pod) -> None:
+    """The spec names the namespace CNI prepared: its address, route and MTU
+    are the guest's, and the node reaches the guest there."""
+    p = run(ctd, "t-net", "sh", "-c", "ip -o addr show eth0; ip route; "
+            f"ping -c 1 -W 5 {pod.gateway} >/dev/null && echo gateway-ok",
+            flags=("--rm", "--with-ns", f"network:{pod.netns}"))
+    assert p.returncode == 0, p.stderr
+    assert f"inet {pod.ip}/24" in p.stdout
+    assert f"default via {pod.gateway} dev eth0" in p.stdout
+    assert "gateway-ok" in p.stdout
+    ns = Path(pod.netns).name
+    assert "ingress" not in qdiscs(ns) and "tap0_kata" not in links(ns)
+
+
+def test_sigkill_of_a_networked_shim_then_delete_cleans_the_namespace(
+        ctd: Containerd, pod: Pod) -> None:
+    ns = Path(pod.netns).name
+    assert run(ctd, "t-netkill", "sleep", "1000",
+               flags=("-d", "--with-ns", f"network:{pod.netns}")).returncode == 0
+    assert "ingress" in qdiscs(ns)
+    sock = (ctd.bundle("t-netkill") / "address").read_text().removeprefix("unix://")
+    got = asyncio.run(_task_call(sock, "Connect", task_pb2.ConnectRequest(id="t-netkill"),
+                                 task_pb2.ConnectResponse))
+    os.kill(got.shim_pid, signal.SIGKILL)  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 30
+    while Path(sock).exists() or helper_processes() or "ingress" in qdiscs(ns):
+        assert time.monotonic() < deadline, (helper_processes(), qdiscs(ns))
+        time.sleep(0.2)
+    assert "tap0_kata" not in links(ns)
+    ctd.ctr("task", "delete", "t-netkill")
+    assert ctd.ctr("container", "rm", "t-netkill").returncode == 0

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Microvm, assert_no_leaks
-from tests.integration.netns import CNI_BIN, Pod, cni_pod, links, namespace, qdiscs, sh
+from tests.netns import CNI_BIN, Pod, cni_pod, links, namespace, qdiscs, sh
 
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(
     not (CNI_BIN / "bridge").exists(), reason="containernetworking-plugins not installed")]
