@@ -98,9 +98,10 @@ def run(n: int, floor: Callable[[], float], microvm: str) -> dict[str, object]:
         try:
             for _ in range(n):
                 firsts["floor"].append(floor())
-                firsts["run IMAGE"].append(first_byte([microvm, "run", "--rm", ref]))
-                firsts["run busybox"].append(
-                    first_byte([microvm, "run", "--rm", "busybox", "echo", "hello"]))
+                firsts["run IMAGE"].append(
+                    first_byte([microvm, "run", "--rm", "--network", "none", ref]))
+                firsts["run busybox"].append(first_byte(
+                    [microvm, "run", "--rm", "--network", "none", "busybox", "echo", "hello"]))
         finally:
             subprocess.run([microvm, "rmi", ref], stdout=subprocess.DEVNULL, check=False)
     pull = {k: _stats(v) for k, v in pulls.items()}

@@ -20,6 +20,7 @@ from . import config as config_mod
 from .errors import KataError
 from .install import DEFAULT_CONFIG as DEFAULT_CONTAINERD_CONFIG
 from .install import install_containerd
+from .network import NetworkSpec, parse_mode
 from .protocol import agent_pb2
 
 log = logging.getLogger("microvm")
@@ -70,18 +71,6 @@ def _env(values: tuple[str, ...], image_env: list[str] | None = None) -> list[st
     return [f"{k}={v}" for k, v in env.items()]
 
 
-def _network(mode: str) -> str | None:
-    """--network: the namespace to take over, or None for loopback only."""
-    if mode == "none":
-        return None
-    if mode.startswith("ns:") and mode[3:]:
-        path = mode[3:]
-        if not os.path.exists(path):
-            raise KataError(f"--network {mode}: no such network namespace")
-        return path
-    raise KataError(f"--network {mode!r}: expected none or ns:PATH")
-
-
 @cli.command(context_settings={"allow_interspersed_args": False})
 @click.option("--rm", is_flag=True, help="Remove the container when it exits (always, for now).")
 @click.option("-i", "--interactive", is_flag=True, help="Keep stdin open and pass it on.")
@@ -103,17 +92,20 @@ def _network(mode: str) -> str | None:
 @click.option("-d", "--detach", is_flag=True,
               help="Run in the background (through the shim); print the name.")
 @click.option("--name", metavar="NAME", help="Name of a detached container.")
-@click.option("--network", "--net", "network", default="none", metavar="MODE",
-              help="none (loopback only) or ns:PATH (take over an existing network "
-                   "namespace's interfaces, as a CNI-prepared pod's).")
+@click.option("--network", "--net", "network", default=None, metavar="MODE",
+              help="bridge (the default: microvm0, NAT), none (loopback only), or ns:PATH "
+                   "(take over a prepared network namespace's interfaces).")
+@click.option("-p", "--publish", multiple=True, metavar="[IP:]HOST:CONTAINER[/PROTO]",
+              help="Publish a container's port on the host (bridge network).")
 @click.argument("rootfs_name", metavar="ROOTFS")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
 def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ...],
         workdir: str | None, user: str | None, entrypoint: str | None, hostname: str,
         pull_policy: str, cpus: int | None, memory: int | None, kernel: str | None,
-        accel: str | None, read_only: bool, detach: bool, name: str | None, network: str,
-        rootfs_name: str, command: tuple[str, ...]) -> None:
+        accel: str | None, read_only: bool, detach: bool, name: str | None,
+        network: str | None, publish: tuple[str, ...], rootfs_name: str,
+        command: tuple[str, ...]) -> None:
     """Run COMMAND in a new container, in its own VM.
 
     ROOTFS is a directory, `busybox` (built in), or an image from `microvm images`.
@@ -129,7 +121,7 @@ def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ..
         cfg.accel = accel
     cfg.source = "command line"
     cfg.validate()
-    netns = _network(network)
+    net = parse_mode(network or cfg.network, publish)
     # `run IMAGE -- CMD...`: the separator is ours, not the command's.
     command = command[1:] if command[:1] == ("--",) else command
     root: Path | list[Path]
@@ -173,28 +165,26 @@ def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ..
         rows=rows, cols=cols, stdin=interactive)
     if detach:
         from . import detached
-        if netns is not None:
-            raise KataError("--network ns:PATH is not yet supported with -d")
         if cpus is not None or memory is not None or kernel is not None or accel is not None:
             raise KataError("--cpus, --memory, --kernel and --accel are not yet supported with "
                             "-d (set them in the config file)")
         process.stdin = False
         click.echo(asyncio.run(detached.run_detached(
             name, root, process, hostname or secrets.token_hex(6), read_only,
-            obj.config_path, image_ref)))
+            obj.config_path, image_ref, net)))
         return
     if name:
         raise KataError("--name goes with -d")
     run_dir = mountns.enter()
     status = asyncio.run(_run(cfg, run_dir, root, process, read_only,
-                              hostname or secrets.token_hex(6), interactive, terminal, netns))
+                              hostname or secrets.token_hex(6), interactive, terminal, net))
     sys.exit(status)
 
 
 async def _run(cfg: config_mod.Config, run_dir: Path, root: Path | list[Path],
                process: agent_pb2.Process,
                read_only: bool, hostname: str, interactive: bool, terminal: bool,
-               netns: str | None) -> int:
+               net: NetworkSpec) -> int:
     from .attach import Terminal, attach
     from .sandbox import Sandbox
 
@@ -202,8 +192,9 @@ async def _run(cfg: config_mod.Config, run_dir: Path, root: Path | list[Path],
     if choice.fallback:
         log.warning("using TCG emulation (slow): %s", choice.reason)
     cid = secrets.token_hex(8)
-    async with Sandbox(cfg, cid, run_dir, choice, netns=netns) as sb:
-        await sb.create_container(cid, root, process, readonly=read_only, hostname=hostname)
+    async with Sandbox(cfg, cid, run_dir, choice, network=net) as sb:
+        await sb.create_container(cid, root, process, readonly=read_only, hostname=hostname,
+                                  etc=True)
         with Terminal(sys.stdin.fileno()) if terminal and interactive else _nothing():
             await sb.start_container(cid)
             return await attach(sb, cid, stdin=interactive, terminal=terminal)
@@ -426,13 +417,45 @@ def system_df() -> None:
 @system_group.command("prune")
 @click.option("-a", "--all", "all_images", is_flag=True,
               help="Also remove every image no running container uses.")
-def system_prune(all_images: bool) -> None:
-    """Remove stopped containers, unused layers and interrupted downloads."""
-    from . import system
+@click.pass_obj
+def system_prune(obj: Context, all_images: bool) -> None:
+    """Remove stopped containers, unused layers, interrupted downloads, and
+    network leases and a bridge that killed containers left."""
+    from . import bridge, system
     removed, freed = asyncio.run(system.prune(all_images))
+    for ip in bridge.prune_leases():
+        removed.append(f"lease {ip}")
+    cfg = obj.config()
+    if bridge.remove_bridge_if_unused(bridge.BridgeConfig(cfg.bridge_name, cfg.bridge_subnet)):
+        removed.append(f"bridge {cfg.bridge_name}")
     for what in removed:
         click.echo(f"deleted {what}")
     click.echo(f"Total reclaimed space: {freed / 1e6:.1f}MB")
+
+
+@cli.group("network")
+def network_group() -> None:
+    """The CLI's bridge network."""
+
+
+@network_group.command("ls")
+@click.pass_obj
+def network_ls(obj: Context) -> None:
+    """The bridge, its subnet, and the addresses leased to sandboxes."""
+    from . import bridge, netlink
+    cfg = obj.config()
+    up = bool(netlink.run(lambda ipr: ipr.link_lookup(ifname=cfg.bridge_name)))
+    gateway = bridge.BridgeConfig(cfg.bridge_name, cfg.bridge_subnet).gateway
+    click.echo(f"{'NETWORK':<12}{'DRIVER':<9}{'SUBNET':<18}{'GATEWAY':<16}STATE")
+    click.echo(f"{'bridge':<12}{'bridge':<9}{cfg.bridge_subnet:<18}{gateway:<16}"
+               f"{cfg.bridge_name + (' up' if up else ' (made on first use)')}")
+    click.echo(f"{'none':<12}{'null':<9}")
+    leases = bridge.list_leases()
+    if leases:
+        click.echo(f"\n{'ADDRESS':<18}{'SANDBOX':<20}{'OWNER PID':<11}STATE")
+        for ip, lease in sorted(leases.items(), key=lambda kv: tuple(map(int, kv[0].split(".")))):
+            state = "in use" if lease["alive"] else "stale (owner gone: microvm system prune)"
+            click.echo(f"{ip:<18}{str(lease.get('owner')):<20}{str(lease.get('pid')):<11}{state}")
 
 
 @cli.command()

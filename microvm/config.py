@@ -7,6 +7,7 @@ unknown key or a wrong type is an error that names the key and the file.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from .errors import ConfigError
 ACCELS = ("auto", "kvm", "tcg")
 TRANSPORTS = ("auto", "vsock", "serial")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+NETWORKS = ("bridge", "none")
 
 
 @dataclass
@@ -43,6 +45,10 @@ class Config:
     log_level: str = "warning"
     # Where console and helper logs go; empty: kept only while the VM runs.
     log_dir: str = ""
+    # microvm run's default --network, and its bridge.
+    network: str = "bridge"
+    bridge_name: str = "microvm0"
+    bridge_subnet: str = "10.89.0.0/16"
     source: str = field(default="defaults", compare=False, repr=False)
 
     def validate(self) -> None:
@@ -57,6 +63,17 @@ class Config:
         if not 64 <= self.memory_mib <= 3072:
             raise ConfigError(
                 f"{where}: memory_mib must be between 64 and 3072, not {self.memory_mib}")
+        _choice("network", self.network, NETWORKS, where)
+        if not 1 <= len(self.bridge_name) <= 15 or not all(
+                c.isalnum() or c in "-_." for c in self.bridge_name):
+            raise ConfigError(f"{where}: bridge_name must be an interface name of 1 to 15 "
+                              f"letters, digits, '-', '_' or '.', not {self.bridge_name!r}")
+        try:
+            net = ipaddress.IPv4Network(self.bridge_subnet)
+        except ValueError as e:
+            raise ConfigError(f"{where}: bridge_subnet: {e}") from None
+        if net.prefixlen > 29:
+            raise ConfigError(f"{where}: bridge_subnet {self.bridge_subnet} is too small")
         for key in ("boot_timeout", "shutdown_timeout"):
             if not getattr(self, key) > 0:  # also refuses NaN
                 raise ConfigError(f"{where}: {key} must be positive")

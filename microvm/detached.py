@@ -34,6 +34,7 @@ from google.protobuf.message import Message
 
 from . import paths
 from .errors import CommandNotExecutable, CommandNotFound, KataError
+from .network import NetworkSpec, to_annotations
 from .protocol import agent_pb2, task_pb2, ttrpc
 
 SERVICE = "containerd.task.v2.Task"
@@ -58,6 +59,7 @@ class Meta:
     tty: bool = False
     labels: dict[str, str] = field(default_factory=dict)
     image: str = ""             # the image reference, when run from one
+    ports: list[str] = field(default_factory=list)   # published, as docker ps shows them
 
 
 def _dir(name: str) -> Path:
@@ -102,8 +104,10 @@ async def _call(client: ttrpc.Client, method: str, req: Message, resp: type[Mess
         raise KataError(e.message) from None
 
 
-def _spec(process: agent_pb2.Process, hostname: str, read_only: bool) -> dict[str, Any]:
+def _spec(process: agent_pb2.Process, hostname: str, read_only: bool,
+          annotations: dict[str, str]) -> dict[str, Any]:
     return {
+        "annotations": annotations,
         "ociVersion": "1.0.2",
         "process": {"terminal": process.terminal,
                     **({"consoleSize": {"height": process.rows, "width": process.cols}}
@@ -120,7 +124,7 @@ def _spec(process: agent_pb2.Process, hostname: str, read_only: bool) -> dict[st
 
 async def run_detached(name: str | None, rootfs: Path | list[Path], process: agent_pb2.Process,
                        hostname: str, read_only: bool, config_path: str | None,
-                       image: str = "") -> str:
+                       image: str = "", network: NetworkSpec | None = None) -> str:
     name = name or secrets.token_hex(6)
     d = _dir(name)
     try:
@@ -131,14 +135,18 @@ async def run_detached(name: str | None, rootfs: Path | list[Path], process: age
         (d / "rootfs").mkdir()
         (d / "upper").mkdir()
         (d / "work").mkdir()
-        (d / "config.json").write_text(json.dumps(_spec(process, hostname, read_only)))
+        # The shim makes the network (it owns the namespace, and the ports).
+        annotations = to_annotations(network or NetworkSpec())
+        (d / "config.json").write_text(json.dumps(_spec(process, hostname, read_only,
+                                                        annotations)))
         # Where the shim writes its own diagnostics (containerd passes a FIFO here).
         (d / "log").touch(mode=0o600)
         # An image's layers, bottom first; overlayfs lists the top first.
         lowers = rootfs if isinstance(rootfs, list) else [rootfs]
         lowerdir = ":".join(str(p) for p in reversed(lowers))
         meta = Meta(name, str(lowers[-1]), list(process.args), time.time(), read_only,
-                    process.terminal, image=image)
+                    process.terminal, image=image,
+                    ports=[str(p) for p in (network.ports if network else ())])
         (d / "meta.json").write_text(json.dumps(asdict(meta)))
         start = subprocess.run(
             [_shim_binary(), "-namespace", NAMESPACE, "-address", str(paths.RUN / "microvm"),
@@ -256,7 +264,7 @@ async def exec_process(name: str, process: agent_pb2.Process, interactive: bool)
         out_fd = os.open(fifos["stdout"], os.O_RDONLY | os.O_NONBLOCK)
         err_fd = os.open(fifos["stderr"], os.O_RDONLY | os.O_NONBLOCK)
         in_fd = os.open(fifos["stdin"], os.O_RDWR | os.O_NONBLOCK) if interactive else -1
-        spec = _spec(process, "", False)["process"]
+        spec = _spec(process, "", False, {})["process"]
         async with _client(name) as client:
             await _call(client, "Exec", task_pb2.ExecProcessRequest(
                 id=name, exec_id=exec_id, terminal=process.terminal,

@@ -22,10 +22,11 @@ from typing import Any
 from google.protobuf.message import Message
 
 from . import accel as accel_mod
-from . import linux, tcfilter
+from . import bridge, linux, ports, tcfilter
 from .agent_client import AgentClient
 from .config import Config
 from .errors import CommandNotExecutable, CommandNotFound, KataError, VMError
+from .network import NetworkSpec, etc_files, write_etc
 from .protocol import GUEST_SHARED_ROOT, PROTOCOL_VERSION, agent_pb2, ttrpc
 from .qemu import Machine, Nic, VMSpec, host_tsc_khz, tail
 from .virtiofsd import Virtiofsd
@@ -68,12 +69,15 @@ class Timings:
 
 class Sandbox:
     def __init__(self, config: Config, sandbox_id: str, run_dir: Path,
-                 accel: accel_mod.Choice, netns: str | None = None) -> None:
-        """netns: a network namespace whose veths the guest takes over
-        (tcfilter); None: the guest has only its loopback."""
+                 accel: accel_mod.Choice, network: NetworkSpec | None = None) -> None:
+        """network: none (loopback only), bridge (the CLI's own network and
+        published ports), or ns (a prepared namespace whose veths the guest
+        takes over: tcfilter)."""
         self.config = config
-        self.netns = netns
+        self.net_spec = network or NetworkSpec()
         self.network: tcfilter.Network | None = None
+        self.bridge: bridge.Attachment | None = None
+        self.proxy: ports.Proxy | None = None
         self.id = sandbox_id
         self.dir = run_dir / sandbox_id
         self.accel = accel
@@ -138,10 +142,10 @@ class Sandbox:
             transport=self.transport, virtiofs_socket=str(vfs.socket_path),
             tsc_khz=host_tsc_khz() if self.accel.accel == "tcg" else 0)
         extra_fds = []
-        if self.netns:
+        netns = await self._network_namespace()
+        if netns:
             # Undone after QEMU is gone (the exit stack runs in reverse).
-            self.network = await asyncio.to_thread(tcfilter.plumb, self.netns,
-                                                   self.config.vcpus)
+            self.network = await asyncio.to_thread(tcfilter.plumb, netns, self.config.vcpus)
             self._stack.callback(tcfilter.teardown, self.network)
             for itf in self.network.interfaces:
                 spec.nics.append(Nic(itf.mac, list(itf.tap_fds), itf.mtu))
@@ -180,10 +184,28 @@ class Sandbox:
                           f"this host {PROTOCOL_VERSION}: rebuild the guest image")
         if self.network is not None and self.network.interfaces:
             await self._race(self._configure_network(self.network), deadline)
+        if self.proxy is not None and self.bridge is not None:
+            await self.proxy.start(self.bridge.ip)
         self.timings.ready = time.monotonic()
         self.timings.guest = {"agent_started": self.details.agent_started,
                               "agent_ready": self.details.agent_ready}
         log.debug("sandbox %s ready in %.2fs", self.id, self.timings.ready - self.timings.start)
+
+    async def _network_namespace(self) -> str | None:
+        """The namespace to plumb, made first for bridge mode; published
+        ports are bound before anything else, so a taken one fails fast."""
+        spec = self.net_spec
+        if spec.mode == "ns":
+            return tcfilter.usable_netns(spec.path)
+        if spec.mode != "bridge":
+            return None
+        listeners = ports.bind(list(spec.ports))
+        self.proxy = ports.Proxy(list(spec.ports), listeners)
+        self._stack.push_async_callback(self.proxy.close)
+        cfg = bridge.BridgeConfig(self.config.bridge_name, self.config.bridge_subnet)
+        self.bridge = await asyncio.to_thread(bridge.attach, cfg, self.id)
+        self._stack.callback(self.bridge.close)
+        return self.bridge.netns_path
 
     async def _configure_network(self, net: tcfilter.Network) -> None:
         """The guest copies the namespace's veths, with busybox's ip, shared
@@ -255,8 +277,11 @@ class Sandbox:
     async def create_container(self, cid: str, rootfs: Path | list[Path],
                                process: agent_pb2.Process,
                                readonly: bool = False, hostname: str = "",
-                               overlay: bool = True) -> int:
+                               overlay: bool = True, etc: bool = False) -> int:
         """Share rootfs into the VM and create the container's init there.
+
+        etc: write /etc/hostname, hosts (and resolv.conf on the bridge) into
+        the container's writable layer, as docker does for its containers.
 
         overlay: the container writes to its own upper layer (the CLI's
         rootfs dirs are templates); False shares rootfs itself, writable (a
@@ -290,6 +315,12 @@ class Sandbox:
                             f"lowerdir={lowerdir},upperdir={upper},workdir={work}")
         except OSError as e:
             raise KataError(f"cannot mount rootfs {lowerdir}: {e.strerror}") from None
+        if etc and not readonly:
+            try:
+                write_etc(target, etc_files(hostname, self.bridge.ip if self.bridge else None))
+            except OSError as e:
+                _umount(target)
+                raise KataError(f"cannot write the container's /etc: {e.strerror}") from None
         state = ContainerState(cid, target)
         self.containers[cid] = state
         req = agent_pb2.CreateContainerRequest(
@@ -402,7 +433,11 @@ class Sandbox:
             for state in list(self.containers.values()):
                 self._unmount_container(state)
         finally:
-            await self._stack.aclose()
+            try:
+                await self._stack.aclose()  # every callback runs, even after one fails
+            except Exception as e:
+                log.warning("sandbox %s clean-up: %s", self.id, e, exc_info=log.isEnabledFor(
+                    logging.DEBUG))
 
 
 def _umount(path: Path) -> None:

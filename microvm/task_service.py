@@ -26,11 +26,12 @@ from typing import TypeVar
 
 from google.protobuf import empty_pb2
 
-from . import accel, linux, metrics, mountns, oci, tcfilter
+from . import accel, linux, metrics, mountns, network, oci
 from . import config as config_mod
 from .attach import pump_input, pump_output
 from .errors import KataError
 from .events import Publisher, timestamp
+from .network import NetworkSpec
 from .protocol import agent_pb2, events_pb2, task_pb2, ttrpc
 from .sandbox import Sandbox
 
@@ -178,17 +179,16 @@ class TaskService:
         m = self.sandbox.machine if self.sandbox else None
         return m.proc.pid if m is not None and m.proc is not None else 0
 
-    async def _ensure_sandbox(self, options_config: str | None, netns: str) -> Sandbox:
+    async def _ensure_sandbox(self, options_config: str | None, net: NetworkSpec) -> Sandbox:
         """The pod's VM, booted by its first container (CRI's pause container),
-        with that container's network namespace."""
+        with that container's network."""
         async with self._boot_lock:
             if self.sandbox is None:
                 try:
                     cfg = config_mod.load(options_config)
-                    ns = tcfilter.usable_netns(netns)
                     run_dir = mountns.enter()
                     sb = Sandbox(cfg, secrets.token_hex(8), run_dir, accel.choose(cfg.accel),
-                                 netns=ns)
+                                 network=net)
                     await sb.start()
                 except KataError as e:
                     raise ttrpc.FailedPrecondition(str(e)) from None
@@ -309,7 +309,14 @@ class TaskService:
         if req.options.value:
             from .shim import runtime_options_config
             config_path = runtime_options_config(req.options)
-        sb = await self._ensure_sandbox(config_path, spec.netns)
+        # Our CLI's detached containers say what network they want; the
+        # spec of containerd's names the namespace CNI prepared.
+        try:
+            cli_net = network.from_annotations(spec.annotations)
+        except KataError as e:
+            raise ttrpc.InvalidArgument(str(e)) from None
+        net = cli_net or (NetworkSpec("ns", spec.netns) if spec.netns else NetworkSpec())
+        sb = await self._ensure_sandbox(config_path, net)
         if req.rootfs:
             self._mount_rootfs(bundle, list(req.rootfs))
             rootfs = bundle / "rootfs"
@@ -323,7 +330,8 @@ class TaskService:
         self.containers[req.id] = c
         try:
             await sb.create_container(req.id, rootfs, spec.process, readonly=spec.root_readonly,
-                                      hostname=spec.hostname, overlay=False)
+                                      hostname=spec.hostname, overlay=False,
+                                      etc=cli_net is not None)
             if spec.resources not in (b"", b"{}"):
                 await sb.update(metrics.update_request(req.id, spec.resources))
             await self._start_io(p)

@@ -22,16 +22,15 @@ import logging
 import os
 import socket
 import struct
-import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
-from pyroute2 import IPRoute, netns
+from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ifinfmsg import IFT_MULTI_QUEUE, IFT_NO_PI, IFT_TAP, IFT_VNET_HDR
 from pyroute2.netlink.rtnl.ifinfmsg.tuntap import TUNSETIFF
 
+from . import netlink
 from .errors import KataError
 
 log = logging.getLogger(__name__)
@@ -41,9 +40,6 @@ INGRESS = 0xFFFF0000
 RTPROT_KERNEL = 2          # routes the kernel made from an address: the guest makes its own
 RT_SCOPE_LINK = 253
 MAIN_TABLE = 254
-
-T = TypeVar("T")
-
 
 @dataclass(frozen=True)
 class Address:
@@ -94,36 +90,6 @@ class Network:
             itf.tap_fds = []
 
 
-def in_netns(path: str, fn: Callable[[IPRoute], T]) -> T:
-    """fn(ipr) in a fresh thread that has entered path's network namespace.
-
-    setns() moves only the calling thread, so the thread is ours alone and
-    ends with the work; nothing else in this process changes namespace."""
-    result: list[T] = []
-    error: list[BaseException] = []
-
-    def work() -> None:
-        try:
-            try:
-                netns.setns(path, flags=0)
-            except FileNotFoundError:
-                raise KataError(f"network namespace {path} does not exist") from None
-            except OSError as e:
-                raise KataError(f"{path} is not a network namespace ({e.strerror or e})") \
-                    from None
-            with IPRoute() as ipr:
-                result.append(fn(ipr))
-        except BaseException as e:  # handed to the caller's thread
-            error.append(e)
-
-    t = threading.Thread(target=work, name=f"netns:{path}")
-    t.start()
-    t.join()
-    if error:
-        raise error[0]
-    return result[0]
-
-
 def usable_netns(path: str) -> str | None:
     """The namespace to take over, or None for loopback only.
 
@@ -156,7 +122,7 @@ def clean_stale(path: str) -> None:
                 _del_ingress(ipr, link["index"])
 
     try:
-        in_netns(path, work)
+        netlink.run(work, path)
     except (KataError, NetlinkError) as e:
         log.debug("clean-up in %s: %s", path, e)
 
@@ -246,7 +212,7 @@ def plumb(path: str, queues: int = 1) -> Network:
         return net
 
     try:
-        return in_netns(path, work)
+        return netlink.run(work, path)
     except NetlinkError as e:
         raise KataError(f"network plumbing in {path} failed: {os.strerror(e.code)}") from None
 
@@ -264,6 +230,6 @@ def teardown(net: Network) -> None:
         net.close_fds()
         return
     try:
-        in_netns(net.path, lambda ipr: _undo(ipr, net))
+        netlink.run(lambda ipr: _undo(ipr, net), net.path)
     except KataError:
         net.close_fds()  # the namespace is gone, and all in it

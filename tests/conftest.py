@@ -110,12 +110,18 @@ class Result:
 class Microvm:
     """Runs the installed `microvm` CLI with a per-test config and log dir."""
 
-    def __init__(self, log_dir: Path, config: Path) -> None:
+    def __init__(self, log_dir: Path, config: Path, prefix: tuple[str, ...] = ()) -> None:
         self.log_dir = log_dir
         self.config = config
+        self.prefix = prefix
+
+    def in_netns(self, name: str) -> Microvm:
+        """The same CLI run inside a test's network namespace (nsenter, not
+        `ip netns exec`, which hides /sys/fs/cgroup)."""
+        return Microvm(self.log_dir, self.config, ("nsenter", f"--net=/var/run/netns/{name}"))
 
     def argv(self, *args: str) -> list[str]:
-        return [MICROVM, "--config", str(self.config), *args]
+        return [*self.prefix, MICROVM, "--config", str(self.config), *args]
 
     def run(self, *args: str, input: bytes | str | None = None, timeout: float = 120,
             env: dict[str, str] | None = None) -> Result:
@@ -131,8 +137,10 @@ class Microvm:
 
 
 def write_config(path: Path, log_dir: Path, **extra: object) -> Path:
+    """network: none, so no test makes a bridge on the machine's own namespace;
+    the bridge tests run the CLI inside namespaces of their own."""
     import yaml
-    path.write_text(yaml.safe_dump({"log_dir": str(log_dir), **extra}))
+    path.write_text(yaml.safe_dump({"log_dir": str(log_dir), "network": "none", **extra}))
     return path
 
 

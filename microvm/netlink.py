@@ -1,0 +1,48 @@
+"""pyroute2, always in a thread of its own, optionally in another network
+namespace.
+
+pyroute2 0.9's IPRoute drives an asyncio loop of its own, which cannot run
+in a thread where ours runs (the CLI's and the shim's); and setns() moves
+only the calling thread.  So every netlink conversation gets a fresh thread,
+which ends with it: nothing else in the process changes namespace.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import TypeVar
+
+from pyroute2 import IPRoute, netns
+
+from .errors import KataError
+
+T = TypeVar("T")
+
+
+def run(fn: Callable[[IPRoute], T], path: str | None = None) -> T:
+    """fn(ipr) in a fresh thread, inside path's network namespace if given."""
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            if path is not None:
+                try:
+                    netns.setns(path, flags=0)
+                except FileNotFoundError:
+                    raise KataError(f"network namespace {path} does not exist") from None
+                except OSError as e:
+                    raise KataError(f"{path} is not a network namespace "
+                                    f"({e.strerror or e})") from None
+            with IPRoute() as ipr:
+                result.append(fn(ipr))
+        except BaseException as e:  # handed to the caller's thread
+            error.append(e)
+
+    t = threading.Thread(target=work, name=f"netlink:{path or 'here'}")
+    t.start()
+    t.join()
+    if error:
+        raise error[0]
+    return result[0]
