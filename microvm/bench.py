@@ -156,12 +156,23 @@ def main() -> None:
                     help="skip the runs through containerd (kata-py shim vs runc)")
     ap.add_argument("--no-images", action="store_true",
                     help="skip pull throughput (vs skopeo + umoci) and run IMAGE")
-    ap.add_argument("--only", choices=["images"],
-                    help="run only this part (with its floor)")
+    ap.add_argument("--no-network", action="store_true",
+                    help="skip the network figures (tap vs runc's veth, bridge start-up)")
+    ap.add_argument("--only", choices=["images", "network"],
+                    help="run only this part (with its reference)")
     args = ap.parse_args()
     cfg = config.load()
     choice = accel.choose(cfg.accel)
     microvm = shutil.which("microvm") or str(Path(sys.executable).with_name("microvm"))
+    network_bench = None
+    if not args.no_network and args.only in (None, "network") and shutil.which("runc"):
+        from . import bench_network
+        network_bench = bench_network.run(args.n, microvm)
+        if args.only == "network":
+            bench_network.report(network_bench)
+            if args.json:
+                Path(args.json).write_text(json.dumps({"network": network_bench}, indent=1))
+            return
     images_bench = None
     if not args.no_images and all(map(shutil.which, ("docker-registry", "skopeo", "umoci"))):
         from . import bench_images
@@ -221,12 +232,15 @@ def main() -> None:
     if images_bench is not None:
         from . import bench_images
         bench_images.report(images_bench)
+    if network_bench is not None:
+        from . import bench_network
+        bench_network.report(network_bench)
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"accel": choice.accel, "n": args.n, "stats": stats,
              "ratios": {"run/floor": run_m / floor_m, "run/runc": run_m / runc_m},
              "breakdown": steps, "images": images, "containerd": through_containerd,
-             "images_bench": images_bench},
+             "images_bench": images_bench, "network": network_bench},
             indent=1) + "\n")
 
 

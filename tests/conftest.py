@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -79,13 +80,27 @@ def kata_mounts() -> list[str]:
         return [line for line in f if "kata-py" in line or "virtiofs" in line]
 
 
+def network_leftovers() -> list[str]:
+    """Ours in the machine's own namespace: taps, the bridge, its veths,
+    test namespaces, lease tables."""
+    ours = re.compile(r"^(tap\d+_kata|microvm0|mv[0-9a-f]{8})$")
+    found = [f"link: {n}" for n in os.listdir("/sys/class/net") if ours.match(n)]
+    netns = Path("/var/run/netns")
+    if netns.exists():
+        found += [f"netns: {n}" for n in os.listdir(netns) if n.startswith(("kt-", "kb-"))]
+    leases = Path("/run/kata-py/network")
+    if leases.exists():
+        found += [f"lease table: {d}" for d in leases.iterdir()]
+    return found
+
+
 def leaks() -> list[str]:
     reap_orphans()
     found = [f"process: {p}" for p in helper_processes()]
     found += [f"mount: {m.strip()}" for m in kata_mounts()]
     if RUN_DIR.exists():
         found += [f"run file: {p}" for p in RUN_DIR.iterdir()]
-    return found
+    return found + network_leftovers()
 
 
 def assert_no_leaks(timeout: float = 5.0) -> None:

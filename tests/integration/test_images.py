@@ -61,11 +61,11 @@ def cli(microvm: Microvm) -> Iterator[Microvm]:
 BASE = layer_from_dir(BUSYBOX)
 TOP = gzip_layer(tar_of({
     "etc/motd": b"from the top layer\n",
-    "etc/.wh.hostname": b"",           # removes /etc/hostname of the base
+    "bin/.wh.vi": b"",                 # removes /bin/vi of the base
     "srv": None,
 }))
 CONFIG = {"Entrypoint": ["/bin/sh", "-c"],
-          "Cmd": ["cat /etc/motd; test -e /etc/hostname || echo no-hostname; pwd; "
+          "Cmd": ["cat /etc/motd; test -e /bin/vi || echo no-vi; pwd; "
                   "echo $FOO; id -u"],
           "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin", "FOO=from-image"],
           "WorkingDir": "/srv", "User": "65534"}
@@ -81,7 +81,7 @@ def test_import_oci_layout_and_run_with_its_config(cli: Microvm, tmp_path: Path)
 
     run = cli.run("run", "--rm", "localhost/kp-test:1")
     assert run.returncode == 0, run.stderr
-    assert run.stdout.splitlines() == ["from the top layer", "no-hostname", "/srv",
+    assert run.stdout.splitlines() == ["from the top layer", "no-vi", "/srv",
                                        "from-image", "65534"]
     # Arguments replace Cmd; -e, -w and -u replace the image's.
     run = cli.run("run", "--rm", "-e", "FOO=cli", "-w", "/tmp", "-u", "0",

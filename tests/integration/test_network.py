@@ -123,7 +123,7 @@ def test_no_network_means_loopback_only(microvm: Microvm) -> None:
 @pytest.mark.parametrize("mode, message", [
     ("ns:/var/run/netns/kata-py-no-such-ns", "no such network namespace"),
     ("ns:/etc/hostname", "is not a network namespace"),
-    ("bogus", "expected none or ns:PATH"),
+    ("bogus", "expected bridge, none or ns:PATH"),
 ])
 def test_bad_network_is_one_line(microvm: Microvm, mode: str, message: str) -> None:
     r = microvm.run("run", "--rm", "--network", mode, "busybox", "true")
