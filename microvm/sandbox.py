@@ -17,12 +17,12 @@ import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from google.protobuf.message import Message
 
 from . import accel as accel_mod
-from . import bridge, linux, ports, tcfilter
+from . import linux, ports
 from .agent_client import AgentClient
 from .config import Config
 from .errors import CommandNotExecutable, CommandNotFound, KataError, VMError
@@ -30,6 +30,9 @@ from .network import NetworkSpec, etc_files, write_etc
 from .protocol import GUEST_SHARED_ROOT, PROTOCOL_VERSION, agent_pb2, ttrpc
 from .qemu import Machine, Nic, VMSpec, host_tsc_khz, tail
 from .virtiofsd import Virtiofsd
+
+if TYPE_CHECKING:  # pyroute2 costs ~75 ms to import: only networked sandboxes pay it
+    from . import bridge, tcfilter
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +147,7 @@ class Sandbox:
         extra_fds = []
         netns = await self._network_namespace()
         if netns:
+            from . import tcfilter
             # Undone after QEMU is gone (the exit stack runs in reverse).
             self.network = await asyncio.to_thread(tcfilter.plumb, netns, self.config.vcpus)
             self._stack.callback(tcfilter.teardown, self.network)
@@ -195,10 +199,11 @@ class Sandbox:
         """The namespace to plumb, made first for bridge mode; published
         ports are bound before anything else, so a taken one fails fast."""
         spec = self.net_spec
+        if spec.mode == "none":
+            return None
+        from . import bridge, tcfilter
         if spec.mode == "ns":
             return tcfilter.usable_netns(spec.path)
-        if spec.mode != "bridge":
-            return None
         listeners = ports.bind(list(spec.ports))
         self.proxy = ports.Proxy(list(spec.ports), listeners)
         self._stack.push_async_callback(self.proxy.close)
