@@ -82,12 +82,9 @@ def kata_mounts() -> list[str]:
 
 def network_leftovers() -> list[str]:
     """Ours in the machine's own namespace: taps, the bridge, its veths,
-    test namespaces, lease tables."""
+    lease tables (test namespaces: at the session's end)."""
     ours = re.compile(r"^(tap\d+_kata|microvm0|mv[0-9a-f]{8})$")
     found = [f"link: {n}" for n in os.listdir("/sys/class/net") if ours.match(n)]
-    netns = Path("/var/run/netns")
-    if netns.exists():
-        found += [f"netns: {n}" for n in os.listdir(netns) if n.startswith(("kt-", "kb-"))]
     leases = Path("/run/kata-py/network")
     if leases.exists():
         found += [f"lease table: {d}" for d in leases.iterdir()]
@@ -157,6 +154,16 @@ def write_config(path: Path, log_dir: Path, **extra: object) -> Path:
     import yaml
     path.write_text(yaml.safe_dump({"log_dir": str(log_dir), "network": "none", **extra}))
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_test_namespaces_left() -> Iterator[None]:
+    """The namespaces tests make are theirs to remove."""
+    yield
+    netns = Path("/var/run/netns")
+    left = [n for n in os.listdir(netns) if n.startswith(("kt-", "kb-"))] \
+        if netns.exists() else []
+    assert not left, f"network namespaces left behind: {left}"
 
 
 @pytest.fixture

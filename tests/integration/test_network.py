@@ -129,3 +129,11 @@ def test_bad_network_is_one_line(microvm: Microvm, mode: str, message: str) -> N
     r = microvm.run("run", "--rm", "--network", mode, "busybox", "true")
     assert r.returncode == 125
     assert len(r.error_lines) == 1 and message in r.error_lines[0], r.stderr
+
+
+def test_two_vcpus_get_a_multi_queue_tap(microvm: Microvm, pod: Pod) -> None:
+    r = microvm.run("run", "--rm", "--cpus", "2", "--network", f"ns:{pod.netns}", "busybox",
+                    "sh", "-c", "ls /sys/class/net/eth0/queues; "
+                    f"ping -c 1 -W 5 {pod.gateway} >/dev/null && echo ok")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["rx-0", "rx-1", "tx-0", "tx-1", "ok"]

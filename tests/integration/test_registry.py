@@ -66,8 +66,14 @@ BASE = layer_from_dir(BUSYBOX)
 RELEASE = gzip_layer(tar_of({"etc/os-release": b'PRETTY_NAME="kata-py test"\n'}))
 
 
+# Over busybox: /etc made opaque (the base's group and passwd hidden, a
+# passwd of its own) and /bin/vi whited out.
+OPAQUE = gzip_layer(tar_of({"etc/.wh..wh..opq": b"", "etc/passwd": b"root:x:0:0::/:/bin/sh\n",
+                            "bin/.wh.vi": b""}))
+
+
 def test_pull_then_run(cli: Microvm, registry: str, tmp_path: Path) -> None:
-    push(oci_archive_from_layers(tmp_path / "a.tar", "localhost/bb:1", [BASE, RELEASE],
+    push(oci_archive_from_layers(tmp_path / "a.tar", "localhost/bb:1", [BASE, OPAQUE, RELEASE],
                                  {"Cmd": ["sh"]}), f"{registry}/bb:1")
     r = cli.run("pull", f"{registry}/bb:1")
     assert r.returncode == 0, r.stderr
@@ -75,6 +81,11 @@ def test_pull_then_run(cli: Microvm, registry: str, tmp_path: Path) -> None:
     assert r.stderr == ""  # no progress display when not a terminal
     run = cli.run("run", "--rm", f"{registry}/bb:1", "cat", "/etc/os-release")
     assert run.stdout == 'PRETTY_NAME="kata-py test"\n', run.stderr
+    # hostname and hosts are the CLI's own, as docker's are.
+    run = cli.run("run", "--rm", f"{registry}/bb:1", "sh", "-c",
+                  "ls /etc; test -e /bin/vi || echo no-vi")
+    assert run.stdout.split() == ["hostname", "hosts", "os-release", "passwd", "no-vi"], \
+        run.stderr
 
 
 def test_run_pulls_when_missing_and_by_digest(cli: Microvm, registry: str,
@@ -201,21 +212,28 @@ def test_corrupt_and_truncated_blobs_leave_the_store_unchanged(
         cli: Microvm, registry: str, registry_dir: Path, tmp_path: Path) -> None:
     """The registry's own storage is damaged: what it serves no longer
     matches the manifest.  Each pull fails in one line; nothing is kept."""
-    cases = {"corrupt": "blob digest mismatch", "truncated": "is truncated"}
+    cases = {"corrupt": "blob digest mismatch", "truncated": "is truncated",
+             "hostile": "path escapes the layer"}
     for name, message in cases.items():
-        archive, layer = unique_image(tmp_path, name)
-        push(archive, f"{registry}/{name}:1")
-        data = stored_blob(registry_dir, layer)
-        content = data.read_bytes()
-        if name == "corrupt":
-            data.write_bytes(bytes([content[0] ^ 0xFF]) + content[1:])
+        if name == "hostile":  # served faithfully: the layer itself climbs out
+            evil = gzip_layer(tar_of({"../../../tmp/kata-py-escaped": b"x"}))
+            push(oci_archive_from_layers(tmp_path / "evil.tar", "x/evil:1", [BASE, evil], {}),
+                 f"{registry}/{name}:1")
         else:
-            data.write_bytes(content[:len(content) // 2])
+            archive, layer = unique_image(tmp_path, name)
+            push(archive, f"{registry}/{name}:1")
+            data = stored_blob(registry_dir, layer)
+            content = data.read_bytes()
+            if name == "corrupt":
+                data.write_bytes(bytes([content[0] ^ 0xFF]) + content[1:])
+            else:
+                data.write_bytes(content[:len(content) // 2])
         before = store_listing()
         r = cli.run("pull", f"{registry}/{name}:1")
         assert r.returncode == 125
         assert len(r.error_lines) == 1 and message in r.error_lines[0], r.stderr
         assert store_listing() == before
+    assert not Path("/tmp/kata-py-escaped").exists()
 
 
 def test_unknown_layer_media_type_is_refused_before_download(
