@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,6 +85,17 @@ def cni_pod(node: str, data_dir: Path, mtu: int = 1400) -> Iterator[Pod]:
             yield Pod(node, path, v4, v6, gw, mac, mtu)
         finally:
             _cni("DEL", node, path, cid, conf)
+
+
+def fetch(ns: str, url: str, timeout: float = 30) -> str:
+    """curl from inside ns, until the server answers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = sh("curl", "-sS", "-g", "--max-time", "3", url, ns=ns, check=False)
+        if r.returncode == 0:
+            return r.stdout
+        assert time.monotonic() < deadline, f"{url}: {r.stderr}"
+        time.sleep(0.2)
 
 
 def qdiscs(ns: str, dev: str = "eth0") -> str:

@@ -19,18 +19,12 @@ import pytest
 
 from microvm.localregistry import free_port
 from tests.conftest import Microvm, assert_no_leaks, write_config
-from tests.netns import links, namespace, sh
+from tests.netns import fetch, links, sh
 
 pytestmark = pytest.mark.vm
 
 WEB = ("mkdir -p /www && echo hello-web > /www/index.html && "
        "trap 'exit 0' TERM; httpd -f -p 80 -h /www & echo serving; wait")
-
-
-@pytest.fixture
-def node() -> Iterator[str]:
-    with namespace("kt-node") as name:
-        yield name
 
 
 @pytest.fixture
@@ -50,16 +44,6 @@ def cli(microvm: Microvm, node: str, tmp_path: Path) -> Iterator[Microvm]:
     assert "in use" not in m.run("network", "ls").stdout
 
 
-def curl(ns: str, url: str, timeout: float = 30) -> str:
-    deadline = time.monotonic() + timeout
-    while True:
-        r = sh("curl", "-sS", "--max-time", "3", url, ns=ns, check=False)
-        if r.returncode == 0:
-            return r.stdout
-        assert time.monotonic() < deadline, f"{url}: {r.stderr}"
-        time.sleep(0.2)
-
-
 def test_detached_web_server_on_a_published_port(cli: Microvm, node: str) -> None:
     """The issue's own example: run -d -p HOST:80 ... httpd, then curl it."""
     port = free_port()
@@ -67,7 +51,7 @@ def test_detached_web_server_on_a_published_port(cli: Microvm, node: str) -> Non
                 "sh", "-c", "mkdir -p /www && echo hello-web > /www/index.html && "
                 "exec httpd -f -p 80 -h /www")
     assert r.returncode == 0, r.stderr
-    assert curl(node, f"http://127.0.0.1:{port}/") == "hello-web\n"
+    assert fetch(node, f"http://127.0.0.1:{port}/") == "hello-web\n"
     ls = cli.run("network", "ls").stdout
     assert "microvm0 up" in ls and "10.89.0.2" in ls and "in use" in ls
     nat = sh("iptables", "-t", "nat", "-S", "POSTROUTING", ns=node).stdout
@@ -155,7 +139,7 @@ def test_published_udp_port_answers(cli: Microvm, node: str, udp_rootfs: Path) -
         # CLI with it; the bridge it leaves is prune's (tested below).
         p.send_signal(signal.SIGKILL)
         p.communicate(timeout=30)
-    assert_no_leaks()
+    assert_no_leaks(network=False)
     assert "deleted bridge microvm0" in cli.run("system", "prune").stdout
 
 
@@ -202,10 +186,10 @@ def test_sigkill_of_the_cli_frees_the_namespace_and_prune_the_rest(
     p = cli.popen("run", "--rm", "-p", f"127.0.0.1:{port}:80", "busybox", "sh", "-c", WEB,
                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert p.stdout is not None and p.stdout.readline() == b"serving\n"
-    assert curl(node, f"http://127.0.0.1:{port}/") == "hello-web\n"
+    assert fetch(node, f"http://127.0.0.1:{port}/") == "hello-web\n"
     p.send_signal(signal.SIGKILL)
     p.communicate(timeout=30)
-    assert_no_leaks()
+    assert_no_leaks(network=False)
     # The kernel freed the namespace: the veth is gone, the port is free.
     deadline = time.monotonic() + 10
     while [n for n in links(node) if n.startswith("mv")]:

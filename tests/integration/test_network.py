@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Microvm, assert_no_leaks
-from tests.netns import CNI_BIN, Pod, cni_pod, links, namespace, qdiscs, sh
+from tests.netns import CNI_BIN, Pod, cni_pod, fetch, links, qdiscs, sh
 
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(
     not (CNI_BIN / "bridge").exists(), reason="containernetworking-plugins not installed")]
@@ -27,12 +27,6 @@ SERVE = ("mkdir -p /www/cgi-bin && "
          "> /www/cgi-bin/ip && chmod +x /www/cgi-bin/ip && "
          "ip -o link show eth0 && ip -o addr show eth0 && ip route && "
          "trap 'exit 0' TERM; httpd -f -p 8080 -h /www & echo serving; wait")
-
-
-@pytest.fixture
-def node() -> Iterator[str]:
-    with namespace("kt-node") as name:
-        yield name
 
 
 @pytest.fixture
@@ -51,17 +45,6 @@ def serve(microvm: Microvm, pod: Pod) -> tuple[subprocess.Popen[bytes], list[str
         lines.append(line)
     assert line, f"no container output: {lines} {p.stderr.read() if p.stderr else ''!r}"
     return p, lines
-
-
-def fetch(ns: str, url: str, timeout: float = 30) -> str:
-    """curl from inside ns, until the server answers."""
-    deadline = time.monotonic() + timeout
-    while True:
-        r = sh("curl", "-sS", "-g", "--max-time", "3", url, ns=ns, check=False)
-        if r.returncode == 0:
-            return r.stdout
-        assert time.monotonic() < deadline, f"{url}: {r.stderr}"
-        time.sleep(0.2)
 
 
 def client(remote_addr: str) -> str:
