@@ -54,6 +54,15 @@ def run_checks(cfg: Config) -> int:
     tun = os.path.exists("/dev/net/tun")
     _line(True if tun else None, "tun", "/dev/net/tun present" if tun else "missing",
           "modprobe tun (needed for networking)")
+    bb = os.access(cfg.busybox, os.X_OK)
+    _line(True if bb else None, "busybox",
+          f"{cfg.busybox} (the guest's ip, for networked sandboxes)" if bb
+          else f"{cfg.busybox} not found: only --network none works",
+          "apt-get install busybox-static")
+    ipt = shutil.which("iptables")
+    _line(True if ipt else None, "iptables",
+          "NAT for the bridge network" if ipt else "not found: bridge containers get no NAT",
+          "apt-get install iptables")
     vfs = os.access(cfg.virtiofsd, os.X_OK)
     fatal |= not vfs
     _line(vfs, "virtiofsd", cfg.virtiofsd if vfs else f"{cfg.virtiofsd} not found",

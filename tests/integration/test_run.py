@@ -276,6 +276,15 @@ def test_check_reports_what_runs_here(microvm: Microvm) -> None:
     assert "microvm check: ready" in r.stdout
     if Path("/sys/module/kvm_pvm").exists() and not Path("/sys/module/kvm_intel").exists():
         assert "tcg" in r.stdout and "kvm_pvm" in r.stdout
+    assert "ok   busybox" in r.stdout and "ok   iptables" in r.stdout
+
+
+def test_check_warns_without_busybox(microvm: Microvm, tmp_path: Path, artifacts: Path) -> None:
+    cfg = write_config(tmp_path / "nobb.yaml", artifacts, busybox="/nonexistent/busybox")
+    r = subprocess.run(microvm.argv()[:1] + ["--config", str(cfg), "check"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0  # a warning: --network none still works
+    assert "warn busybox" in r.stdout and "apt-get install busybox-static" in r.stdout
 
 
 def test_check_fails_without_a_kernel(microvm: Microvm, tmp_path: Path, artifacts: Path) -> None:
