@@ -173,6 +173,25 @@ def _spec(p: agent_pb2.Process) -> container.ProcessSpec:
         no_new_privileges=p.no_new_privileges)
 
 
+def _mounts(mounts: list[agent_pb2.Mount]) -> list[container.MountSpec]:
+    out = []
+    for m in mounts:
+        if not m.destination.startswith("/"):
+            raise ttrpc.InvalidArgument(f"mount destination {m.destination!r} is not absolute")
+        source = ""
+        if m.type == "bind":
+            source = os.path.normpath(os.path.join(container.SHARED_ROOT, m.shared_path))
+            if not source.startswith(container.SHARED_ROOT + "/") or \
+                    not os.path.exists(source):
+                raise ttrpc.InvalidArgument(f"mount {m.destination}: {m.shared_path!r} "
+                                            "is not in the shared directory")
+        elif m.type != "tmpfs":
+            raise ttrpc.InvalidArgument(f"mount {m.destination}: type {m.type!r} unsupported")
+        out.append(container.MountSpec(m.destination, m.type, source, m.readonly,
+                                       ",".join(m.options)))
+    return out
+
+
 def _check_id(kind: str, value: str) -> None:
     # Ids travel into paths and logs: keep them plain.
     if not value or len(value) > 128 or not all(c.isalnum() or c in "-_." for c in value):
@@ -366,7 +385,8 @@ class Agent:
         try:
             proc = await self._spawn(req.container_id, "", req.process,
                                      container.run_container_init, cgroup,
-                                     req.rootfs.shared_path, req.rootfs.readonly, req.hostname)
+                                     req.rootfs.shared_path, req.rootfs.readonly, req.hostname,
+                                     _mounts(req.mounts))
         except BaseException:
             await cgroups.remove(req.container_id)
             raise

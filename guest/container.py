@@ -98,7 +98,62 @@ def _touch(path: str) -> None:
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
 
 
-def setup_rootfs(shared_path: str, readonly: bool, hostname: str) -> None:
+@dataclass(frozen=True)
+class MountSpec:
+    destination: str       # in the container
+    kind: str              # "bind" or "tmpfs"
+    source: str = ""       # bind: a guest path under SHARED_ROOT
+    readonly: bool = False
+    data: str = ""         # tmpfs: its options
+
+
+def secure_join(root: str, path: str) -> str:
+    """root/path with every symlink resolved as the container would see it,
+    so a link the image planted cannot send a mount outside its root."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    current, links = root, 0
+    while parts:
+        part = parts.pop(0)
+        if part == "..":
+            current = os.path.dirname(current) if current != root else root
+            continue
+        nxt = os.path.join(current, part)
+        if os.path.islink(nxt):
+            links += 1
+            if links > 40:
+                raise ChildError(ERR_OTHER, f"mount {path}: too many symbolic links")
+            target = os.readlink(nxt)
+            if target.startswith("/"):
+                current = root
+            parts = [p for p in target.split("/") if p not in ("", ".")] + parts
+            continue
+        current = nxt
+    return current
+
+
+def mount_volumes(root: str, mounts: list[MountSpec]) -> None:
+    for m in mounts:
+        target = secure_join(root, m.destination)
+        try:
+            if m.kind == "bind" and not os.path.isdir(m.source):
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                _touch(target)
+            else:
+                os.makedirs(target, exist_ok=True)
+            if m.kind == "bind":
+                linux.mount(m.source, target, None, linux.MS_BIND | linux.MS_REC)
+                if m.readonly:  # the host shares it read-only too; this says so early
+                    linux.mount(None, target, None,
+                                linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY)
+            else:
+                flags = linux.MS_NOSUID | linux.MS_NODEV | (linux.MS_RDONLY if m.readonly else 0)
+                linux.mount("tmpfs", target, "tmpfs", flags, m.data)
+        except OSError as e:
+            raise ChildError(ERR_OTHER, f"mount {m.destination}: {e.strerror}") from None
+
+
+def setup_rootfs(shared_path: str, readonly: bool, hostname: str,
+                 mounts: list[MountSpec] | None = None) -> None:
     """Make the container's root: called in a fresh mount/uts/ipc namespace."""
     # Nothing done here may propagate back into the guest's own namespace.
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_SLAVE)
@@ -130,6 +185,7 @@ def setup_rootfs(shared_path: str, readonly: bool, hostname: str) -> None:
                          ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                          ("stderr", "/proc/self/fd/2")):
         os.symlink(target, f"{root}/dev/{name}")
+    mount_volumes(root, mounts or [])
     if readonly:
         linux.mount(None, root, None,
                     linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY)
@@ -275,7 +331,8 @@ def _fork_into(sock: socket.socket, enter: Callable[[], None],
 
 
 def run_container_init(sock: socket.socket, spec: ProcessSpec, stdio: Stdio, cgroup: str,
-                       shared_path: str, readonly: bool, hostname: str) -> int:
+                       shared_path: str, readonly: bool, hostname: str,
+                       mounts: list[MountSpec]) -> int:
     """New namespaces and root; the container's pid 1 waits for StartContainer."""
     def enter() -> None:
         cgroups.join(cgroup)
@@ -283,7 +340,7 @@ def run_container_init(sock: socket.socket, spec: ProcessSpec, stdio: Stdio, cgr
                       | linux.CLONE_NEWPID)
 
     def child() -> None:
-        setup_rootfs(shared_path, readonly, hostname)
+        setup_rootfs(shared_path, readonly, hostname, mounts)
         path = prepare_process(spec, stdio, sock)
         send(sock, {"ready": True})
         if sock.recv(16) != b"start":

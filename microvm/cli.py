@@ -22,6 +22,7 @@ from .install import DEFAULT_CONFIG as DEFAULT_CONTAINERD_CONFIG
 from .install import install_containerd
 from .network import NetworkSpec, parse_mode
 from .protocol import agent_pb2
+from .volumes import Volume, parse_volume
 
 log = logging.getLogger("microvm")
 
@@ -97,6 +98,8 @@ def _env(values: tuple[str, ...], image_env: list[str] | None = None) -> list[st
                    "(take over a prepared network namespace's interfaces).")
 @click.option("-p", "--publish", multiple=True, metavar="[IP:]HOST:CONTAINER[/PROTO]",
               help="Publish a container's port on the host (bridge network).")
+@click.option("-v", "--volume", "volume", multiple=True, metavar="/HOST:/CONTAINER[:ro]",
+              help="Bind a host path into the container (read-only with :ro).")
 @click.argument("rootfs_name", metavar="ROOTFS")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.pass_obj
@@ -104,8 +107,8 @@ def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ..
         workdir: str | None, user: str | None, entrypoint: str | None, hostname: str,
         pull_policy: str, cpus: int | None, memory: int | None, kernel: str | None,
         accel: str | None, read_only: bool, detach: bool, name: str | None,
-        network: str | None, publish: tuple[str, ...], rootfs_name: str,
-        command: tuple[str, ...]) -> None:
+        network: str | None, publish: tuple[str, ...], volume: tuple[str, ...],
+        rootfs_name: str, command: tuple[str, ...]) -> None:
     """Run COMMAND in a new container, in its own VM.
 
     ROOTFS is a directory, `busybox` (built in), or an image from `microvm images`.
@@ -122,6 +125,7 @@ def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ..
     cfg.source = "command line"
     cfg.validate()
     net = parse_mode(network or cfg.network, publish)
+    volumes = [parse_volume(v) for v in volume]
     # `run IMAGE -- CMD...`: the separator is ours, not the command's.
     command = command[1:] if command[:1] == ("--",) else command
     root: Path | list[Path]
@@ -171,20 +175,21 @@ def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ..
         process.stdin = False
         click.echo(asyncio.run(detached.run_detached(
             name, root, process, hostname or secrets.token_hex(6), read_only,
-            obj.config_path, image_ref, net)))
+            obj.config_path, image_ref, net, volumes)))
         return
     if name:
         raise KataError("--name goes with -d")
     run_dir = mountns.enter()
     status = asyncio.run(_run(cfg, run_dir, root, process, read_only,
-                              hostname or secrets.token_hex(6), interactive, terminal, net))
+                              hostname or secrets.token_hex(6), interactive, terminal, net,
+                              volumes))
     sys.exit(status)
 
 
 async def _run(cfg: config_mod.Config, run_dir: Path, root: Path | list[Path],
                process: agent_pb2.Process,
                read_only: bool, hostname: str, interactive: bool, terminal: bool,
-               net: NetworkSpec) -> int:
+               net: NetworkSpec, volumes: list[Volume]) -> int:
     from .attach import Terminal, attach
     from .sandbox import Sandbox
 
@@ -194,7 +199,7 @@ async def _run(cfg: config_mod.Config, run_dir: Path, root: Path | list[Path],
     cid = secrets.token_hex(8)
     async with Sandbox(cfg, cid, run_dir, choice, network=net) as sb:
         await sb.create_container(cid, root, process, readonly=read_only, hostname=hostname,
-                                  etc=True)
+                                  etc=True, volumes=volumes)
         with Terminal(sys.stdin.fileno()) if terminal and interactive else _nothing():
             await sb.start_container(cid)
             return await attach(sb, cid, stdin=interactive, terminal=terminal)

@@ -36,6 +36,7 @@ from . import paths
 from .errors import CommandNotExecutable, CommandNotFound, KataError
 from .network import NetworkSpec, to_annotations
 from .protocol import agent_pb2, task_pb2, ttrpc
+from .volumes import Volume
 
 SERVICE = "containerd.task.v2.Task"
 NAMESPACE = "microvm"
@@ -105,9 +106,12 @@ async def _call(client: ttrpc.Client, method: str, req: Message, resp: type[Mess
 
 
 def _spec(process: agent_pb2.Process, hostname: str, read_only: bool,
-          annotations: dict[str, str]) -> dict[str, Any]:
+          annotations: dict[str, str], volumes: list[Volume] | None = None) -> dict[str, Any]:
     return {
         "annotations": annotations,
+        "mounts": [{"destination": v.destination, "type": "bind", "source": v.source,
+                    "options": ["rbind", "ro" if v.readonly else "rw"]}
+                   for v in volumes or []],
         "ociVersion": "1.0.2",
         "process": {"terminal": process.terminal,
                     **({"consoleSize": {"height": process.rows, "width": process.cols}}
@@ -124,7 +128,8 @@ def _spec(process: agent_pb2.Process, hostname: str, read_only: bool,
 
 async def run_detached(name: str | None, rootfs: Path | list[Path], process: agent_pb2.Process,
                        hostname: str, read_only: bool, config_path: str | None,
-                       image: str = "", network: NetworkSpec | None = None) -> str:
+                       image: str = "", network: NetworkSpec | None = None,
+                       volumes: list[Volume] | None = None) -> str:
     name = name or secrets.token_hex(6)
     d = _dir(name)
     try:
@@ -138,7 +143,7 @@ async def run_detached(name: str | None, rootfs: Path | list[Path], process: age
         # The shim makes the network (it owns the namespace, and the ports).
         annotations = to_annotations(network or NetworkSpec())
         (d / "config.json").write_text(json.dumps(_spec(process, hostname, read_only,
-                                                        annotations)))
+                                                        annotations, volumes)))
         # Where the shim writes its own diagnostics (containerd passes a FIFO here).
         (d / "log").touch(mode=0o600)
         # An image's layers, bottom first; overlayfs lists the top first.

@@ -13,6 +13,7 @@ from typing import Any
 
 from . import linux
 from .protocol import agent_pb2, ttrpc
+from .volumes import Volume, from_oci
 
 # containerd's parseMountOptions: these words are flags, the rest is data.
 _FLAGS = {
@@ -54,6 +55,8 @@ class Spec:
     # the guest takes over.  "" when the spec asks for a new (empty) one or
     # for none (the host's, which a VM can never share).
     netns: str = ""
+    # The mounts the VM must be given (binds, tmpfs); proc, /dev etc. it makes.
+    volumes: list[Volume] = field(default_factory=list)
 
 
 def _get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str,
@@ -112,7 +115,12 @@ def load_bundle(bundle: Path) -> Spec:
     root = _get(data, "root", dict, "", {})
     annotations = _get(data, "annotations", dict, "", {})
     linux_ = _get(data, "linux", dict, "", {})
+    try:
+        volumes = from_oci(_get(data, "mounts", list, "", []))
+    except ValueError as e:
+        raise ttrpc.InvalidArgument(f"OCI spec: {e}") from None
     return Spec(
+        volumes=volumes,
         netns=network_namespace(_get(linux_, "namespaces", list, "linux.", [])),
         process=process(data.get("process")), hostname=_get(data, "hostname", str, "", ""),
         root_path=_get(root, "path", str, "root.", "rootfs"),

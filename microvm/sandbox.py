@@ -30,6 +30,7 @@ from .network import NetworkSpec, etc_files, write_etc
 from .protocol import GUEST_SHARED_ROOT, PROTOCOL_VERSION, agent_pb2, ttrpc
 from .qemu import Machine, Nic, VMSpec, host_tsc_khz, tail
 from .virtiofsd import Virtiofsd
+from .volumes import Volume
 
 if TYPE_CHECKING:  # pyroute2 costs ~75 ms to import: only networked sandboxes pay it
     from . import bridge, tcfilter
@@ -58,6 +59,7 @@ class ContainerState:
     id: str
     rootfs_mount: Path
     pid: int = 0
+    volume_mounts: list[Path] = field(default_factory=list)
 
 
 @dataclass
@@ -282,7 +284,8 @@ class Sandbox:
     async def create_container(self, cid: str, rootfs: Path | list[Path],
                                process: agent_pb2.Process,
                                readonly: bool = False, hostname: str = "",
-                               overlay: bool = True, etc: bool = False) -> int:
+                               overlay: bool = True, etc: bool = False,
+                               volumes: list[Volume] | tuple[Volume, ...] = ()) -> int:
         """Share rootfs into the VM and create the container's init there.
 
         etc: write /etc/hostname, hosts (and resolv.conf on the bridge) into
@@ -328,11 +331,12 @@ class Sandbox:
                 raise KataError(f"cannot write the container's /etc: {e.strerror}") from None
         state = ContainerState(cid, target)
         self.containers[cid] = state
-        req = agent_pb2.CreateContainerRequest(
-            container_id=cid, rootfs=agent_pb2.Rootfs(shared_path=f"{cid}/rootfs",
-                                                      readonly=readonly),
-            hostname=hostname, process=process)
         try:
+            mounts = self._share_volumes(state, volumes)
+            req = agent_pb2.CreateContainerRequest(
+                container_id=cid, rootfs=agent_pb2.Rootfs(shared_path=f"{cid}/rootfs",
+                                                          readonly=readonly),
+                hostname=hostname, process=process, mounts=mounts)
             state.pid = (await self._call("CreateContainer", req)).pid
         except BaseException:
             self._unmount_container(state)
@@ -419,10 +423,44 @@ class Sandbox:
         finally:
             self._unmount_container(state)
 
+    def _share_volumes(self, state: ContainerState,
+                       volumes: list[Volume] | tuple[Volume, ...]) -> list[agent_pb2.Mount]:
+        """Bind each host path into shared/<cid>/volumes/<n>: read-only ones
+        read-only here, on the host, whatever the guest does."""
+        out = []
+        for n, v in enumerate(volumes):
+            if v.kind != "bind":
+                out.append(agent_pb2.Mount(destination=v.destination, type=v.kind,
+                                           readonly=v.readonly, options=list(v.options)))
+                continue
+            src = Path(v.source)
+            if not src.is_absolute() or not src.exists():
+                raise KataError(f"bind source {v.source} does not exist")
+            dst = self.shared / state.id / "volumes" / str(n)
+            dst.parent.mkdir(exist_ok=True)
+            if src.is_dir():
+                dst.mkdir()
+            else:
+                dst.touch(mode=0o600)
+            try:
+                linux.mount(str(src), str(dst), None, linux.MS_BIND | linux.MS_REC)
+                state.volume_mounts.append(dst)
+                if v.readonly:
+                    linux.mount(None, str(dst), None,
+                                linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY)
+            except OSError as e:
+                raise KataError(f"cannot share {v.source}: {e.strerror}") from None
+            out.append(agent_pb2.Mount(destination=v.destination, type="bind",
+                                       shared_path=f"{state.id}/volumes/{n}",
+                                       readonly=v.readonly))
+        return out
+
     def _unmount_container(self, state: ContainerState) -> None:
-        _umount(state.rootfs_mount)
-        shutil.rmtree(self.shared / state.id, ignore_errors=True)
-        shutil.rmtree(self.dir / "rw" / state.id, ignore_errors=True)
+        for mount in [*reversed(state.volume_mounts), state.rootfs_mount]:
+            _umount(mount)
+        # Never rm -r through a mount: it would reach the host's files.
+        _rmtree_unmounted(self.shared / state.id)
+        _rmtree_unmounted(self.dir / "rw" / state.id)
         self.containers.pop(state.id, None)
 
     # -- shutdown ------------------------------------------------------------
@@ -443,6 +481,19 @@ class Sandbox:
             except Exception as e:
                 log.warning("sandbox %s clean-up: %s", self.id, e, exc_info=log.isEnabledFor(
                     logging.DEBUG))
+
+
+def _rmtree_unmounted(path: Path) -> None:
+    """rm -r path, unless something is still mounted below it (then: keep it,
+    and say so; the owner's mount namespace frees it at the end anyway)."""
+    prefix = str(path).rstrip("/") + "/"
+    with open("/proc/self/mounts") as f:
+        busy = [line.split()[1] for line in f
+                if (line.split()[1] + "/").startswith(prefix)]
+    if busy:
+        log.warning("not removing %s: still mounted: %s", path, ", ".join(busy))
+        return
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _umount(path: Path) -> None:

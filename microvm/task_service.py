@@ -331,7 +331,7 @@ class TaskService:
         try:
             await sb.create_container(req.id, rootfs, spec.process, readonly=spec.root_readonly,
                                       hostname=spec.hostname, overlay=False,
-                                      etc=cli_net is not None)
+                                      etc=cli_net is not None, volumes=spec.volumes)
             if spec.resources not in (b"", b"{}"):
                 await sb.update(metrics.update_request(req.id, spec.resources))
             await self._start_io(p)

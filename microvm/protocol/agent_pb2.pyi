@@ -188,16 +188,32 @@ class Rootfs(_message.Message):
     def __init__(self, shared_path: _Optional[str] = ..., readonly: _Optional[bool] = ...) -> None: ...
 
 class CreateContainerRequest(_message.Message):
-    __slots__ = ("container_id", "rootfs", "hostname", "process")
+    __slots__ = ("container_id", "rootfs", "hostname", "process", "mounts")
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     ROOTFS_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     PROCESS_FIELD_NUMBER: _ClassVar[int]
+    MOUNTS_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     rootfs: Rootfs
     hostname: str
     process: Process
-    def __init__(self, container_id: _Optional[str] = ..., rootfs: _Optional[_Union[Rootfs, _Mapping]] = ..., hostname: _Optional[str] = ..., process: _Optional[_Union[Process, _Mapping]] = ...) -> None: ...
+    mounts: _containers.RepeatedCompositeFieldContainer[Mount]
+    def __init__(self, container_id: _Optional[str] = ..., rootfs: _Optional[_Union[Rootfs, _Mapping]] = ..., hostname: _Optional[str] = ..., process: _Optional[_Union[Process, _Mapping]] = ..., mounts: _Optional[_Iterable[_Union[Mount, _Mapping]]] = ...) -> None: ...
+
+class Mount(_message.Message):
+    __slots__ = ("destination", "type", "shared_path", "readonly", "options")
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    SHARED_PATH_FIELD_NUMBER: _ClassVar[int]
+    READONLY_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    destination: str
+    type: str
+    shared_path: str
+    readonly: bool
+    options: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, destination: _Optional[str] = ..., type: _Optional[str] = ..., shared_path: _Optional[str] = ..., readonly: _Optional[bool] = ..., options: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ContainerRequest(_message.Message):
     __slots__ = ("container_id",)

@@ -452,3 +452,19 @@ def test_sigkill_of_a_networked_shim_then_delete_cleans_the_namespace(
     assert "tap0_kata" not in links(ns)
     ctd.ctr("task", "delete", "t-netkill")
     assert ctd.ctr("container", "rm", "t-netkill").returncode == 0
+
+
+def test_spec_bind_mounts_reach_the_guest(ctd: Containerd, tmp_path: Path) -> None:
+    """What CRI does for emptyDir, hostPath, ConfigMap and Secret volumes:
+    bind mounts in the spec, read-only ones read-only."""
+    (tmp_path / "rw").mkdir()
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro" / "key").write_text("secret-value\n")
+    p = run(ctd, "t-mounts", "sh", "-c",
+            "cat /secrets/key; echo hi > /data/out; echo x > /secrets/key || echo ro-refused",
+            flags=("--rm", "--mount", f"type=bind,src={tmp_path / 'rw'},dst=/data,options=rbind",
+                   "--mount", f"type=bind,src={tmp_path / 'ro'},dst=/secrets,options=rbind:ro"))
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["secret-value", "ro-refused"]
+    assert (tmp_path / "rw" / "out").read_text() == "hi\n"
+    assert (tmp_path / "ro" / "key").read_text() == "secret-value\n"

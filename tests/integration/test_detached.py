@@ -152,3 +152,13 @@ def test_exec_with_a_terminal(cli: Microvm) -> None:
         _, st = os.waitpid(pid, 0)
         os.close(fd)
     assert os.waitstatus_to_exitcode(st) == 3
+
+
+def test_detached_volume(cli: Microvm, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    r = cli.run("run", "-d", "--name", "kp-vol", "-v", f"{data}:/data", "busybox", "sh", "-c",
+                "echo from-detached > /data/out; sleep 300")
+    assert r.returncode == 0, r.stderr
+    wait_for(lambda: (data / "out").exists())
+    assert (data / "out").read_text() == "from-detached\n"
+    assert cli.run("rm", "-f", "kp-vol").returncode == 0

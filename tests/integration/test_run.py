@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import pty
+import shutil
 import signal
 import subprocess
 import sys
@@ -306,3 +307,36 @@ def test_vsock_transport_without_vhost_vsock(microvm: Microvm, tmp_path: Path,
     assert r.returncode == 125
     assert r.stderr.strip().splitlines()[-1] == (
         "microvm: error: transport vsock requested but /dev/vhost-vsock is not usable")
+
+
+def test_volumes_rw_ro_file_and_no_escape(microvm: Microvm, tmp_path: Path) -> None:
+    rw, ro, single = tmp_path / "rw", tmp_path / "ro", tmp_path / "single"
+    rw.mkdir()
+    ro.mkdir()
+    (ro / "f").write_text("host-file\n")
+    single.write_text("single\n")
+    # A rootfs whose /escape points far above its root: the mount must land
+    # inside the container's root, as the container would resolve the link.
+    root = tmp_path / "rootfs"
+    shutil.copytree("/var/lib/kata-py/rootfs/busybox", root, symlinks=True)
+    (root / "escape").symlink_to("/../../../../run")
+    r = microvm.run("run", "--rm", "-v", f"{rw}:/data", "-v", f"{ro}:/conf:ro",
+                    "-v", f"{single}:/etc/single:ro", "-v", f"{rw}:/escape/here", str(root),
+                    "sh", "-c", "echo written > /data/out; cat /conf/f /etc/single; "
+                    "echo x > /conf/f 2>/dev/null || echo ro-refused; ls /run/here")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["host-file", "single", "ro-refused", "out"]
+    assert (rw / "out").read_text() == "written\n"
+    assert (ro / "f").read_text() == "host-file\n"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("data:/data", "named volumes are not supported"),
+    ("/tmp:data", "must be absolute"),
+    ("/tmp:/data:rx", "unknown mode 'rx'"),
+    ("/tmp", "expected /HOST/PATH:/CONTAINER/PATH"),
+])
+def test_bad_volume_is_one_line(microvm: Microvm, spec: str, message: str) -> None:
+    r = microvm.run("run", "--rm", "-v", spec, "busybox", "true")
+    assert r.returncode == 125
+    assert len(r.error_lines) == 1 and message in r.error_lines[0], r.stderr

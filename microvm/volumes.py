@@ -1,0 +1,74 @@
+"""What a container mounts besides its root: docker's `-v`, and the bind
+and tmpfs mounts of an OCI spec (CRI's /etc/hosts, emptyDir, hostPath,
+ConfigMap and Secret volumes).  The sandbox shares bind sources into the VM;
+proc, sysfs, /dev and the like the guest makes itself."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import KataError
+
+# Made by the guest for every container; a spec's own entries for them are
+# runc's business, not ours.
+GUEST_MADE = {"/proc", "/sys", "/dev", "/dev/pts", "/dev/mqueue", "/sys/fs/cgroup"}
+
+
+@dataclass(frozen=True)
+class Volume:
+    destination: str
+    source: str = ""           # bind: the host path
+    kind: str = "bind"         # or "tmpfs"
+    readonly: bool = False
+    options: tuple[str, ...] = ()
+
+
+def parse_volume(spec: str) -> Volume:
+    """-v HOST:CONTAINER[:ro|rw]; the host directory is made if missing, as docker does."""
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or not all(parts[:2]):
+        raise KataError(f"invalid -v {spec!r}: expected /HOST/PATH:/CONTAINER/PATH[:ro|rw]")
+    source, dest = parts[0], parts[1]
+    mode = parts[2] if len(parts) == 3 else "rw"
+    if not source.startswith("/"):
+        raise KataError(f"-v {spec!r}: named volumes are not supported; give an absolute "
+                        "host path")
+    if not dest.startswith("/") or dest == "/":
+        raise KataError(f"-v {spec!r}: the container path must be absolute (and not /)")
+    if mode not in ("ro", "rw"):
+        raise KataError(f"-v {spec!r}: unknown mode {mode!r} (ro or rw)")
+    if not os.path.exists(source):
+        os.makedirs(source, exist_ok=True)
+    return Volume(os.path.normpath(dest), os.path.realpath(source), "bind", mode == "ro")
+
+
+def from_oci(mounts: list[Any]) -> list[Volume]:
+    """The spec's mounts that the VM must be given (raises ValueError with the
+    field's name on a malformed entry)."""
+    out = []
+    for i, m in enumerate(mounts):
+        where = f"mounts[{i}]"
+        if not isinstance(m, dict):
+            raise ValueError(f"{where} is not an object")
+        dest, kind = m.get("destination"), m.get("type") or ""
+        options = m.get("options") or []
+        if not isinstance(dest, str) or not dest.startswith("/"):
+            raise ValueError(f"{where}.destination must be an absolute path")
+        if not isinstance(kind, str) or not isinstance(options, list) or \
+                not all(isinstance(o, str) for o in options):
+            raise ValueError(f"{where}: type must be a string and options a list of strings")
+        dest = os.path.normpath(dest)
+        if dest in GUEST_MADE:
+            continue
+        readonly = "ro" in options
+        if kind == "bind" or "bind" in options or "rbind" in options:
+            source = m.get("source")
+            if not isinstance(source, str) or not source.startswith("/"):
+                raise ValueError(f"{where}.source must be an absolute path")
+            out.append(Volume(dest, source, "bind", readonly))
+        elif kind == "tmpfs":
+            data = tuple(o for o in options if "=" in o)  # size=, mode=: the rest are flags
+            out.append(Volume(dest, "", "tmpfs", readonly, data))
+    return out
