@@ -21,19 +21,24 @@ from . import linux
 log = logging.getLogger(__name__)
 
 
-def _child_setup() -> None:
+def _child_setup(netns_fd: int | None) -> None:
     linux.set_pdeathsig(signal.SIGKILL)
     # The parent may have died between fork and prctl: then die now.
     if os.getppid() == 1:
         os.kill(os.getpid(), signal.SIGKILL)
+    if netns_fd is not None:
+        linux.setns(netns_fd, linux.CLONE_NEWNET)
 
 
 def spawn(argv: Sequence[str], *, pass_fds: Sequence[int] = (), stdout: int | None = None,
-          stderr: int | None = None) -> subprocess.Popen[bytes]:
+          stderr: int | None = None, netns_fd: int | None = None) -> subprocess.Popen[bytes]:
+    """netns_fd: the network namespace the helper runs in (QEMU in its pod's:
+    its pid then stands for the pod's namespaces, and it has no other network)."""
     log.debug("starting %s", " ".join(argv))
     return subprocess.Popen(
         list(argv), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-        pass_fds=tuple(pass_fds), start_new_session=True, preexec_fn=_child_setup)
+        pass_fds=tuple(pass_fds), start_new_session=True,
+        preexec_fn=lambda: _child_setup(netns_fd))
 
 
 async def wait(proc: subprocess.Popen[bytes], timeout: float | None) -> int | None:

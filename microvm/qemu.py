@@ -84,6 +84,7 @@ class VMSpec:
     tsc_khz: int = 0               # host TSC rate, given to TCG guests
     sandbox: bool = True           # QEMU's seccomp filter
     nics: list[Nic] = field(default_factory=list)
+    netns: str = ""                # the network namespace QEMU runs in ("": ours)
 
     @property
     def block_root(self) -> bool:
@@ -213,15 +214,21 @@ class Machine:
                           0o600)
         errlog = os.open(self.qemu_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
                          0o600)
+        netns_fd = None
         try:
+            if self.spec.netns:
+                netns_fd = os.open(self.spec.netns, os.O_RDONLY | os.O_CLOEXEC)
             self.proc = helpers.spawn(self.argv, pass_fds=[theirs.fileno(), *extra_fds],
-                                      stdout=console, stderr=errlog)
-        except OSError as e:
-            raise VMError(f"cannot run {self.qemu}: {e.strerror}") from None
+                                      stdout=console, stderr=errlog, netns_fd=netns_fd)
+        except (OSError, subprocess.SubprocessError) as e:
+            raise VMError(f"cannot run {self.qemu}: {getattr(e, 'strerror', None) or e}") \
+                from None
         finally:
             os.close(console)
             os.close(errlog)
             theirs.close()
+            if netns_fd is not None:
+                os.close(netns_fd)
         # Swap the history-keeping default listener for ours (qemu.qmp
         # refuses to remove whatever listener is its `events`).
         default, self.qmp.events = self.qmp.events, self._events

@@ -156,6 +156,7 @@ class Sandbox:
             for itf in self.network.interfaces:
                 spec.nics.append(Nic(itf.mac, list(itf.tap_fds), itf.mtu))
                 extra_fds += itf.tap_fds
+            spec.netns = netns
         serial_ours = None
         if self.transport == "serial":
             serial_ours, serial_theirs = socket.socketpair()

@@ -444,6 +444,10 @@ def test_sigkill_of_a_networked_shim_then_delete_cleans_the_namespace(
     sock = (ctd.bundle("t-netkill") / "address").read_text().removeprefix("unix://")
     got = asyncio.run(_task_call(sock, "Connect", task_pb2.ConnectRequest(id="t-netkill"),
                                  task_pb2.ConnectResponse))
+    # The task's pid (QEMU's), which CRI keeps as the sandbox pid, is in the pod's
+    # network namespace: /proc/<pid>/ns/net names it for the pod's other containers.
+    task_pid = got.task_pid  # type: ignore[attr-defined]
+    assert os.stat(f"/proc/{task_pid}/ns/net").st_ino == os.stat(pod.netns).st_ino
     os.kill(got.shim_pid, signal.SIGKILL)  # type: ignore[attr-defined]
     deadline = time.monotonic() + 30
     while Path(sock).exists() or helper_processes() or "ingress" in qdiscs(ns):

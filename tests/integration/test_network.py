@@ -7,6 +7,7 @@ the machine), so no traffic touches the machine's own interfaces.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Microvm, assert_no_leaks
+from tests.conftest import Microvm, assert_no_leaks, helper_processes
 from tests.netns import CNI_BIN, Pod, cni_pod, fetch, links, qdiscs, sh
 
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(
@@ -68,6 +69,11 @@ def test_cni_pod_reachable_with_its_own_address(microvm: Microvm, pod: Pod) -> N
         # While it runs: a tap beside eth0, both joined by ingress redirects.
         assert "tap0_kata" in links(Path(pod.netns).name)
         assert "ingress" in qdiscs(Path(pod.netns).name)
+        # QEMU runs in the pod's namespace: its pid stands for the pod's
+        # network, as CRI expects of a sandbox's pid.
+        qemu = [int(line.split()[0]) for line in helper_processes() if "qemu-system" in line]
+        assert len(qemu) == 1
+        assert os.stat(f"/proc/{qemu[0]}/ns/net").st_ino == os.stat(pod.netns).st_ino
     finally:
         p.send_signal(signal.SIGTERM)
         _, err = p.communicate(timeout=60)
