@@ -164,9 +164,11 @@ def setup_rootfs(shared_path: str, readonly: bool, hostname: str,
     linux.mount(root, root, None, linux.MS_BIND | linux.MS_REC)
     for d in ("proc", "sys", "dev"):
         if not os.path.isdir(os.path.join(root, d)):
-            if readonly:
-                raise ChildError(ERR_OTHER, f"read-only rootfs lacks /{d}")
-            _mkdir(os.path.join(root, d))
+            try:
+                _mkdir(os.path.join(root, d))
+            except OSError as e:
+                raise ChildError(ERR_OTHER, f"rootfs lacks /{d} and it cannot be made "
+                                 f"({e.strerror})") from None
     nosuid = linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC
     linux.mount("proc", f"{root}/proc", "proc", nosuid)
     linux.mount("sysfs", f"{root}/sys", "sysfs", nosuid | linux.MS_RDONLY)

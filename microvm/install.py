@@ -42,6 +42,23 @@ def _block(version: int, config_path: Path) -> str:
             f'  ConfigPath = "{config_path}"\n')
 
 
+def _default_runtime_block(doc: dict[str, Any], version: int) -> str:
+    """containerd replaces its built-in runtimes table with the file's: a
+    file naming only ours would lose runc, and CRI refuses to load when its
+    default runtime is missing.  So runc is written out too when absent."""
+    cri = doc.get("plugins", {}).get(_CRI_PLUGIN[version], {})
+    containerd = cri.get("containerd", {}) if isinstance(cri, dict) else {}
+    default = containerd.get("default_runtime_name", "runc") \
+        if isinstance(containerd, dict) else "runc"
+    if default != "runc" or "runc" in _runtimes(doc, version):
+        return ""
+    table = f'plugins."{_CRI_PLUGIN[version]}".containerd.runtimes.runc'
+    return (f"\n# containerd's default runtime, kept: a runtimes table in this file\n"
+            f"# replaces containerd's built-in one.\n"
+            f"[{table}]\n"
+            f'  runtime_type = "io.containerd.runc.v2"\n')
+
+
 def plan(text: str, where: str, config_path: Path = paths.CONFIG) -> str | None:
     """The new file text, or None when the runtime is already there."""
     try:
@@ -61,7 +78,7 @@ def plan(text: str, where: str, config_path: Path = paths.CONFIG) -> str | None:
     new = text if text.strip() else "version = 2\n"
     if new and not new.endswith("\n"):
         new += "\n"
-    new += _block(version, config_path)
+    new += _default_runtime_block(doc, version) + _block(version, config_path)
     try:
         check = _runtimes(tomllib.loads(new), version).get(HANDLER, {})
     except tomllib.TOMLDecodeError as e:

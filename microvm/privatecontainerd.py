@@ -22,8 +22,19 @@ state = "{root}/state"
   address = "{root}/containerd.sock"
 [ttrpc]
   address = "{root}/containerd.sock.ttrpc"
-[plugins."io.containerd.grpc.v1.cri"]
+"""
+NO_CRI = """[plugins."io.containerd.grpc.v1.cri"]
   disable_cri = true
+"""
+# CRI as kubelet's containerd has it, with its CNI configuration in our
+# directory; restrict_oom_score_adj because these machines lack
+# CAP_SYS_RESOURCE (the pause container's -998 would fail).
+CRI = """[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{sandbox_image}"
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "{root}/cni"
 """
 
 
@@ -32,15 +43,26 @@ class Containerd:
     root: Path
     env: dict[str, str]
     proc: subprocess.Popen[bytes] | None = None
+    prefix: tuple[str, ...] = ()          # e.g. nsenter into a network namespace
 
     @classmethod
-    def create(cls, root: Path) -> Containerd:
+    def create(cls, root: Path, cri_sandbox_image: str | None = None,
+               prefix: tuple[str, ...] = ()) -> Containerd:
+        """cri_sandbox_image: turn CRI on (with that pause image) and register
+        the kata-py runtime the way a user does, with `microvm install containerd`."""
         root.mkdir(parents=True, exist_ok=True)
-        (root / "config.toml").write_text(CONFIG.format(root=root))
+        config = root / "config.toml"
+        config.write_text(CONFIG.format(root=root) + (
+            CRI.format(root=root, sandbox_image=cri_sandbox_image) if cri_sandbox_image
+            else NO_CRI))
+        if cri_sandbox_image:
+            from .install import install_containerd
+            (root / "cni").mkdir(exist_ok=True)
+            install_containerd(config)
         env = dict(os.environ)
         # containerd finds shims on its PATH: this venv's first.
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}"
-        c = cls(root, env)
+        c = cls(root, env, prefix=prefix)
         c.start()
         return c
 
@@ -64,7 +86,7 @@ class Containerd:
         sock.unlink(missing_ok=True)
         with open(self.root / "containerd.log", "ab") as log:
             self.proc = subprocess.Popen(
-                ["containerd", "--config", str(self.root / "config.toml")],
+                [*self.prefix, "containerd", "--config", str(self.root / "config.toml")],
                 stdout=log, stderr=log, env=self.env)
         deadline = time.monotonic() + 30
         while not sock.exists():

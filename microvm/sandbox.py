@@ -311,7 +311,11 @@ class Sandbox:
             elif readonly or not overlay:
                 # One directory (a CLI rootfs, a containerd snapshot), bound as is.
                 linux.mount(str(lowers[0]), str(target), None, linux.MS_BIND | linux.MS_REC)
-                if readonly:
+                # A CLI rootfs is a template: read-only here, on the host.  A
+                # snapshot is the container's own: as runc does, the guest makes
+                # the mount points it lacks (/proc, /dev...) and then turns the
+                # root read-only (CRI's pause image has none of them).
+                if readonly and overlay:
                     linux.mount(None, str(target), None,
                                 linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY)
             else:

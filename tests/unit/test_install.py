@@ -106,3 +106,24 @@ def test_containerd_reads_the_result(tmp_path: Path) -> None:
     assert dump.returncode == 0, dump.stderr
     assert f"[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.{HANDLER}]" in dump.stdout
     assert f'runtime_type = "{RUNTIME_TYPE}"' in dump.stdout
+
+
+def test_runc_is_kept_when_the_file_names_no_runtime() -> None:
+    """containerd replaces its built-in runtimes with the file's table: ours
+    alone would drop runc and leave CRI without its default runtime."""
+    import tomllib
+
+    from microvm.install import plan
+    new = plan("version = 2\n", "t")
+    assert new is not None
+    runtimes = tomllib.loads(new)["plugins"]["io.containerd.grpc.v1.cri"]["containerd"][
+        "runtimes"]
+    assert runtimes["runc"]["runtime_type"] == "io.containerd.runc.v2"
+    assert runtimes["kata-py"]["runtime_type"] == "io.containerd.kata-py.v2"
+    has_runc = ('version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]\n'
+                '  runtime_type = "io.containerd.runc.v2"\n  SystemdCgroup = true\n')
+    kept = plan(has_runc, "t")
+    assert kept is not None and kept.count("runtimes.runc]") == 1  # theirs, untouched
+    other = ('version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd]\n'
+             '  default_runtime_name = "crun"\n')
+    assert "runtimes.runc" not in (plan(other, "t") or "")
