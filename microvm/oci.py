@@ -6,6 +6,7 @@ InvalidArgument that names it, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +58,9 @@ class Spec:
     netns: str = ""
     # The mounts the VM must be given (binds, tmpfs); proc, /dev etc. it makes.
     volumes: list[Volume] = field(default_factory=list)
+    # linux.cgroupsPath: for the pod's first container, the host cgroup the
+    # shim (and so QEMU and virtiofsd) joins.
+    cgroups_path: str = ""
 
 
 def _get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str,
@@ -120,7 +124,7 @@ def load_bundle(bundle: Path) -> Spec:
     except ValueError as e:
         raise ttrpc.InvalidArgument(f"OCI spec: {e}") from None
     return Spec(
-        volumes=volumes,
+        volumes=volumes, cgroups_path=_get(linux_, "cgroupsPath", str, "linux.", ""),
         netns=network_namespace(_get(linux_, "namespaces", list, "linux.", [])),
         process=process(data.get("process")), hostname=_get(data, "hostname", str, "", ""),
         root_path=_get(root, "path", str, "root.", "rootfs"),
@@ -138,13 +142,17 @@ def network_namespace(namespaces: list[Any]) -> str:
     return ""
 
 
-def read_bundle_netns(bundle: Path) -> str:
-    """The network namespace path only (for clean-up), tolerant of a bad spec."""
+def read_bundle_linux(bundle: Path) -> tuple[str, str]:
+    """The network namespace and cgroupsPath only (for clean-up), tolerant of a bad spec."""
     try:
-        data = json.loads((bundle / "config.json").read_text())
-        return network_namespace(data["linux"]["namespaces"])
-    except (OSError, ValueError, KeyError, TypeError, ttrpc.RpcError):
-        return ""
+        linux_ = json.loads((bundle / "config.json").read_text())["linux"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "", ""
+    netns = ""
+    with contextlib.suppress(ValueError, KeyError, TypeError, ttrpc.RpcError):
+        netns = network_namespace(linux_["namespaces"])
+    cgroups = linux_.get("cgroupsPath") if isinstance(linux_, dict) else ""
+    return netns, cgroups if isinstance(cgroups, str) else ""
 
 
 def read_annotations(bundle: Path) -> dict[str, str]:

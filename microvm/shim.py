@@ -26,7 +26,7 @@ from pathlib import Path
 
 from google.protobuf import any_pb2
 
-from . import linux, mountns, oci
+from . import hostcgroup, linux, mountns, oci
 from .events import Publisher, timestamp
 from .protocol import task_pb2, ttrpc
 
@@ -167,13 +167,17 @@ def delete(args: Args) -> int:
     with contextlib.suppress(OSError):
         if os.path.ismount(rootfs):
             linux.umount(str(rootfs), linux.MNT_DETACH)
-    # A SIGKILLed shim's VM took its taps along; the veths' redirects remain.
-    netns = oci.read_bundle_netns(bundle)
-    if netns and (path is None or not _alive(path)):
-        from . import tcfilter
-        with contextlib.suppress(Exception):
-            if tcfilter.usable_netns(netns):
-                tcfilter.clean_stale(netns)
+    # A SIGKILLed shim's VM took its taps along; the veths' redirects and the
+    # pod's (now empty) host cgroup remain.
+    netns, cgroups_path = oci.read_bundle_linux(bundle)
+    if path is None or not _alive(path):
+        if netns:
+            from . import tcfilter
+            with contextlib.suppress(Exception):
+                if tcfilter.usable_netns(netns):
+                    tcfilter.clean_stale(netns)
+        if cgroups_path:
+            hostcgroup.remove(hostcgroup.dirs_for(cgroups_path))
     resp = task_pb2.DeleteResponse(pid=0, exit_status=128 + signal.SIGKILL,
                                    exited_at=timestamp())
     sys.stdout.buffer.write(resp.SerializeToString())

@@ -26,7 +26,7 @@ from typing import TypeVar
 
 from google.protobuf import empty_pb2
 
-from . import accel, linux, metrics, mountns, network, oci
+from . import accel, hostcgroup, linux, metrics, mountns, network, oci
 from . import config as config_mod
 from .attach import pump_input, pump_output
 from .errors import KataError
@@ -152,6 +152,7 @@ class TaskService:
         self.sandbox: Sandbox | None = None
         self.containers: dict[str, Container] = {}
         self._boot_lock = asyncio.Lock()
+        self._cgroups: hostcgroup.Joined | None = None
         self._oom_task: asyncio.Task[None] | None = None
 
     # -- helpers -------------------------------------------------------------
@@ -179,13 +180,16 @@ class TaskService:
         m = self.sandbox.machine if self.sandbox else None
         return m.proc.pid if m is not None and m.proc is not None else 0
 
-    async def _ensure_sandbox(self, options_config: str | None, net: NetworkSpec) -> Sandbox:
+    async def _ensure_sandbox(self, options_config: str | None, net: NetworkSpec,
+                              cgroups_path: str) -> Sandbox:
         """The pod's VM, booted by its first container (CRI's pause container),
-        with that container's network."""
+        with that container's network, in that container's host cgroup."""
         async with self._boot_lock:
             if self.sandbox is None:
                 try:
                     cfg = config_mod.load(options_config)
+                    if cgroups_path and not self._cgroups:
+                        self._cgroups = hostcgroup.join(cgroups_path)
                     run_dir = mountns.enter()
                     sb = Sandbox(cfg, secrets.token_hex(8), run_dir, accel.choose(cfg.accel),
                                  network=net)
@@ -316,7 +320,7 @@ class TaskService:
         except KataError as e:
             raise ttrpc.InvalidArgument(str(e)) from None
         net = cli_net or (NetworkSpec("ns", spec.netns) if spec.netns else NetworkSpec())
-        sb = await self._ensure_sandbox(config_path, net)
+        sb = await self._ensure_sandbox(config_path, net, spec.cgroups_path)
         if req.rootfs:
             self._mount_rootfs(bundle, list(req.rootfs))
             rootfs = bundle / "rootfs"
@@ -563,3 +567,6 @@ class TaskService:
         if self.sandbox is not None:
             await self.sandbox.stop()
             self.sandbox = None
+        if self._cgroups is not None:
+            self._cgroups.leave()
+            self._cgroups = None

@@ -300,7 +300,8 @@ def _wait_status(ctd: Containerd, cid: str, status: str) -> None:
 
 
 def test_pause_resume_metrics_update(ctd: Containerd) -> None:
-    counter = "i=0; while :; do i=$((i+1)); echo $i > /tmp/n; sleep 0.1; done"
+    # Renamed into place: a reader never sees the file truncated, half-written.
+    counter = "i=0; while :; do i=$((i+1)); echo $i > /tmp/m; mv /tmp/m /tmp/n; sleep 0.1; done"
     assert run(ctd, "t-pause", "sh", "-c", counter, flags=("-d",)).returncode == 0
     try:
         time.sleep(1)

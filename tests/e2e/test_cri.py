@@ -28,6 +28,7 @@ from typing import Any
 import grpc
 import pytest
 
+from microvm import hostcgroup
 from microvm.ociarchive import gzip_layer, layer_from_dir, oci_archive_from_layers
 from microvm.privatecontainerd import Containerd
 from tests.conftest import helper_processes
@@ -42,6 +43,7 @@ HERE = Path(__file__).parent
 PAUSE_IMAGE = "registry.k8s.io/pause:kata-py-test"
 APP_IMAGE = "docker.io/library/kata-py-cri-test:latest"
 HANDLER = "kata-py"
+CGROUP_PARENT = "kata-py-cri-test"
 PAUSE_C = r"""
 #include <signal.h>
 #include <stdlib.h>
@@ -105,7 +107,8 @@ class Cri:
             metadata=self.pb.PodSandboxMetadata(name=name, uid=f"uid-{name}",
                                                 namespace="default", attempt=0),
             hostname=name, log_directory=str(logs),
-            linux=self.pb.LinuxPodSandboxConfig())
+            # As kubelet's cgroupfs driver names a pod's cgroup.
+            linux=self.pb.LinuxPodSandboxConfig(cgroup_parent=f"/{CGROUP_PARENT}/pod-{name}"))
         r = self.rt.RunPodSandbox(self.pb.RunPodSandboxRequest(config=config,
                                                                runtime_handler=handler),
                                   timeout=180)
@@ -113,11 +116,14 @@ class Cri:
         self._configs[r.pod_sandbox_id] = config
         return str(r.pod_sandbox_id)
 
-    def container(self, pod: str, name: str, *cmd: str) -> str:
+    def container(self, pod: str, name: str, *cmd: str, mounts: tuple[Any, ...] = (),
+                  memory: int = 0) -> str:
+        linux = self.pb.LinuxContainerConfig(
+            resources=self.pb.LinuxContainerResources(memory_limit_in_bytes=memory))
         config = self.pb.ContainerConfig(
             metadata=self.pb.ContainerMetadata(name=name), image=self.pb.ImageSpec(
                 image=APP_IMAGE), command=list(cmd), log_path=f"{name}.log",
-            linux=self.pb.LinuxContainerConfig())
+            mounts=list(mounts), linux=linux)
         cid = self.rt.CreateContainer(self.pb.CreateContainerRequest(
             pod_sandbox_id=pod, config=config, sandbox_config=self._configs[pod]),
             timeout=120).container_id
@@ -165,6 +171,11 @@ def cri(tmp_path_factory: pytest.TempPathFactory,
             ctd.stop()
             for f in Path("/var/lib/cni/results").glob("kata-py-cri-test-*"):
                 f.unlink()
+            # The pod cgroups' parents are kubelet's to remove: here, ours.
+            for h in hostcgroup.hierarchies():
+                for d in sorted((h / CGROUP_PARENT).glob("**/"), reverse=True):
+                    with contextlib.suppress(OSError):
+                        d.rmdir()
 
 
 def _nothing_left(cri: Cri) -> None:
@@ -173,6 +184,8 @@ def _nothing_left(cri: Cri) -> None:
         left = helper_processes()
         left += [f"netns: {n}" for n in os.listdir("/var/run/netns") if n.startswith("cni-")]
         left += [f"pod veth: {n}" for n in links(cri.node) if n.startswith("veth")]
+        left += [f"cgroup: {d}" for h in hostcgroup.hierarchies()
+                 for d in (h / CGROUP_PARENT).glob("pod-*/*") if d.is_dir()]
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.2)
@@ -245,4 +258,40 @@ def test_five_pods_in_parallel(cri: Cri) -> None:
     assert len([p for p in helper_processes() if "qemu-system" in p]) == 5
     with concurrent.futures.ThreadPoolExecutor(5) as pool:
         list(pool.map(cri.remove_pod, pods))
+    _nothing_left(cri)
+
+
+def test_volumes_oom_and_pod_stats(cri: Cri, tmp_path: Path) -> None:
+    """hostPath-style mounts (read-only ones stay read-only), an OOM kill
+    kubelet sees as OOMKilled, and the pod's stats."""
+    rw, ro = tmp_path / "rw", tmp_path / "ro"
+    rw.mkdir()
+    ro.mkdir()
+    (ro / "token").write_text("s3cret\n")
+    pod = cri.run_pod("vols")
+    try:
+        c = cri.container(pod, "c", "sleep", "3600", mounts=(
+            cri.pb.Mount(container_path="/data", host_path=str(rw)),
+            cri.pb.Mount(container_path="/var/run/secrets/token", host_path=str(ro / "token"),
+                         readonly=True)))
+        r = cri.exec(c, "sh", "-c", "cat /var/run/secrets/token; echo hi > /data/out; "
+                     "echo x > /var/run/secrets/token || echo ro-refused")
+        assert r.stdout.split() == [b"s3cret", b"ro-refused"], r.stderr
+        assert (rw / "out").read_text() == "hi\n"
+        assert (ro / "token").read_text() == "s3cret\n"
+        hog = cri.container(pod, "hog", "tail", "/dev/zero", memory=32 << 20)
+        deadline = time.monotonic() + 60
+        while True:
+            st = cri.rt.ContainerStatus(cri.pb.ContainerStatusRequest(container_id=hog)).status
+            if st.state == cri.pb.CONTAINER_EXITED or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert st.state == cri.pb.CONTAINER_EXITED and st.reason == "OOMKilled", st
+        # containerd reads the pod's host cgroup, which holds the shim, QEMU
+        # and virtiofsd: the VM's memory is the pod's.
+        stats = cri.rt.PodSandboxStats(cri.pb.PodSandboxStatsRequest(pod_sandbox_id=pod))
+        assert stats.stats.attributes.id == pod
+        assert stats.stats.linux.memory.working_set_bytes.value > 64 << 20
+    finally:
+        cri.remove_pod(pod)
     _nothing_left(cri)
