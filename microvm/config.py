@@ -22,6 +22,9 @@ ACCELS = ("auto", "kvm", "tcg")
 TRANSPORTS = ("auto", "vsock", "serial")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 NETWORKS = ("bridge", "none")
+# QEMU's microvm cannot address more than the low 3 GiB without the
+# high-memory hole set-up.
+MAX_MEMORY_MIB = 3072
 
 
 @dataclass
@@ -58,11 +61,10 @@ class Config:
         _choice("log_level", self.log_level, LOG_LEVELS, where)
         if not 1 <= self.vcpus <= 255:
             raise ConfigError(f"{where}: vcpus must be between 1 and 255, not {self.vcpus}")
-        # The agent and Python need room; QEMU's microvm cannot address more
-        # than the low 3 GiB without the high-memory hole set-up.
-        if not 64 <= self.memory_mib <= 3072:
-            raise ConfigError(
-                f"{where}: memory_mib must be between 64 and 3072, not {self.memory_mib}")
+        # The agent and Python need room (see MAX_MEMORY_MIB for the top).
+        if not 64 <= self.memory_mib <= MAX_MEMORY_MIB:
+            raise ConfigError(f"{where}: memory_mib must be between 64 and {MAX_MEMORY_MIB}, "
+                              f"not {self.memory_mib}")
         _choice("network", self.network, NETWORKS, where)
         if not 1 <= len(self.bridge_name) <= 15 or not all(
                 c.isalnum() or c in "-_." for c in self.bridge_name):

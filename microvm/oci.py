@@ -155,6 +155,33 @@ def read_bundle_linux(bundle: Path) -> tuple[str, str]:
     return netns, cgroups if isinstance(cgroups, str) else ""
 
 
+# Pod-level resources that containerd's CRI (1.7+) puts on the sandbox spec.
+SANDBOX_CPU_QUOTA = "io.kubernetes.cri.sandbox-cpu-quota"
+SANDBOX_CPU_PERIOD = "io.kubernetes.cri.sandbox-cpu-period"
+SANDBOX_MEMORY = "io.kubernetes.cri.sandbox-memory"
+
+
+def pod_size(annotations: dict[str, str], vcpus: int, memory_mib: int,
+             max_vcpus: int, max_memory_mib: int) -> tuple[int, int]:
+    """The pod VM's vCPUs and MiB: the configured ones are the floor; a pod's
+    CPU limit adds up to whole vCPUs, its memory limit comes on top of the
+    guest's own (agent, kernel), as Kata sizes it.  Never above the maxima."""
+    def number(key: str) -> int:
+        value = annotations.get(key, "")
+        try:
+            return max(int(value), 0) if value else 0
+        except ValueError:
+            raise ttrpc.InvalidArgument(f"annotation {key}: not a number: {value!r}") from None
+
+    quota, period, memory = number(SANDBOX_CPU_QUOTA), number(SANDBOX_CPU_PERIOD), \
+        number(SANDBOX_MEMORY)
+    if quota and period:
+        vcpus = max(vcpus, -(-quota // period))
+    if memory:
+        memory_mib += -(-memory // (1 << 20))
+    return min(vcpus, max_vcpus), min(memory_mib, max_memory_mib)
+
+
 def read_annotations(bundle: Path) -> dict[str, str]:
     """Just the annotations (for grouping at start), tolerant of a bad spec."""
     try:

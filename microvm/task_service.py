@@ -181,13 +181,17 @@ class TaskService:
         return m.proc.pid if m is not None and m.proc is not None else 0
 
     async def _ensure_sandbox(self, options_config: str | None, net: NetworkSpec,
-                              cgroups_path: str) -> Sandbox:
+                              spec: oci.Spec) -> Sandbox:
         """The pod's VM, booted by its first container (CRI's pause container),
-        with that container's network, in that container's host cgroup."""
+        with that container's network, size and host cgroup."""
+        cgroups_path = spec.cgroups_path
         async with self._boot_lock:
             if self.sandbox is None:
                 try:
                     cfg = config_mod.load(options_config)
+                    cfg.vcpus, cfg.memory_mib = oci.pod_size(
+                        spec.annotations, cfg.vcpus, cfg.memory_mib,
+                        max_vcpus=os.cpu_count() or 1, max_memory_mib=config_mod.MAX_MEMORY_MIB)
                     if cgroups_path and not self._cgroups:
                         self._cgroups = hostcgroup.join(cgroups_path)
                     run_dir = mountns.enter()
@@ -320,7 +324,7 @@ class TaskService:
         except KataError as e:
             raise ttrpc.InvalidArgument(str(e)) from None
         net = cli_net or (NetworkSpec("ns", spec.netns) if spec.netns else NetworkSpec())
-        sb = await self._ensure_sandbox(config_path, net, spec.cgroups_path)
+        sb = await self._ensure_sandbox(config_path, net, spec)
         if req.rootfs:
             self._mount_rootfs(bundle, list(req.rootfs))
             rootfs = bundle / "rootfs"

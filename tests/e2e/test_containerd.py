@@ -473,3 +473,16 @@ def test_spec_bind_mounts_reach_the_guest(ctd: Containerd, tmp_path: Path) -> No
     assert p.stdout.split() == ["secret-value", "ro-refused"]
     assert (tmp_path / "rw" / "out").read_text() == "hi\n"
     assert (tmp_path / "ro" / "key").read_text() == "secret-value\n"
+
+
+def test_pod_resources_size_the_vm(ctd: Containerd) -> None:
+    """containerd 1.7+'s CRI puts the pod's limits on the sandbox spec; 1.6's does
+    not yet, so ctr sets the same annotations here."""
+    p = run(ctd, "t-size", "sh", "-c", "nproc; grep MemTotal /proc/meminfo", flags=(
+        "--rm", "--annotation", "io.kubernetes.cri.sandbox-cpu-quota=200000",
+        "--annotation", "io.kubernetes.cri.sandbox-cpu-period=100000",
+        "--annotation", f"io.kubernetes.cri.sandbox-memory={256 << 20}"))
+    assert p.returncode == 0, p.stderr
+    cpus, mem = p.stdout.splitlines()
+    assert cpus == "2"
+    assert int(mem.split()[1]) > 700 * 1024   # 512 MiB default + 256 MiB, less the kernel's

@@ -127,3 +127,4 @@ def test_runc_is_kept_when_the_file_names_no_runtime() -> None:
     other = ('version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd]\n'
              '  default_runtime_name = "crun"\n')
     assert "runtimes.runc" not in (plan(other, "t") or "")
+
