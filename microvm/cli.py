@@ -486,6 +486,21 @@ def install_containerd_cmd(path: str, dry_run: bool) -> None:
     click.echo(install_containerd(Path(path), dry_run=dry_run))
 
 
+@cli.group()
+def uninstall() -> None:
+    """Undo `microvm install`."""
+
+
+@uninstall.command("containerd")
+@click.option("--config", "path", default=str(DEFAULT_CONTAINERD_CONFIG), show_default=True,
+              metavar="PATH", help="containerd's config.toml.")
+@click.option("--dry-run", is_flag=True, help="Print the change instead of making it.")
+def uninstall_containerd_cmd(path: str, dry_run: bool) -> None:
+    """Remove what `microvm install containerd` added, and nothing else."""
+    from .install import uninstall_containerd
+    click.echo(uninstall_containerd(Path(path), dry_run=dry_run))
+
+
 def main() -> None:
     try:
         cli(standalone_mode=False)

@@ -32,10 +32,15 @@ def _runtimes(doc: dict[str, Any], version: int) -> dict[str, Any]:
     return runtimes if isinstance(runtimes, dict) else {}
 
 
+# Our whole addition sits between these lines, so uninstall removes exactly it.
+BEGIN = "# BEGIN kata-py (added by `microvm install containerd`; " \
+        "`microvm uninstall containerd` removes it)"
+END = "# END kata-py"
+
+
 def _block(version: int, config_path: Path) -> str:
     table = f'plugins."{_CRI_PLUGIN[version]}".containerd.runtimes.{HANDLER}'
-    return (f"\n# Added by `microvm install containerd`: every pod with\n"
-            f"# runtimeClassName: {HANDLER} runs in its own microVM.\n"
+    return (f"# Every pod with runtimeClassName: {HANDLER} runs in its own microVM.\n"
             f"[{table}]\n"
             f'  runtime_type = "{RUNTIME_TYPE}"\n'
             f"[{table}.options]\n"
@@ -53,7 +58,7 @@ def _default_runtime_block(doc: dict[str, Any], version: int) -> str:
     if default != "runc" or "runc" in _runtimes(doc, version):
         return ""
     table = f'plugins."{_CRI_PLUGIN[version]}".containerd.runtimes.runc'
-    return (f"\n# containerd's default runtime, kept: a runtimes table in this file\n"
+    return (f"# containerd's default runtime, kept: a runtimes table in this file\n"
             f"# replaces containerd's built-in one.\n"
             f"[{table}]\n"
             f'  runtime_type = "io.containerd.runc.v2"\n')
@@ -78,7 +83,8 @@ def plan(text: str, where: str, config_path: Path = paths.CONFIG) -> str | None:
     new = text if text.strip() else "version = 2\n"
     if new and not new.endswith("\n"):
         new += "\n"
-    new += _default_runtime_block(doc, version) + _block(version, config_path)
+    new += (f"\n{BEGIN}\n" + _default_runtime_block(doc, version)
+            + _block(version, config_path) + f"{END}\n")
     try:
         check = _runtimes(tomllib.loads(new), version).get(HANDLER, {})
     except tomllib.TOMLDecodeError as e:
@@ -87,6 +93,63 @@ def plan(text: str, where: str, config_path: Path = paths.CONFIG) -> str | None:
     if check.get("runtime_type") != RUNTIME_TYPE:
         raise KataError(f"{where}: the runtime table did not take effect; add it by hand")
     return new
+
+
+def unplan(text: str, where: str) -> str | None:
+    """The file without our section, or None when it has none."""
+    lines = text.splitlines(keepends=True)
+    starts = [i for i, line in enumerate(lines) if line.rstrip("\n") == BEGIN]
+    if not starts:
+        doc = tomllib.loads(text)
+        version = doc.get("version", 2)
+        if version in _CRI_PLUGIN and HANDLER in _runtimes(doc, version):
+            raise KataError(f"{where}: the {HANDLER} runtime was not added by `microvm install "
+                            "containerd` (no BEGIN kata-py line); remove it by hand")
+        return None
+    start = starts[0]
+    try:
+        end = next(i for i in range(start, len(lines)) if lines[i].rstrip("\n") == END)
+    except StopIteration:
+        raise KataError(f"{where}: '{BEGIN}' has no '{END}' line; fix it by hand") from None
+    if start > 0 and not lines[start - 1].strip():
+        start -= 1  # the blank line install put before it
+    return "".join(lines[:start] + lines[end + 1:])
+
+
+def _replace(path: Path, new: str) -> None:
+    """Atomically, keeping the file's mode."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o7777 if path.exists() else 0o644
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(new)
+        os.chmod(tmp, mode)
+        os.rename(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def uninstall_containerd(path: Path = DEFAULT_CONFIG, dry_run: bool = False) -> str:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return f"{path}: no such file; nothing to do"
+    except OSError as e:
+        raise KataError(f"{path}: {e.strerror}") from None
+    try:
+        new = unplan(text, str(path))
+    except tomllib.TOMLDecodeError as e:
+        raise KataError(f"{path}: not valid TOML: {e}") from None
+    if new is None:
+        return f"{path}: the {HANDLER} runtime is not installed; nothing to do"
+    if dry_run:
+        return "".join(difflib.unified_diff(text.splitlines(keepends=True),
+                                            new.splitlines(keepends=True),
+                                            fromfile=str(path), tofile=str(path))).rstrip("\n")
+    _replace(path, new)
+    return f"{path}: removed the {HANDLER} runtime; restart containerd"
 
 
 def install_containerd(path: Path = DEFAULT_CONFIG, dry_run: bool = False,
@@ -106,16 +169,6 @@ def install_containerd(path: Path = DEFAULT_CONFIG, dry_run: bool = False,
                                         fromfile=str(path), tofile=str(path)))
     if dry_run:
         return diff.rstrip("\n")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mode = path.stat().st_mode & 0o7777 if path.exists() else 0o644
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(new)
-        os.chmod(tmp, mode)
-        os.rename(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _replace(path, new)
     return (f"{path}: added the {HANDLER} runtime ({RUNTIME_TYPE}); "
             "restart containerd to use it")

@@ -206,6 +206,9 @@ def test_pod_of_two_containers_in_one_vm(cri: Cri) -> None:
         uname = cri.exec(side, "uname", "-r")
         assert uname.exit_code == 0 and uname.stdout.decode().strip().endswith("-kata-py")
         assert uname.stdout.decode().strip() != os.uname().release
+        # kubectl exec ... dmesg: the guest kernel's own log, from its boot.
+        dmesg = cri.exec(side, "dmesg").stdout.decode()
+        assert "Linux version 6.1" in dmesg and "-kata-py" in dmesg.splitlines()[0]
         # They share the pod's network: localhost reaches the other container.
         hi = cri.exec(side, "sh", "-c", "for i in 1 2 3 4 5; do nc 127.0.0.1 7000 && break; "
                       "sleep 1; done")

@@ -128,3 +128,30 @@ def test_runc_is_kept_when_the_file_names_no_runtime() -> None:
              '  default_runtime_name = "crun"\n')
     assert "runtimes.runc" not in (plan(other, "t") or "")
 
+
+
+@pytest.mark.parametrize("original", [
+    "",
+    "version = 2\n",
+    "# the operator's comment\nversion = 2\n\n[plugins.\"io.containerd.grpc.v1.cri\"]\n"
+    "  sandbox_image = \"pause:3.9\"\n",
+    "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".containerd.runtimes.runc]\n"
+    "  runtime_type = \"io.containerd.runc.v2\"\n",
+])
+def test_uninstall_restores_the_file(original: str) -> None:
+    from microvm.install import plan, unplan
+    installed = plan(original, "t")
+    assert installed is not None
+    restored = unplan(installed, "t")
+    # An empty file was given a version line by install: that line stays.
+    assert restored == (original or "version = 2\n")
+    assert unplan(restored, "t") is None
+
+
+def test_uninstall_refuses_a_hand_made_entry() -> None:
+    from microvm.errors import KataError
+    from microvm.install import unplan
+    hand = ('version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.kata-py]\n'
+            '  runtime_type = "io.containerd.kata-py.v2"\n')
+    with pytest.raises(KataError, match="remove it by hand"):
+        unplan(hand, "t")
