@@ -158,12 +158,24 @@ def main() -> None:
                     help="skip pull throughput (vs skopeo + umoci) and run IMAGE")
     ap.add_argument("--no-network", action="store_true",
                     help="skip the network figures (tap vs runc's veth, bridge start-up)")
-    ap.add_argument("--only", choices=["images", "network"],
+    ap.add_argument("--no-cri", action="store_true",
+                    help="skip pod start-up through CRI (kata-py vs runc) and pod memory")
+    ap.add_argument("--only", choices=["images", "network", "cri"],
                     help="run only this part (with its reference)")
     args = ap.parse_args()
     cfg = config.load()
     choice = accel.choose(cfg.accel)
     microvm = shutil.which("microvm") or str(Path(sys.executable).with_name("microvm"))
+    cri_bench = None
+    if not args.no_cri and args.only in (None, "cri") and shutil.which("gcc") \
+            and shutil.which("containerd"):
+        from . import bench_cri
+        cri_bench = bench_cri.run(args.n)
+        if args.only == "cri":
+            bench_cri.report(cri_bench)
+            if args.json:
+                Path(args.json).write_text(json.dumps({"cri": cri_bench}, indent=1))
+            return
     network_bench = None
     if not args.no_network and args.only in (None, "network") and shutil.which("runc"):
         from . import bench_network
@@ -235,12 +247,15 @@ def main() -> None:
     if network_bench is not None:
         from . import bench_network
         bench_network.report(network_bench)
+    if cri_bench is not None:
+        from . import bench_cri
+        bench_cri.report(cri_bench)
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"accel": choice.accel, "n": args.n, "stats": stats,
              "ratios": {"run/floor": run_m / floor_m, "run/runc": run_m / runc_m},
              "breakdown": steps, "images": images, "containerd": through_containerd,
-             "images_bench": images_bench, "network": network_bench},
+             "images_bench": images_bench, "network": network_bench, "cri": cri_bench},
             indent=1) + "\n")
 
 

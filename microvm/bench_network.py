@@ -14,20 +14,16 @@ a veth pair, as CNI's ptp plugin would.  No traffic leaves them.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import secrets
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from pyroute2 import IPRoute
-from pyroute2 import netns as pr_netns
 
 from . import netlink, rootfs
 
@@ -72,16 +68,6 @@ else:
     rtts.sort()
     print(json.dumps({"rtt": rtts[len(rtts) // 2]}))
 """
-
-
-@contextlib.contextmanager
-def _named_netns(prefix: str) -> Iterator[str]:
-    name = f"{prefix}-{secrets.token_hex(3)}"
-    pr_netns.create(name)
-    try:
-        yield name
-    finally:
-        pr_netns.remove(name)
 
 
 def _path(name: str) -> str:
@@ -144,8 +130,8 @@ def _stats(v: list[float]) -> dict[str, float]:
 
 def run(n: int, microvm: str) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="kata-py-bench-net-") as tmp_s, \
-            _named_netns("kb-node") as node, _named_netns("kb-kata") as kata_pod, \
-            _named_netns("kb-runc") as runc_pod:
+            netlink.named_netns("kb-node") as node, netlink.named_netns("kb-kata") as kata_pod, \
+            netlink.named_netns("kb-runc") as runc_pod:
         tmp = Path(tmp_s)
         ips = {"kata-py": _link_pod(node, kata_pod, 1), "runc": _link_pod(node, runc_pod, 2)}
         cid = f"kata-py-bench-net-{os.getpid()}"

@@ -9,8 +9,10 @@ which ends with it: nothing else in the process changes namespace.
 
 from __future__ import annotations
 
+import contextlib
+import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 from pyroute2 import IPRoute, netns
@@ -46,3 +48,14 @@ def run(fn: Callable[[IPRoute], T], path: str | None = None) -> T:
     if error:
         raise error[0]
     return result[0]
+
+
+@contextlib.contextmanager
+def named_netns(prefix: str) -> Iterator[str]:
+    """A network namespace /var/run/netns/<prefix>-<random>, removed after."""
+    name = f"{prefix}-{secrets.token_hex(3)}"
+    netns.create(name)
+    try:
+        yield name
+    finally:
+        netns.remove(name)

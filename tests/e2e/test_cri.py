@@ -11,26 +11,17 @@ inside the node namespace.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
-import io
-import json
 import os
 import shutil
-import subprocess
-import sys
-import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
-from typing import Any
 
 import grpc
 import pytest
 
-from microvm import hostcgroup
-from microvm.ociarchive import gzip_layer, layer_from_dir, oci_archive_from_layers
-from microvm.privatecontainerd import Containerd
+from microvm import cristack, hostcgroup
+from microvm.cristack import CGROUP_PARENT, Cri
 from tests.conftest import helper_processes
 from tests.netns import CNI_BIN, fetch, links, namespace
 
@@ -39,143 +30,11 @@ pytestmark = [pytest.mark.vm, pytest.mark.skipif(
     or shutil.which("gcc") is None,
     reason="needs containerd, containernetworking-plugins and gcc")]
 
-HERE = Path(__file__).parent
-PAUSE_IMAGE = "registry.k8s.io/pause:kata-py-test"
-APP_IMAGE = "docker.io/library/kata-py-cri-test:latest"
-HANDLER = "kata-py"
-CGROUP_PARENT = "kata-py-cri-test"
-PAUSE_C = r"""
-#include <signal.h>
-#include <stdlib.h>
-#include <unistd.h>
-static void bye(int sig) { (void)sig; _exit(0); }
-int main(void) {
-    signal(SIGTERM, bye);
-    signal(SIGINT, bye);
-    for (;;) pause();
-}
-"""
-
-
 @pytest.fixture(scope="module")
-def api(tmp_path_factory: pytest.TempPathFactory) -> tuple[ModuleType, ModuleType]:
-    """The CRI v1 messages and stubs, compiled from tests/e2e/cri/api.proto."""
-    out = tmp_path_factory.mktemp("cri_pb")
-    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{HERE / 'cri'}",
-                    f"--python_out={out}", f"--grpc_python_out={out}", "api.proto"],
-                   check=True, capture_output=True)
-    sys.path.insert(0, str(out))
-    try:
-        import api_pb2  # type: ignore[import-not-found]
-        import api_pb2_grpc  # type: ignore[import-not-found]
-    finally:
-        sys.path.remove(str(out))
-    return api_pb2, api_pb2_grpc
-
-
-def _images(tmp: Path) -> tuple[Path, Path]:
-    src = tmp / "pause.c"
-    src.write_text(PAUSE_C)
-    root = tmp / "pause-root"
-    root.mkdir()
-    subprocess.run(["gcc", "-static", "-O2", "-o", str(root / "pause"), str(src)], check=True,
-                   capture_output=True)
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w") as t:
-        t.add(root / "pause", arcname="pause")
-    pause = oci_archive_from_layers(tmp / "pause.tar", PAUSE_IMAGE, [gzip_layer(raw.getvalue())],
-                                    {"Entrypoint": ["/pause"]})
-    app = oci_archive_from_layers(tmp / "app.tar", APP_IMAGE,
-                                  [layer_from_dir(Path("/var/lib/kata-py/rootfs/busybox"))],
-                                  {"Cmd": ["sh"]})
-    return pause, app
-
-
-class Cri:
-    """kubelet's side: RuntimeService and ImageService over containerd's socket."""
-
-    def __init__(self, ctd: Containerd, api: tuple[ModuleType, ModuleType], node: str) -> None:
-        self.ctd, self.pb, self.node = ctd, api[0], node
-        self.channel = grpc.insecure_channel(f"unix://{ctd.address}")
-        self.rt = api[1].RuntimeServiceStub(self.channel)
-        self.logs = ctd.root / "pod-logs"
-
-    def run_pod(self, name: str, handler: str = HANDLER) -> str:
-        logs = self.logs / name
-        logs.mkdir(parents=True, exist_ok=True)
-        config = self.pb.PodSandboxConfig(
-            metadata=self.pb.PodSandboxMetadata(name=name, uid=f"uid-{name}",
-                                                namespace="default", attempt=0),
-            hostname=name, log_directory=str(logs),
-            # As kubelet's cgroupfs driver names a pod's cgroup.
-            linux=self.pb.LinuxPodSandboxConfig(cgroup_parent=f"/{CGROUP_PARENT}/pod-{name}"))
-        r = self.rt.RunPodSandbox(self.pb.RunPodSandboxRequest(config=config,
-                                                               runtime_handler=handler),
-                                  timeout=180)
-        self._configs = getattr(self, "_configs", {})
-        self._configs[r.pod_sandbox_id] = config
-        return str(r.pod_sandbox_id)
-
-    def container(self, pod: str, name: str, *cmd: str, mounts: tuple[Any, ...] = (),
-                  memory: int = 0) -> str:
-        linux = self.pb.LinuxContainerConfig(
-            resources=self.pb.LinuxContainerResources(memory_limit_in_bytes=memory))
-        config = self.pb.ContainerConfig(
-            metadata=self.pb.ContainerMetadata(name=name), image=self.pb.ImageSpec(
-                image=APP_IMAGE), command=list(cmd), log_path=f"{name}.log",
-            mounts=list(mounts), linux=linux)
-        cid = self.rt.CreateContainer(self.pb.CreateContainerRequest(
-            pod_sandbox_id=pod, config=config, sandbox_config=self._configs[pod]),
-            timeout=120).container_id
-        self.rt.StartContainer(self.pb.StartContainerRequest(container_id=cid), timeout=120)
-        return str(cid)
-
-    def exec(self, cid: str, *cmd: str, timeout: int = 30) -> Any:
-        return self.rt.ExecSync(self.pb.ExecSyncRequest(container_id=cid, cmd=list(cmd),
-                                                        timeout=timeout), timeout=timeout + 30)
-
-    def pod_ip(self, pod: str) -> str:
-        st = self.rt.PodSandboxStatus(self.pb.PodSandboxStatusRequest(pod_sandbox_id=pod))
-        return str(st.status.network.ip)
-
-    def remove_pod(self, pod: str) -> None:
-        self.rt.StopPodSandbox(self.pb.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=120)
-        self.rt.RemovePodSandbox(self.pb.RemovePodSandboxRequest(pod_sandbox_id=pod),
-                                 timeout=120)
-
-    def pods(self) -> list[str]:
-        return [p.id for p in self.rt.ListPodSandbox(self.pb.ListPodSandboxRequest()).items]
-
-
-@pytest.fixture(scope="module")
-def cri(tmp_path_factory: pytest.TempPathFactory,
-        api: tuple[ModuleType, ModuleType]) -> Iterator[Cri]:
-    tmp = tmp_path_factory.mktemp("cri")
-    with namespace("kt-node") as node:
-        ctd = Containerd.create(tmp / "containerd", cri_sandbox_image=PAUSE_IMAGE,
-                                prefix=("nsenter", f"--net=/var/run/netns/{node}"))
-        (ctd.root / "cni" / "10-kata-py-test.conflist").write_text(json.dumps({
-            "cniVersion": "0.4.0", "name": "kata-py-cri-test", "plugins": [{
-                "type": "bridge", "bridge": "kcri0", "isGateway": True, "ipMasq": False,
-                "ipam": {"type": "host-local", "subnet": "10.88.0.0/24",
-                         "dataDir": str(tmp / "ipam"), "routes": [{"dst": "0.0.0.0/0"}]}}]}))
-        try:
-            for archive in _images(tmp):
-                ctd.ctr("-n", "k8s.io", "image", "import", str(archive), check=True)
-            c = Cri(ctd, api, node)
-            yield c
-            for pod in c.pods():
-                with contextlib.suppress(Exception):
-                    c.remove_pod(pod)
-        finally:
-            ctd.stop()
-            for f in Path("/var/lib/cni/results").glob("kata-py-cri-test-*"):
-                f.unlink()
-            # The pod cgroups' parents are kubelet's to remove: here, ours.
-            for h in hostcgroup.hierarchies():
-                for d in sorted((h / CGROUP_PARENT).glob("**/"), reverse=True):
-                    with contextlib.suppress(OSError):
-                        d.rmdir()
+def cri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cri]:
+    with namespace("kt-node") as node, \
+            cristack.stack(tmp_path_factory.mktemp("cri"), node) as c:
+        yield c
 
 
 def _nothing_left(cri: Cri) -> None:

@@ -1,0 +1,75 @@
+"""Kubernetes' path, timed through the same CRI client for both runtimes:
+
+  pod start   RunPodSandbox -> CreateContainer -> StartContainer, kata-py
+              (handler kata-py) beside runc (containerd's default handler),
+              one pod at a time, and five pods at once (wall time for all)
+  memory      PSS of one kata-py pod's host processes (its cgroup: the shim,
+              QEMU, virtiofsd): what RuntimeClass overhead.podFixed is set from
+
+containerd, CNI and the pods stay in a network namespace the bench makes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from . import cristack, netlink
+from .bench_containerd import pss_kib
+
+HANDLERS = {"kata-py": cristack.HANDLER, "runc": "runc"}
+
+
+def _start(cri: cristack.Cri, name: str, handler: str) -> tuple[str, float]:
+    t0 = time.perf_counter()
+    pod = cri.run_pod(name, handler=handler)
+    cri.container(pod, "c", "sleep", "3600")
+    return pod, time.perf_counter() - t0
+
+
+def _stats(v: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(v), "min": min(v), "max": max(v)}
+
+
+def run(n: int) -> dict[str, object]:
+    serial: dict[str, list[float]] = {k: [] for k in HANDLERS}
+    parallel: dict[str, list[float]] = {k: [] for k in HANDLERS}
+    memory_kib: list[int] = []
+    with tempfile.TemporaryDirectory(prefix="kata-py-bench-cri-") as tmp, \
+            netlink.named_netns("kb-node") as node, cristack.stack(Path(tmp), node) as cri:
+        for i in range(n):  # alternating, so drift hits both alike
+            for name, handler in HANDLERS.items():
+                pod, secs = _start(cri, f"s{name[:4]}{i}", handler)
+                serial[name].append(secs)
+                if name == "kata-py":
+                    memory_kib.append(sum(pss_kib(p) for p in cristack.pod_pids(f"skata{i}")))
+                cri.remove_pod(pod)
+        for i in range(max(1, n // 2)):
+            for name, handler in HANDLERS.items():
+                t0 = time.perf_counter()
+                names = [f"p{name[:4]}{i}x{k}" for k in range(5)]
+                with concurrent.futures.ThreadPoolExecutor(5) as pool:
+                    pods = [pod for pod, _ in pool.map(
+                        lambda pod_name, h=handler: _start(cri, pod_name, h), names)]
+                parallel[name].append(time.perf_counter() - t0)
+                with concurrent.futures.ThreadPoolExecutor(5) as pool:
+                    list(pool.map(cri.remove_pod, pods))
+    s = {k: _stats(v) for k, v in serial.items()}
+    p = {k: _stats(v) for k, v in parallel.items()}
+    return {"serial": s, "parallel5": p, "pss_mib": statistics.median(memory_kib) / 1024,
+            "ratios": {"serial kata/runc": s["kata-py"]["median"] / s["runc"]["median"],
+                       "5 parallel kata/runc": p["kata-py"]["median"] / p["runc"]["median"]}}
+
+
+def report(r: dict[str, object]) -> None:
+    s, p, ratios = r["serial"], r["parallel5"], r["ratios"]
+    assert isinstance(s, dict) and isinstance(p, dict) and isinstance(ratios, dict)
+    print("CRI (RunPodSandbox -> container started), same client, both runtimes:")
+    for name in HANDLERS:
+        print(f"  {name:<8} one pod {s[name]['median']:>7.3f}s   five at once "
+              f"{p[name]['median']:>7.3f}s")
+    print(f"  memory per kata-py pod (PSS of shim + QEMU + virtiofsd): {r['pss_mib']:.1f} MiB")
+    print("  ratios: " + "   ".join(f"{k} {v:.1f}" for k, v in ratios.items()))

@@ -1,0 +1,175 @@
+"""containerd with its CRI plugin and kata-py, driven from kubelet's side:
+for the CRI tests and the CRI benchmark.
+
+containerd runs with its own root and sockets inside a network namespace
+the caller made (the CNI bridge and the pods' traffic stay there), with
+Debian's CNI bridge plugin, kata-py registered by `microvm install
+containerd`, and two images built here: a static pause program (with gcc)
+and busybox.  The CRI v1 client is compiled at run time from the schema
+subset in tests/e2e/cri/api.proto (grpcio, a development dependency).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import json
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from . import hostcgroup
+from .ociarchive import gzip_layer, layer_from_dir, oci_archive_from_layers
+from .privatecontainerd import Containerd
+
+API_PROTO = Path(__file__).resolve().parents[1] / "tests" / "e2e" / "cri" / "api.proto"
+PAUSE_IMAGE = "registry.k8s.io/pause:kata-py-test"
+APP_IMAGE = "docker.io/library/kata-py-cri-test:latest"
+HANDLER = "kata-py"
+CGROUP_PARENT = "kata-py-cri-test"
+CNI_NETWORK = "kata-py-cri-test"
+PAUSE_C = r"""
+#include <signal.h>
+#include <stdlib.h>
+#include <unistd.h>
+static void bye(int sig) { (void)sig; _exit(0); }
+int main(void) {
+    signal(SIGTERM, bye);
+    signal(SIGINT, bye);
+    for (;;) pause();
+}
+"""
+
+
+def compile_api(out: Path) -> tuple[ModuleType, ModuleType]:
+    """The CRI v1 messages and stubs (api_pb2, api_pb2_grpc)."""
+    subprocess.run([sys.executable, "-m", "grpc_tools.protoc", f"-I{API_PROTO.parent}",
+                    f"--python_out={out}", f"--grpc_python_out={out}", API_PROTO.name],
+                   check=True, capture_output=True)
+    sys.path.insert(0, str(out))
+    try:
+        return importlib.import_module("api_pb2"), importlib.import_module("api_pb2_grpc")
+    finally:
+        sys.path.remove(str(out))
+
+
+def build_images(tmp: Path) -> tuple[Path, Path]:
+    """OCI archives: the pause image (a static program) and busybox."""
+    src = tmp / "pause.c"
+    src.write_text(PAUSE_C)
+    root = tmp / "pause-root"
+    root.mkdir()
+    subprocess.run(["gcc", "-static", "-O2", "-o", str(root / "pause"), str(src)], check=True,
+                   capture_output=True)
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as t:
+        t.add(root / "pause", arcname="pause")
+    pause = oci_archive_from_layers(tmp / "pause.tar", PAUSE_IMAGE, [gzip_layer(raw.getvalue())],
+                                    {"Entrypoint": ["/pause"]})
+    app = oci_archive_from_layers(tmp / "app.tar", APP_IMAGE,
+                                  [layer_from_dir(Path("/var/lib/kata-py/rootfs/busybox"))],
+                                  {"Cmd": ["sh"]})
+    return pause, app
+
+
+class Cri:
+    """kubelet's side: RuntimeService and ImageService over containerd's socket."""
+
+    def __init__(self, ctd: Containerd, api: tuple[ModuleType, ModuleType], node: str) -> None:
+        import grpc
+        self.ctd, self.pb, self.node = ctd, api[0], node
+        self.channel = grpc.insecure_channel(f"unix://{ctd.address}")
+        self.rt = api[1].RuntimeServiceStub(self.channel)
+        self.logs = ctd.root / "pod-logs"
+
+    def run_pod(self, name: str, handler: str = HANDLER) -> str:
+        logs = self.logs / name
+        logs.mkdir(parents=True, exist_ok=True)
+        config = self.pb.PodSandboxConfig(
+            metadata=self.pb.PodSandboxMetadata(name=name, uid=f"uid-{name}",
+                                                namespace="default", attempt=0),
+            hostname=name, log_directory=str(logs),
+            # As kubelet's cgroupfs driver names a pod's cgroup.
+            linux=self.pb.LinuxPodSandboxConfig(cgroup_parent=f"/{CGROUP_PARENT}/pod-{name}"))
+        r = self.rt.RunPodSandbox(self.pb.RunPodSandboxRequest(config=config,
+                                                               runtime_handler=handler),
+                                  timeout=180)
+        self._configs = getattr(self, "_configs", {})
+        self._configs[r.pod_sandbox_id] = config
+        return str(r.pod_sandbox_id)
+
+    def container(self, pod: str, name: str, *cmd: str, mounts: tuple[Any, ...] = (),
+                  memory: int = 0) -> str:
+        linux = self.pb.LinuxContainerConfig(
+            resources=self.pb.LinuxContainerResources(memory_limit_in_bytes=memory))
+        config = self.pb.ContainerConfig(
+            metadata=self.pb.ContainerMetadata(name=name), image=self.pb.ImageSpec(
+                image=APP_IMAGE), command=list(cmd), log_path=f"{name}.log",
+            mounts=list(mounts), linux=linux)
+        cid = self.rt.CreateContainer(self.pb.CreateContainerRequest(
+            pod_sandbox_id=pod, config=config, sandbox_config=self._configs[pod]),
+            timeout=120).container_id
+        self.rt.StartContainer(self.pb.StartContainerRequest(container_id=cid), timeout=120)
+        return str(cid)
+
+    def exec(self, cid: str, *cmd: str, timeout: int = 30) -> Any:
+        return self.rt.ExecSync(self.pb.ExecSyncRequest(container_id=cid, cmd=list(cmd),
+                                                        timeout=timeout), timeout=timeout + 30)
+
+    def pod_ip(self, pod: str) -> str:
+        st = self.rt.PodSandboxStatus(self.pb.PodSandboxStatusRequest(pod_sandbox_id=pod))
+        return str(st.status.network.ip)
+
+    def remove_pod(self, pod: str) -> None:
+        self.rt.StopPodSandbox(self.pb.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=120)
+        self.rt.RemovePodSandbox(self.pb.RemovePodSandboxRequest(pod_sandbox_id=pod),
+                                 timeout=120)
+
+    def pods(self) -> list[str]:
+        return [p.id for p in self.rt.ListPodSandbox(self.pb.ListPodSandboxRequest()).items]
+
+
+@contextlib.contextmanager
+def stack(tmp: Path, node: str) -> Iterator[Cri]:
+    """containerd with CRI in the network namespace `node` (by name); every pod
+    left is removed and containerd stopped at the end."""
+    api = compile_api(Path(tempfile.mkdtemp(dir=tmp, prefix="cri-pb-")))
+    ctd = Containerd.create(tmp / "containerd", cri_sandbox_image=PAUSE_IMAGE,
+                            prefix=("nsenter", f"--net=/var/run/netns/{node}"))
+    (ctd.root / "cni" / "10-kata-py-test.conflist").write_text(json.dumps({
+        "cniVersion": "0.4.0", "name": CNI_NETWORK, "plugins": [{
+            "type": "bridge", "bridge": "kcri0", "isGateway": True, "ipMasq": False,
+            "ipam": {"type": "host-local", "subnet": "10.88.0.0/24",
+                     "dataDir": str(tmp / "ipam"), "routes": [{"dst": "0.0.0.0/0"}]}}]}))
+    try:
+        for archive in build_images(tmp):
+            ctd.ctr("-n", "k8s.io", "image", "import", str(archive), check=True)
+        c = Cri(ctd, api, node)
+        yield c
+        for pod in c.pods():
+            with contextlib.suppress(Exception):
+                c.remove_pod(pod)
+    finally:
+        ctd.stop()
+        for f in Path("/var/lib/cni/results").glob(f"{CNI_NETWORK}-*"):
+            f.unlink()
+        # The pod cgroups' parents are kubelet's to remove: here, ours.
+        for h in hostcgroup.hierarchies():
+            for d in sorted((h / CGROUP_PARENT).glob("**/"), reverse=True):
+                with contextlib.suppress(OSError):
+                    d.rmdir()
+
+
+def pod_pids(pod_name: str) -> list[int]:
+    """The host processes of a kata-py pod: its cgroup holds the shim, QEMU, virtiofsd."""
+    for h in hostcgroup.hierarchies():
+        for procs in (h / CGROUP_PARENT / f"pod-{pod_name}").glob("*/cgroup.procs"):
+            return [int(p) for p in procs.read_text().split()]
+    return []
+
