@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import importlib
 import json
 import os
 import shutil
@@ -166,34 +167,27 @@ def main() -> None:
     cfg = config.load()
     choice = accel.choose(cfg.accel)
     microvm = shutil.which("microvm") or str(Path(sys.executable).with_name("microvm"))
-    cri_bench = None
-    if not args.no_cri and args.only in (None, "cri") and shutil.which("gcc") \
-            and shutil.which("containerd"):
-        from . import bench_cri
-        cri_bench = bench_cri.run(args.n)
-        if args.only == "cri":
-            bench_cri.report(cri_bench)
+    floor_ = floor_argv(cfg, choice.accel)
+    # The optional parts, each with its own reference; --only NAME runs one.
+    parts: dict[str, tuple[str, bool, tuple[object, ...]]] = {
+        "cri": ("bench_cri", not args.no_cri and bool(
+            shutil.which("gcc") and shutil.which("containerd")), (args.n,)),
+        "network": ("bench_network", not args.no_network and bool(shutil.which("runc")),
+                    (args.n, microvm)),
+        "images": ("bench_images", not args.no_images and all(
+            map(shutil.which, ("docker-registry", "skopeo", "umoci"))),
+            (args.n, lambda: timed(floor_), microvm)),
+    }
+    extra: dict[str, object] = {}
+    for name, (module, enabled, run_args) in parts.items():
+        if not enabled or args.only not in (None, name):
+            continue
+        mod = importlib.import_module(f".{module}", __package__)
+        extra[name] = mod.run(*run_args)
+        if args.only == name:
+            mod.report(extra[name])
             if args.json:
-                Path(args.json).write_text(json.dumps({"cri": cri_bench}, indent=1))
-            return
-    network_bench = None
-    if not args.no_network and args.only in (None, "network") and shutil.which("runc"):
-        from . import bench_network
-        network_bench = bench_network.run(args.n, microvm)
-        if args.only == "network":
-            bench_network.report(network_bench)
-            if args.json:
-                Path(args.json).write_text(json.dumps({"network": network_bench}, indent=1))
-            return
-    images_bench = None
-    if not args.no_images and all(map(shutil.which, ("docker-registry", "skopeo", "umoci"))):
-        from . import bench_images
-        floor_ = floor_argv(cfg, choice.accel)
-        images_bench = bench_images.run(args.n, lambda: timed(floor_), microvm)
-        if args.only == "images":
-            bench_images.report(images_bench)
-            if args.json:
-                Path(args.json).write_text(json.dumps({"images_bench": images_bench}, indent=1))
+                Path(args.json).write_text(json.dumps({name: extra[name]}, indent=1))
             return
     cases: dict[str, Callable[[], float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -222,8 +216,7 @@ def main() -> None:
     through_containerd = None
     if not args.no_containerd and shutil.which("containerd"):
         from . import bench_containerd
-        floor_argv_ = floor_argv(cfg, choice.accel)
-        through_containerd = bench_containerd.run(args.n, lambda: timed(floor_argv_))
+        through_containerd = bench_containerd.run(args.n, lambda: timed(floor_))
     steps = asyncio.run(breakdown(cfg, choice))
     images = compare_images(cfg, choice, max(3, args.n // 2))
     print(f"accelerator: {choice.accel} ({choice.reason}); n={args.n}")
@@ -241,21 +234,14 @@ def main() -> None:
     if through_containerd is not None:
         from . import bench_containerd
         bench_containerd.report(through_containerd)
-    if images_bench is not None:
-        from . import bench_images
-        bench_images.report(images_bench)
-    if network_bench is not None:
-        from . import bench_network
-        bench_network.report(network_bench)
-    if cri_bench is not None:
-        from . import bench_cri
-        bench_cri.report(cri_bench)
+    for name, result in extra.items():
+        importlib.import_module(f".{parts[name][0]}", __package__).report(result)
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"accel": choice.accel, "n": args.n, "stats": stats,
              "ratios": {"run/floor": run_m / floor_m, "run/runc": run_m / runc_m},
              "breakdown": steps, "images": images, "containerd": through_containerd,
-             "images_bench": images_bench, "network": network_bench, "cri": cri_bench},
+             **extra},
             indent=1) + "\n")
 
 

@@ -168,18 +168,6 @@ def test_port_already_taken_is_one_line_and_nothing_is_left(cli: Microvm, node: 
     assert "microvm0" not in links(node)
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("99999:80", "invalid port '99999'"),
-    ("80", "expected [IP:]HOST:CONTAINER"),
-    ("80:80/sctp", "invalid protocol 'sctp'"),
-    ("nohost:80:80", "invalid host address 'nohost'"),
-])
-def test_invalid_publish_is_one_line(microvm: Microvm, spec: str, message: str) -> None:
-    r = microvm.run("run", "--rm", "--network", "bridge", "-p", spec, "busybox", "true")
-    assert r.returncode == 125
-    assert len(r.error_lines) == 1 and message in r.error_lines[0], r.stderr
-
-
 def test_sigkill_of_the_cli_frees_the_namespace_and_prune_the_rest(
         cli: Microvm, node: str) -> None:
     port = free_port()

@@ -330,13 +330,23 @@ def test_volumes_rw_ro_file_and_no_escape(microvm: Microvm, tmp_path: Path) -> N
     assert (ro / "f").read_text() == "host-file\n"
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("data:/data", "named volumes are not supported"),
-    ("/tmp:data", "must be absolute"),
-    ("/tmp:/data:rx", "unknown mode 'rx'"),
-    ("/tmp", "expected /HOST/PATH:/CONTAINER/PATH"),
+@pytest.mark.parametrize("flag, value, message", [
+    ("--network", "ns:/var/run/netns/kata-py-no-such-ns", "no such network namespace"),
+    ("--network", "ns:/etc/hostname", "is not a network namespace"),
+    ("--network", "bogus", "expected bridge, none or ns:PATH"),
+    ("-v", "data:/data", "named volumes are not supported"),
+    ("-v", "/tmp:data", "must be absolute"),
+    ("-v", "/tmp:/data:rx", "unknown mode 'rx'"),
+    ("-v", "/tmp", "expected /HOST/PATH:/CONTAINER/PATH"),
+    ("-p", "99999:80", "invalid port '99999'"),
+    ("-p", "80", "expected [IP:]HOST:CONTAINER"),
+    ("-p", "80:80/sctp", "invalid protocol 'sctp'"),
+    ("-p", "nohost:80:80", "invalid host address 'nohost'"),
 ])
-def test_bad_volume_is_one_line(microvm: Microvm, spec: str, message: str) -> None:
-    r = microvm.run("run", "--rm", "-v", spec, "busybox", "true")
+def test_bad_run_flags_are_one_line(microvm: Microvm, flag: str, value: str,
+                                    message: str) -> None:
+    """Refused before anything starts: exit 125, one line, nothing left behind."""
+    net = ["--network", "bridge"] if flag == "-p" else []
+    r = microvm.run("run", "--rm", *net, flag, value, "busybox", "true")
     assert r.returncode == 125
     assert len(r.error_lines) == 1 and message in r.error_lines[0], r.stderr
