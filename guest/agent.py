@@ -180,9 +180,8 @@ def _mounts(mounts: list[agent_pb2.Mount]) -> list[container.MountSpec]:
             raise ttrpc.InvalidArgument(f"mount destination {m.destination!r} is not absolute")
         source = ""
         if m.type == "bind":
-            source = os.path.normpath(os.path.join(container.SHARED_ROOT, m.shared_path))
-            if not source.startswith(container.SHARED_ROOT + "/") or \
-                    not os.path.exists(source):
+            source = container.in_shared(m.shared_path) or ""
+            if not source or not os.path.exists(source):
                 raise ttrpc.InvalidArgument(f"mount {m.destination}: {m.shared_path!r} "
                                             "is not in the shared directory")
         elif m.type != "tmpfs":

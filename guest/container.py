@@ -98,6 +98,13 @@ def _touch(path: str) -> None:
         os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o644))
 
 
+def in_shared(rel: str) -> str | None:
+    """The guest path of rel (from the host) in the shared directory; None if
+    it would lie outside it."""
+    path = os.path.normpath(os.path.join(SHARED_ROOT, rel))
+    return path if path.startswith(SHARED_ROOT + "/") else None
+
+
 @dataclass(frozen=True)
 class MountSpec:
     destination: str       # in the container
@@ -135,17 +142,18 @@ def mount_volumes(root: str, mounts: list[MountSpec]) -> None:
     for m in mounts:
         target = secure_join(root, m.destination)
         try:
-            if m.kind == "bind" and not os.path.isdir(m.source):
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                _touch(target)
-            else:
-                os.makedirs(target, exist_ok=True)
             if m.kind == "bind":
+                if os.path.isdir(m.source):
+                    os.makedirs(target, exist_ok=True)
+                else:  # a file (a Secret's key, /etc/hosts) needs a file to cover
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
+                    _touch(target)
                 linux.mount(m.source, target, None, linux.MS_BIND | linux.MS_REC)
                 if m.readonly:  # the host shares it read-only too; this says so early
                     linux.mount(None, target, None,
                                 linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY)
             else:
+                os.makedirs(target, exist_ok=True)
                 flags = linux.MS_NOSUID | linux.MS_NODEV | (linux.MS_RDONLY if m.readonly else 0)
                 linux.mount("tmpfs", target, "tmpfs", flags, m.data)
         except OSError as e:
@@ -157,8 +165,8 @@ def setup_rootfs(shared_path: str, readonly: bool, hostname: str,
     """Make the container's root: called in a fresh mount/uts/ipc namespace."""
     # Nothing done here may propagate back into the guest's own namespace.
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_SLAVE)
-    root = os.path.normpath(os.path.join(SHARED_ROOT, shared_path))
-    if not root.startswith(SHARED_ROOT + "/") or not os.path.isdir(root):
+    root = in_shared(shared_path)
+    if root is None or not os.path.isdir(root):
         raise ChildError(ERR_OTHER, f"rootfs {shared_path!r} not found in the shared directory")
     # pivot_root needs the new root to be a mount point.
     linux.mount(root, root, None, linux.MS_BIND | linux.MS_REC)

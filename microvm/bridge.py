@@ -19,7 +19,6 @@ All netlink goes through pyroute2.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import ipaddress
@@ -28,7 +27,6 @@ import logging
 import os
 import shutil
 import subprocess
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,12 +34,12 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from . import netlink, paths
+from . import linux, netlink, paths
+from .config import Config
 from .errors import KataError
 
 log = logging.getLogger(__name__)
 
-CLONE_NEWNET = 0x40000000
 NAT_COMMENT = "kata-py"
 
 
@@ -50,6 +48,10 @@ class BridgeConfig:
     name: str = "microvm0"
     subnet: str = "10.89.0.0/16"
     mtu: int = 1500
+
+    @classmethod
+    def of(cls, config: Config) -> BridgeConfig:
+        return cls(config.bridge_name, config.bridge_subnet)
 
     @property
     def network(self) -> ipaddress.IPv4Network:
@@ -162,22 +164,15 @@ def prune_leases() -> list[str]:
 
 def new_netns() -> int:
     """A new network namespace, held by the fd returned (and nothing else)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    out: list[int] = []
-    err: list[int] = []
 
-    def work() -> None:  # unshare moves only this thread, which then ends
-        if libc.unshare(CLONE_NEWNET) != 0:
-            err.append(ctypes.get_errno())
-            return
-        out.append(os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC))
+    def work() -> int:  # unshare moves only this thread, which then ends
+        linux.unshare(linux.CLONE_NEWNET)
+        return os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
 
-    t = threading.Thread(target=work, name="new-netns")
-    t.start()
-    t.join()
-    if err:
-        raise KataError(f"cannot create a network namespace: {os.strerror(err[0])}")
-    return out[0]
+    try:
+        return netlink.in_thread(work, "new-netns")
+    except OSError as e:
+        raise KataError(f"cannot create a network namespace: {e.strerror or e}") from None
 
 
 def _nat(cfg: BridgeConfig, add: bool) -> None:
@@ -255,10 +250,6 @@ class Attachment:
     def netns_path(self) -> str:
         # Any thread of this process may open it; pyroute2 setns takes a path.
         return f"/proc/{os.getpid()}/fd/{self.netns_fd}"
-
-    @property
-    def prefixlen(self) -> int:
-        return self.cfg.network.prefixlen
 
     def close(self) -> None:
         """Free the namespace and the lease.  The veth is deleted first: the

@@ -431,7 +431,7 @@ def system_prune(obj: Context, all_images: bool) -> None:
     for ip in bridge.prune_leases():
         removed.append(f"lease {ip}")
     cfg = obj.config()
-    if bridge.remove_bridge_if_unused(bridge.BridgeConfig(cfg.bridge_name, cfg.bridge_subnet)):
+    if bridge.remove_bridge_if_unused(bridge.BridgeConfig.of(cfg)):
         removed.append(f"bridge {cfg.bridge_name}")
     for what in removed:
         click.echo(f"deleted {what}")
@@ -450,7 +450,7 @@ def network_ls(obj: Context) -> None:
     from . import bridge, netlink
     cfg = obj.config()
     up = bool(netlink.run(lambda ipr: ipr.link_lookup(ifname=cfg.bridge_name)))
-    gateway = bridge.BridgeConfig(cfg.bridge_name, cfg.bridge_subnet).gateway
+    gateway = bridge.BridgeConfig.of(cfg).gateway
     click.echo(f"{'NETWORK':<12}{'DRIVER':<9}{'SUBNET':<18}{'GATEWAY':<16}STATE")
     click.echo(f"{'bridge':<12}{'bridge':<9}{cfg.bridge_subnet:<18}{gateway:<16}"
                f"{cfg.bridge_name + (' up' if up else ' (made on first use)')}")

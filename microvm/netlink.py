@@ -22,32 +22,42 @@ from .errors import KataError
 T = TypeVar("T")
 
 
-def run(fn: Callable[[IPRoute], T], path: str | None = None) -> T:
-    """fn(ipr) in a fresh thread, inside path's network namespace if given."""
+def in_thread(fn: Callable[[], T], name: str) -> T:
+    """fn() in a fresh thread that ends with it (so a namespace it enters
+    stays its own); its result, or its exception raised here."""
     result: list[T] = []
     error: list[BaseException] = []
 
     def work() -> None:
         try:
-            if path is not None:
-                try:
-                    netns.setns(path, flags=0)
-                except FileNotFoundError:
-                    raise KataError(f"network namespace {path} does not exist") from None
-                except OSError as e:
-                    raise KataError(f"{path} is not a network namespace "
-                                    f"({e.strerror or e})") from None
-            with IPRoute() as ipr:
-                result.append(fn(ipr))
+            result.append(fn())
         except BaseException as e:  # handed to the caller's thread
             error.append(e)
 
-    t = threading.Thread(target=work, name=f"netlink:{path or 'here'}")
+    t = threading.Thread(target=work, name=name)
     t.start()
     t.join()
     if error:
         raise error[0]
     return result[0]
+
+
+def run(fn: Callable[[IPRoute], T], path: str | None = None) -> T:
+    """fn(ipr) in a fresh thread, inside path's network namespace if given."""
+
+    def work() -> T:
+        if path is not None:
+            try:
+                netns.setns(path, flags=0)
+            except FileNotFoundError:
+                raise KataError(f"network namespace {path} does not exist") from None
+            except OSError as e:
+                raise KataError(f"{path} is not a network namespace "
+                                f"({e.strerror or e})") from None
+        with IPRoute() as ipr:
+            return fn(ipr)
+
+    return in_thread(work, f"netlink:{path or 'here'}")
 
 
 @contextlib.contextmanager

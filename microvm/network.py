@@ -49,13 +49,8 @@ def to_annotations(spec: NetworkSpec) -> dict[str, str]:
     mode = f"ns:{spec.path}" if spec.mode == "ns" else spec.mode
     out = {ANNOTATION: mode}
     if spec.ports:
-        out[PORTS_ANNOTATION] = json.dumps([_spec_text(p) for p in spec.ports])
+        out[PORTS_ANNOTATION] = json.dumps([p.flag for p in spec.ports])
     return out
-
-
-def _spec_text(p: PortSpec) -> str:
-    host = f"[{p.host_ip}]" if ":" in p.host_ip else p.host_ip
-    return f"{host}:{p.host_port}:{p.container_port}/{p.proto}"
 
 
 def from_annotations(annotations: dict[str, str]) -> NetworkSpec | None:

@@ -33,9 +33,18 @@ class PortSpec:
     container_port: int
     proto: str = "tcp"
 
+    @property
+    def host(self) -> str:
+        return f"[{self.host_ip}]" if ":" in self.host_ip else self.host_ip
+
     def __str__(self) -> str:
-        host = f"[{self.host_ip}]" if ":" in self.host_ip else self.host_ip
-        return f"{host}:{self.host_port}->{self.container_port}/{self.proto}"
+        """As docker ps shows it."""
+        return f"{self.host}:{self.host_port}->{self.container_port}/{self.proto}"
+
+    @property
+    def flag(self) -> str:
+        """As -p takes it (parse() reads it back)."""
+        return f"{self.host}:{self.host_port}:{self.container_port}/{self.proto}"
 
 
 def _port(text: str, spec: str) -> int:

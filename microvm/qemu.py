@@ -147,8 +147,8 @@ def command_line(qemu: str, spec: VMSpec) -> list[str]:
                  "-chardev", f"socket,id=agent,fd={spec.serial_fd}",
                  "-device", f"virtserialport,chardev=agent,name={SERIAL_PORT_NAME}"]
     for i, nic in enumerate(spec.nics):
-        # The tap is already open (in the sandbox's network namespace, which
-        # QEMU never enters); vhost-net would need /dev/vhost-net.
+        # The tap is already open (the parent opened it in the sandbox's
+        # network namespace); vhost-net would need /dev/vhost-net.
         fds = ":".join(map(str, nic.fds))
         multi = len(nic.fds) > 1
         argv += ["-netdev", f"tap,id=net{i},{'fds' if multi else 'fd'}={fds},vhost=off",

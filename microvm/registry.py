@@ -322,15 +322,18 @@ def logout(registry: str) -> bool:
 
 def load_credentials(registry: str) -> tuple[str, str] | None:
     """Ours (microvm login), else the Docker config file's."""
-    sources = [(_auth_file(), lambda d: d.get(registry)),
-               (Path.home() / ".docker/config.json",
-                lambda d: (d.get("auths", {}).get(registry) or {}).get("auth"))]
-    for path, pick in sources:
+    encoded = _read_auth().get(registry)
+    if not encoded:
         try:
-            encoded = pick(json.loads(path.read_text()))
+            docker = json.loads((Path.home() / ".docker/config.json").read_text())
+            encoded = (docker.get("auths", {}).get(registry) or {}).get("auth")
         except (OSError, ValueError, AttributeError):
-            continue
-        if encoded:
-            user, _, password = base64.b64decode(encoded).decode().partition(":")
-            return user, password
-    return None
+            return None
+    if not isinstance(encoded, str) or not encoded:
+        return None
+    try:
+        user, _, password = base64.b64decode(encoded).decode().partition(":")
+    except ValueError:  # binascii.Error and UnicodeDecodeError are ValueErrors
+        raise KataError(f"{registry}: the stored credentials are unreadable "
+                        "(microvm login again)") from None
+    return user, password

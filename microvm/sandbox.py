@@ -210,7 +210,7 @@ class Sandbox:
         listeners = ports.bind(list(spec.ports))
         self.proxy = ports.Proxy(list(spec.ports), listeners)
         self._stack.push_async_callback(self.proxy.close)
-        cfg = bridge.BridgeConfig(self.config.bridge_name, self.config.bridge_subnet)
+        cfg = bridge.BridgeConfig.of(self.config)
         self.bridge = await asyncio.to_thread(bridge.attach, cfg, self.id)
         self._stack.callback(self.bridge.close)
         return self.bridge.netns_path

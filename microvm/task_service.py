@@ -184,7 +184,6 @@ class TaskService:
                               spec: oci.Spec) -> Sandbox:
         """The pod's VM, booted by its first container (CRI's pause container),
         with that container's network, size and host cgroup."""
-        cgroups_path = spec.cgroups_path
         async with self._boot_lock:
             if self.sandbox is None:
                 try:
@@ -192,8 +191,8 @@ class TaskService:
                     cfg.vcpus, cfg.memory_mib = oci.pod_size(
                         spec.annotations, cfg.vcpus, cfg.memory_mib,
                         max_vcpus=os.cpu_count() or 1, max_memory_mib=config_mod.MAX_MEMORY_MIB)
-                    if cgroups_path and not self._cgroups:
-                        self._cgroups = hostcgroup.join(cgroups_path)
+                    if spec.cgroups_path and self._cgroups is None:
+                        self._cgroups = hostcgroup.join(spec.cgroups_path)
                     run_dir = mountns.enter()
                     sb = Sandbox(cfg, secrets.token_hex(8), run_dir, accel.choose(cfg.accel),
                                  network=net)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import urllib.request
 from email.message import Message
+from pathlib import Path
 
 import pytest
 
@@ -62,3 +63,24 @@ def test_challenge_parsing() -> None:
 def test_bad_registry_names(name: str) -> None:
     with pytest.raises(KataError, match="invalid registry name"):
         registry._registry_name(name)
+
+
+def test_credentials_ours_first_and_a_corrupt_entry_is_one_error(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import base64
+    import json
+
+    from microvm import paths
+    monkeypatch.setattr(paths, "LIB", tmp_path / "lib")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home/.docker").mkdir(parents=True)
+    (tmp_path / "home/.docker/config.json").write_text(json.dumps({"auths": {
+        "reg.example": {"auth": base64.b64encode(b"docker:pw").decode()}}}))
+    assert registry.load_credentials("reg.example") == ("docker", "pw")
+    assert registry.load_credentials("other.example") is None
+    (tmp_path / "lib").mkdir()
+    registry._write_auth({"reg.example": base64.b64encode(b"ours:pw2").decode(),
+                          "bad.example": "%%%not-base64"})
+    assert registry.load_credentials("reg.example") == ("ours", "pw2")
+    with pytest.raises(KataError, match="stored credentials are unreadable"):
+        registry.load_credentials("bad.example")
