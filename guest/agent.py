@@ -307,9 +307,12 @@ class Agent:
             os.close(fd)
         parent_sock.setblocking(False)
         proc_pid = 0
+        ready = False
         tty = None
         try:
-            while True:
+            # "pid" comes from child A and "ready" from the grandchild, which
+            # may run first: they arrive in either order.
+            while not (ready and proc_pid):
                 msg, fds = await _recv(parent_sock)
                 if fds:
                     tty = fds[0]
@@ -321,8 +324,7 @@ class Agent:
                     raise _child_error(msg)
                 if "pid" in msg:
                     proc_pid = int(msg["pid"])  # type: ignore[call-overload]
-                if msg.get("ready") and proc_pid:
-                    break
+                ready = ready or bool(msg.get("ready"))
         except BaseException:
             for fd in ours + ([tty] if tty is not None else []):
                 os.close(fd)

@@ -37,6 +37,14 @@ def cri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cri]:
         yield c
 
 
+@pytest.fixture(autouse=True)
+def _pods_removed(cri: Cri) -> Iterator[None]:
+    """A failed test's pods are removed before the next test checks for leaks."""
+    yield
+    for pod in cri.pods():
+        cri.remove_pod(pod)
+
+
 def _nothing_left(cri: Cri) -> None:
     deadline = time.monotonic() + 20
     while True:
