@@ -3,6 +3,8 @@
   pull     `microvm pull` of a ~100 MB multi-layer image from a loopback
            registry into an empty store (fetch, verify, unpack every layer),
            beside `skopeo copy` + `umoci unpack` of the same image
+  save     `microvm save -o` of that image from the store, beside `skopeo
+           copy` of it from an OCI layout into an OCI archive
   first    `microvm run --rm IMAGE echo`: time to the first byte of output
            with the image already stored, beside the built-in busybox and
            the bare-QEMU floor
@@ -92,8 +94,19 @@ def run(n: int, floor: Callable[[], float], microvm: str) -> dict[str, object]:
                     + _timed(["umoci", "unpack", "--image", f"{layout}:bench", str(bundle)]))
                 shutil.rmtree(layout)
                 shutil.rmtree(bundle)
-            # Into the real store, for time to first byte.
+            # Into the real store, for save and time to first byte.
             subprocess.run([microvm, "pull", ref], check=True, stdout=subprocess.DEVNULL)
+            layout = tmp / "oci-src"
+            _timed(["skopeo", "copy", "-q", "--src-tls-verify=false", f"docker://{ref}",
+                    f"oci:{layout}:bench"])
+        saves: dict[str, list[float]] = {"microvm save": [], "skopeo copy to oci-archive": []}
+        out = tmp / "saved.tar"
+        for _ in range(n):
+            saves["microvm save"].append(_timed([microvm, "save", "-o", str(out), ref]))
+            out.unlink()
+            saves["skopeo copy to oci-archive"].append(_timed(
+                ["skopeo", "copy", "-q", f"oci:{layout}:bench", f"oci-archive:{out}:bench"]))
+            out.unlink()
         firsts: dict[str, list[float]] = {"floor": [], "run IMAGE": [], "run busybox": []}
         try:
             for _ in range(n):
@@ -106,13 +119,18 @@ def run(n: int, floor: Callable[[], float], microvm: str) -> dict[str, object]:
             subprocess.run([microvm, "rmi", ref], stdout=subprocess.DEVNULL, check=False)
     pull = {k: _stats(v) for k, v in pulls.items()}
     first = {k: _stats(v) for k, v in firsts.items()}
+    save = {k: _stats(v) for k, v in saves.items()}
     return {
         "image_mb": size / 1e6, "layers": len(layers),
         "pull": pull,
         "pull_mb_s": {k: size / 1e6 / v["median"] for k, v in pull.items()},
+        "save": save,
+        "save_mb_s": {k: size / 1e6 / v["median"] for k, v in save.items()},
         "first_byte": first,
         "ratios": {"pull/skopeo+umoci": pull["microvm pull"]["median"]
                    / pull["skopeo copy + umoci unpack"]["median"],
+                   "save/skopeo": save["microvm save"]["median"]
+                   / save["skopeo copy to oci-archive"]["median"],
                    "run IMAGE/floor": first["run IMAGE"]["median"] / first["floor"]["median"],
                    "run IMAGE/run busybox": first["run IMAGE"]["median"]
                    / first["run busybox"]["median"]},
@@ -124,9 +142,12 @@ def report(r: dict[str, object]) -> None:
     pull, rate, first, ratios = r["pull"], r["pull_mb_s"], r["first_byte"], r["ratios"]
     assert isinstance(pull, dict) and isinstance(rate, dict)
     assert isinstance(first, dict) and isinstance(ratios, dict)
-    for name, st in pull.items():
-        print(f"  {name:<28}{st['median']:>8.3f}s  {rate[name]:>6.1f} MB/s  "
-              f"(min {st['min']:.3f}s, max {st['max']:.3f}s)")
+    save, save_rate = r["save"], r["save_mb_s"]
+    assert isinstance(save, dict) and isinstance(save_rate, dict)
+    for table, rates in ((pull, rate), (save, save_rate)):
+        for name, st in table.items():
+            print(f"  {name:<28}{st['median']:>8.3f}s  {rates[name]:>6.1f} MB/s  "
+                  f"(min {st['min']:.3f}s, max {st['max']:.3f}s)")
     print("  time to first byte of output, image stored:")
     for name, st in first.items():
         print(f"  {name:<28}{st['median']:>8.3f}s  (min {st['min']:.3f}s, max {st['max']:.3f}s)")

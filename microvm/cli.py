@@ -221,6 +221,16 @@ def import_cmd(archive: Path) -> None:
         click.echo(f"imported {img.ref} ({img.id})")
 
 
+@cli.command("save")
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Write to this file, not to standard output.")
+@click.argument("refs", nargs=-1, required=True, metavar="IMAGE...")
+def save_cmd(output: Path | None, refs: tuple[str, ...]) -> None:
+    """Write images as a tar: an OCI image layout that `docker load` also reads."""
+    from . import imagesave
+    imagesave.save(list(refs), output, sys.stdout.buffer, sys.stdout.isatty())
+
+
 @cli.command("pull")
 @click.option("--insecure-registry", "insecure", multiple=True, metavar="HOST[:PORT]",
               help="Allow plain HTTP to this registry (loopback ones always may).")

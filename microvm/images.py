@@ -240,17 +240,24 @@ def list_images() -> list[Image]:
     return out
 
 
-def remove(ref: str) -> list[Image]:
+def find(ref: str) -> list[Image]:
     """By reference, or by image ID (a prefix of the manifest digest): every
     reference to that image then."""
+    img = None
+    with contextlib.suppress(KataError):
+        img = get(ref)
+    if img is not None:
+        return [img]
+    if re.fullmatch(r"(sha256:)?[0-9a-f]{4,64}", ref):
+        hexd = ref.removeprefix("sha256:")
+        return [i for i in list_images() if i.manifest[7:].startswith(hexd)]
+    return []
+
+
+def remove(ref: str) -> list[Image]:
+    """What find(ref) finds, then the blobs and layers no image uses."""
     with _locked():
-        img = None
-        with contextlib.suppress(KataError):
-            img = get(ref)
-        found = [img] if img is not None else []
-        if not found and re.fullmatch(r"(sha256:)?[0-9a-f]{4,64}", ref):
-            hexd = ref.removeprefix("sha256:")
-            found = [i for i in list_images() if i.manifest[7:].startswith(hexd)]
+        found = find(ref)
         if not found:
             raise KataError(f"no such image: {ref}")
         for i in found:
@@ -285,7 +292,9 @@ def import_archive(path: Path) -> list[Image]:
     """docker save archives and OCI image layouts (a directory or a tar)."""
     if not path.exists():
         raise KataError(f"{path}: no such file or directory")
-    with tempfile.TemporaryDirectory(dir=_tmp_dir()) as tmp:
+    # The lock covers the extraction too: prune takes what is in tmp/ for
+    # an interrupted write.
+    with _locked(), tempfile.TemporaryDirectory(dir=_tmp_dir()) as tmp:
         if path.is_dir():
             root = path
         else:
@@ -309,11 +318,10 @@ def import_archive(path: Path) -> list[Image]:
                 # tarfile lists every compression it tried, one per line.
                 why = str(e).splitlines()[0].rstrip(":") if str(e) else type(e).__name__
                 raise KataError(f"{path}: not an image archive ({why})") from None
-        with _locked():
-            if (root / "index.json").exists():
-                return _import_oci(root, path)
-            if (root / "manifest.json").exists():
-                return _import_docker(root, path)
+        if (root / "index.json").exists():
+            return _import_oci(root, path)
+        if (root / "manifest.json").exists():
+            return _import_docker(root, path)
         raise KataError(f"{path}: neither an OCI image layout nor a docker save archive")
 
 
@@ -434,7 +442,8 @@ def ensure_builtin() -> Image:
         return img
     from . import rootfs
     from .ociarchive import oci_archive
-    with tempfile.TemporaryDirectory(dir=_tmp_dir()) as tmp:
+    # Not in the store's tmp/: prune may empty that before import locks it.
+    with tempfile.TemporaryDirectory() as tmp:
         archive = oci_archive(rootfs.builtin("busybox"), Path(tmp) / "busybox.tar",
                               BUILTIN_IMAGE, ["sh"])
         return import_archive(archive)[0]

@@ -20,6 +20,8 @@ _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
                         ctypes.c_ulong]
 _libc.syscall.restype = ctypes.c_long
+_libc.linkat.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                         ctypes.c_int]
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -34,6 +36,8 @@ MS_SLAVE = 1 << 19
 MS_SHARED = 1 << 20
 
 MNT_DETACH = 2
+_AT_FDCWD = -100
+_AT_EMPTY_PATH = 0x1000
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUTS = 0x04000000
@@ -65,6 +69,11 @@ def mount(source: str | None, target: str, fstype: str | None = None, flags: int
           data: str | None = None) -> None:
     _check(_libc.mount(_b(source), _b(target), _b(fstype), flags, _b(data)),
            f"mount {source or fstype} on {target}")
+
+
+def link_fd(fd: int, path: str) -> None:
+    """Give an O_TMPFILE file a name (linkat with AT_EMPTY_PATH: root's right)."""
+    _check(_libc.linkat(fd, b"", _AT_FDCWD, _b(path), _AT_EMPTY_PATH), f"link {path}")
 
 
 def umount(target: str, flags: int = 0) -> None:

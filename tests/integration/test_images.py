@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
 import tarfile
 import time
 from collections.abc import Iterator
@@ -190,3 +191,62 @@ def test_system_df_and_prune(cli: Microvm, tmp_path: Path) -> None:
     finally:
         cli.run("rm", "-f", "kp-live")
         cli.run("rm", "-f", "kp-done")
+
+
+def test_save_then_import_round_trip(cli: Microvm, tmp_path: Path) -> None:
+    """`save` writes one tar that skopeo reads both as an OCI archive and as a
+    docker archive; importing it back gives the same image IDs."""
+    archive = oci_archive_from_layers(tmp_path / "src.tar", "localhost/kp-save:1", [BASE, TOP],
+                                      CONFIG)
+    assert cli.run("import", str(archive)).returncode == 0
+    ids = {ref: json.loads(cli.run("image", "inspect", ref).stdout)["id"]
+           for ref in ("localhost/kp-save:1", "busybox")}
+    out = tmp_path / "saved.tar"
+    r = cli.run("save", "-o", str(out), "localhost/kp-save:1", "busybox")
+    assert r.returncode == 0, r.stderr
+    with tarfile.open(out) as t:
+        names = set(t.getnames())
+        tags = json.load(t.extractfile("manifest.json"))  # type: ignore[arg-type]
+    assert {"oci-layout", "index.json", "manifest.json"} <= names
+    assert sorted(tag for e in tags for tag in e["RepoTags"]) == [
+        "busybox:latest", "localhost/kp-save:1"]
+    for src in (f"oci-archive:{out}:1", f"docker-archive:{out}:localhost/kp-save:1"):
+        p = subprocess.run(["skopeo", "inspect", "--config", src], capture_output=True,
+                           text=True)
+        assert p.returncode == 0, p.stderr
+        assert json.loads(p.stdout)["config"]["WorkingDir"] == "/srv", src
+
+    # The same bytes on standard output.
+    with open(tmp_path / "piped.tar", "wb") as f:
+        assert subprocess.run(cli.argv("save", "localhost/kp-save:1"), stdout=f).returncode == 0
+    with tarfile.open(tmp_path / "piped.tar") as t:
+        assert "index.json" in t.getnames()
+
+    assert cli.run("rmi", "localhost/kp-save:1").returncode == 0
+    r = cli.run("import", str(out))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(cli.run("image", "inspect", "localhost/kp-save:1").stdout)["id"] == \
+        ids["localhost/kp-save:1"]
+    run = cli.run("run", "--rm", "localhost/kp-save:1")
+    assert run.stdout.splitlines()[0] == "from the top layer", run.stderr
+
+
+def test_save_bad_input_writes_nothing(cli: Microvm, tmp_path: Path) -> None:
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    r = cli.run("save", "-o", str(outdir / "x.tar"), "busybox", "localhost/no-such:1")
+    assert r.returncode == 125
+    assert r.error_lines == ["microvm: error: no such image: localhost/no-such:1"]
+    assert os.listdir(outdir) == []
+    r = cli.run("save", "-o", str(outdir / "no-dir" / "x.tar"), "busybox")
+    assert r.returncode == 125 and len(r.error_lines) == 1, r.stderr
+    assert "No such file or directory" in r.error_lines[0]
+    # Not onto a terminal, as docker refuses.
+    master, slave = os.openpty()
+    try:
+        p = subprocess.run(cli.argv("save", "busybox"), stdout=slave, stderr=subprocess.PIPE,
+                           text=True)
+    finally:
+        os.close(slave)
+        os.close(master)
+    assert p.returncode == 125 and "terminal" in p.stderr
