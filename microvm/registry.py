@@ -158,6 +158,7 @@ class Client:
         over).  Nothing is trusted before the digest matches."""
         digest, size = images._digest(desc.get("digest")), int(desc.get("size", -1))
         if dest.exists():
+            progress.exists(digest)
             return
         partial = dest.with_name(f".partial-{dest.name}")
         fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -183,6 +184,7 @@ class Client:
     def _fetch(self, digest: str, size: int, out: IO[bytes], h: Any, got: int,
                progress: Progress) -> tuple[Any, int]:
         headers = {"Range": f"bytes={got}-"} if got else {}
+        progress.update(digest, got, size)
         with self._open(f"{self.base}/blobs/{digest}", headers=headers) as r:
             if got and r.status != 206:
                 out.seek(0)
@@ -216,20 +218,39 @@ class Progress:
 
     def __init__(self) -> None:
         self.tty = sys.stderr.isatty()
-        self.start = time.monotonic()
+        self.started: dict[str, tuple[float, int]] = {}
         self.last = 0.0
 
     def update(self, digest: str, got: int, size: int) -> None:
+        """First called before the request: the rate counts only this pull's bytes."""
         now = time.monotonic()
-        if not self.tty or (now - self.last < 0.1 and got != size):
+        start, resumed_at = self.started.setdefault(digest, (now, got))
+        if got < resumed_at:  # the registry ignored Range: counted from zero again
+            start, resumed_at = self.started[digest] = (now, 0)
+        if not self.tty or (now - self.last < 0.1 and got != size and now != start):
             return
         self.last = now
-        rate = got / max(now - self.start, 1e-3) / 1e6
-        total = f"{size / 1e6:.1f}" if size >= 0 else "?"
-        sys.stderr.write(f"\r{digest[7:19]}: {got / 1e6:.1f}/{total} MB  {rate:.1f} MB/s   ")
-        if got == size:
-            sys.stderr.write("\n")
+        rate = (got - resumed_at) / max(now - start, 1e-3)
+        total = _human(size) if size >= 0 else "?"
+        self._line(digest, f"{_human(got)}/{total}  {_human(rate)}/s", done=got == size)
+
+    def exists(self, digest: str) -> None:
+        if self.tty:
+            self._line(digest, "already exists", done=True)
+
+    def _line(self, digest: str, text: str, done: bool) -> None:
+        # \x1b[K clears what a longer earlier text left on the line.
+        sys.stderr.write(f"\r{digest[7:19]}: {text}\x1b[K" + ("\n" if done else ""))
         sys.stderr.flush()
+
+
+def _human(n: float) -> str:
+    """docker's sizes: 812B, 4.2kB, 106.0MB (powers of 1000)."""
+    for unit in ("B", "kB", "MB"):
+        if n < 1000 or unit == "MB":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
 
 
 def _platform(index: dict[str, Any], name: str) -> str:

@@ -298,3 +298,38 @@ def test_killed_pull_resumes(cli: Microvm, registry: str, tmp_path: Path) -> Non
     assert no_leftovers() == []
     run = cli.run("run", "--rm", f"{proxy.address}/resume:1", "wc", "-c", "/data/random")
     assert run.stdout.split()[0] == str(size), run.stderr
+
+
+def test_progress_per_layer_on_a_terminal(cli: Microvm, registry: str, tmp_path: Path) -> None:
+    archive, layer = unique_image(tmp_path, "kp-progress", size=4 << 20)
+    push(archive, f"{registry}/kp-progress:1")
+    master, slave = os.openpty()
+    try:
+        p = subprocess.Popen(cli.argv("pull", f"{registry}/kp-progress:1"), stdin=slave,
+                             stdout=subprocess.PIPE, stderr=slave)
+    finally:
+        os.close(slave)
+    out = b""
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:  # EIO: every holder of the terminal's slave end is gone
+            break
+        if not data:
+            break
+        out += data
+    os.close(master)
+    assert p.wait() == 0
+    screen = out.decode()
+    # One line per blob, rewritten in place (\r) and ended when complete.
+    final = [line.rsplit("\r", 1)[-1].removesuffix("\x1b[K")
+             for line in screen.split("\r\n") if line]
+    assert len(final) == 3, screen  # config, busybox, the random layer
+    with tarfile.open(archive) as t:
+        size = t.getmember(f"blobs/sha256/{layer[7:]}").size
+    total = f"{size / 1e6:.1f}MB"
+    mine = next(line for line in final if line.startswith(layer[7:19]))
+    got, rate = mine.split()[1:]
+    assert got == f"{total}/{total}" and rate.endswith("MB/s"), screen
+    # The base layer is the built-in busybox's, stored already.
+    assert sum(line.endswith(": already exists") for line in final) == 1, screen
