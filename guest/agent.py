@@ -382,12 +382,24 @@ class Agent:
         _check_id("container id", req.container_id)
         if req.container_id in self.containers:
             raise ttrpc.AlreadyExists(f"container {req.container_id} already exists")
+        share_pid, shared = 0, tuple(req.shared_namespaces)
+        if req.share_with:
+            owner = self._container(req.share_with)
+            if owner.init.exited.done():
+                raise ttrpc.FailedPrecondition(f"container {owner.id} has exited: "
+                                               "its namespaces are gone")
+            unknown = set(shared) - set(container.NAMESPACE_FLAGS)
+            if unknown:
+                raise ttrpc.InvalidArgument(f"cannot share namespaces {sorted(unknown)}")
+            share_pid = owner.init.pid
+        elif shared:
+            raise ttrpc.InvalidArgument("shared_namespaces without share_with")
         cgroup = cgroups.create(req.container_id)
         try:
             proc = await self._spawn(req.container_id, "", req.process,
                                      container.run_container_init, cgroup,
                                      req.rootfs.shared_path, req.rootfs.readonly, req.hostname,
-                                     _mounts(req.mounts))
+                                     _mounts(req.mounts), share_pid, shared)
         except BaseException:
             await cgroups.remove(req.container_id)
             raise

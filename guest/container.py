@@ -340,17 +340,33 @@ def _fork_into(sock: socket.socket, enter: Callable[[], None],
     os._exit(125)
 
 
+NAMESPACE_FLAGS = {"ipc": linux.CLONE_NEWIPC, "uts": linux.CLONE_NEWUTS,
+                   "pid": linux.CLONE_NEWPID}
+
+
 def run_container_init(sock: socket.socket, spec: ProcessSpec, stdio: Stdio, cgroup: str,
                        shared_path: str, readonly: bool, hostname: str,
-                       mounts: list[MountSpec]) -> int:
-    """New namespaces and root; the container's pid 1 waits for StartContainer."""
+                       mounts: list[MountSpec], share_pid: int = 0,
+                       shared: tuple[str, ...] = ()) -> int:
+    """New namespaces and root; the container's pid 1 waits for StartContainer.
+
+    shared: namespaces joined from process share_pid (a pod's pause) instead.
+    """
     def enter() -> None:
         cgroups.join(cgroup)
-        linux.unshare(linux.CLONE_NEWNS | linux.CLONE_NEWUTS | linux.CLONE_NEWIPC
-                      | linux.CLONE_NEWPID)
+        fds = [os.open(f"/proc/{share_pid}/ns/{ns}", os.O_RDONLY) for ns in shared]
+        for fd in fds:
+            linux.setns(fd)
+            os.close(fd)
+        new = linux.CLONE_NEWNS
+        for ns, flag in NAMESPACE_FLAGS.items():
+            if ns not in shared:
+                new |= flag
+        linux.unshare(new)
 
     def child() -> None:
-        setup_rootfs(shared_path, readonly, hostname, mounts)
+        # The pod's hostname is the pause container's, set when it was made.
+        setup_rootfs(shared_path, readonly, "" if "uts" in shared else hostname, mounts)
         path = prepare_process(spec, stdio, sock)
         send(sock, {"ready": True})
         if sock.recv(16) != b"start":

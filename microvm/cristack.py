@@ -88,7 +88,8 @@ class Cri:
         self.rt = api[1].RuntimeServiceStub(self.channel)
         self.logs = ctd.root / "pod-logs"
 
-    def run_pod(self, name: str, handler: str = HANDLER) -> str:
+    def run_pod(self, name: str, handler: str = HANDLER, share_pid: bool = False) -> str:
+        """share_pid: a pod with shareProcessNamespace."""
         logs = self.logs / name
         logs.mkdir(parents=True, exist_ok=True)
         config = self.pb.PodSandboxConfig(
@@ -96,7 +97,10 @@ class Cri:
                                                 namespace="default", attempt=0),
             hostname=name, log_directory=str(logs),
             # As kubelet's cgroupfs driver names a pod's cgroup.
-            linux=self.pb.LinuxPodSandboxConfig(cgroup_parent=f"/{CGROUP_PARENT}/pod-{name}"))
+            linux=self.pb.LinuxPodSandboxConfig(
+                cgroup_parent=f"/{CGROUP_PARENT}/pod-{name}",
+                security_context=self.pb.LinuxSandboxSecurityContext(
+                    namespace_options=self._namespaces(share_pid))))
         r = self.rt.RunPodSandbox(self.pb.RunPodSandboxRequest(config=config,
                                                                runtime_handler=handler),
                                   timeout=180)
@@ -104,10 +108,16 @@ class Cri:
         self._configs[r.pod_sandbox_id] = config
         return str(r.pod_sandbox_id)
 
+    def _namespaces(self, share_pid: bool) -> Any:
+        return self.pb.NamespaceOption(pid=self.pb.POD if share_pid else self.pb.CONTAINER)
+
     def container(self, pod: str, name: str, *cmd: str, mounts: tuple[Any, ...] = (),
                   memory: int = 0) -> str:
+        # kubelet copies the pod's namespace options into each container's.
+        options = self._configs[pod].linux.security_context.namespace_options
         linux = self.pb.LinuxContainerConfig(
-            resources=self.pb.LinuxContainerResources(memory_limit_in_bytes=memory))
+            resources=self.pb.LinuxContainerResources(memory_limit_in_bytes=memory),
+            security_context=self.pb.LinuxContainerSecurityContext(namespace_options=options))
         config = self.pb.ContainerConfig(
             metadata=self.pb.ContainerMetadata(name=name), image=self.pb.ImageSpec(
                 image=APP_IMAGE), command=list(cmd), log_path=f"{name}.log",

@@ -56,6 +56,9 @@ class Spec:
     # the guest takes over.  "" when the spec asks for a new (empty) one or
     # for none (the host's, which a VM can never share).
     netns: str = ""
+    # linux.namespaces of these types ("ipc", "uts", "pid") name an existing
+    # one to join: in a pod, the pause container's.
+    joined_namespaces: tuple[str, ...] = ()
     # The mounts the VM must be given (binds, tmpfs); proc, /dev etc. it makes.
     volumes: list[Volume] = field(default_factory=list)
     # linux.cgroupsPath: for the pod's first container, the host cgroup the
@@ -126,6 +129,7 @@ def load_bundle(bundle: Path) -> Spec:
     return Spec(
         volumes=volumes, cgroups_path=_get(linux_, "cgroupsPath", str, "linux.", ""),
         netns=network_namespace(_get(linux_, "namespaces", list, "linux.", [])),
+        joined_namespaces=joined_namespaces(_get(linux_, "namespaces", list, "linux.", [])),
         process=process(data.get("process")), hostname=_get(data, "hostname", str, "", ""),
         root_path=_get(root, "path", str, "root.", "rootfs"),
         root_readonly=_get(root, "readonly", bool, "root.", False),
@@ -133,13 +137,27 @@ def load_bundle(bundle: Path) -> Spec:
         resources=json.dumps(_get(linux_, "resources", dict, "linux.", {})).encode())
 
 
-def network_namespace(namespaces: list[Any]) -> str:
+def _namespace_paths(namespaces: list[Any]) -> dict[str, str]:
+    """linux.namespaces as type -> path ("" for a new one)."""
+    out = {}
     for i, ns in enumerate(namespaces):
         if not isinstance(ns, dict):
             raise ttrpc.InvalidArgument(f"OCI spec: linux.namespaces[{i}] is not an object")
-        if _get(ns, "type", str, f"linux.namespaces[{i}].", "") == "network":
-            return str(_get(ns, "path", str, f"linux.namespaces[{i}].", ""))
-    return ""
+        kind = _get(ns, "type", str, f"linux.namespaces[{i}].", "")
+        out[kind] = str(_get(ns, "path", str, f"linux.namespaces[{i}].", ""))
+    return out
+
+
+def network_namespace(namespaces: list[Any]) -> str:
+    return _namespace_paths(namespaces).get("network", "")
+
+
+def joined_namespaces(namespaces: list[Any]) -> tuple[str, ...]:
+    """The guest-side namespaces the spec joins.  Their host paths name the
+    pause task, whose pid here is QEMU's: in the guest they mean the pod's
+    first container."""
+    paths = _namespace_paths(namespaces)
+    return tuple(kind for kind in ("ipc", "uts", "pid") if paths.get(kind))
 
 
 def read_bundle_linux(bundle: Path) -> tuple[str, str]:
@@ -154,6 +172,9 @@ def read_bundle_linux(bundle: Path) -> tuple[str, str]:
     cgroups = linux_.get("cgroupsPath") if isinstance(linux_, dict) else ""
     return netns, cgroups if isinstance(cgroups, str) else ""
 
+
+# CRI's name for the pod: the pause container's id, on every container of it.
+SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
 
 # Pod-level resources that containerd's CRI (1.7+) puts on the sandbox spec.
 SANDBOX_CPU_QUOTA = "io.kubernetes.cri.sandbox-cpu-quota"

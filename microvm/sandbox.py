@@ -286,8 +286,13 @@ class Sandbox:
                                process: agent_pb2.Process,
                                readonly: bool = False, hostname: str = "",
                                overlay: bool = True, etc: bool = False,
-                               volumes: list[Volume] | tuple[Volume, ...] = ()) -> int:
+                               volumes: list[Volume] | tuple[Volume, ...] = (),
+                               share_with: str = "", shared_namespaces: tuple[str, ...] = ()
+                               ) -> int:
         """Share rootfs into the VM and create the container's init there.
+
+        share_with, shared_namespaces: join those namespaces of that container
+        (a pod's pause) rather than make new ones.
 
         etc: write /etc/hostname, hosts (and resolv.conf on the bridge) into
         the container's writable layer, as docker does for its containers.
@@ -341,7 +346,8 @@ class Sandbox:
             req = agent_pb2.CreateContainerRequest(
                 container_id=cid, rootfs=agent_pb2.Rootfs(shared_path=f"{cid}/rootfs",
                                                           readonly=readonly),
-                hostname=hostname, process=process, mounts=mounts)
+                hostname=hostname, process=process, mounts=mounts, share_with=share_with,
+                shared_namespaces=list(shared_namespaces))
             state.pid = (await self._call("CreateContainer", req)).pid
         except BaseException:
             self._unmount_container(state)

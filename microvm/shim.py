@@ -33,7 +33,7 @@ from .protocol import task_pb2, ttrpc
 log = logging.getLogger("shim")
 
 SOCKET_DIR = Path("/run/containerd/s")
-GROUP_ANNOTATIONS = ("io.containerd.kata-py.group", "io.kubernetes.cri.sandbox-id")
+GROUP_ANNOTATIONS = ("io.containerd.kata-py.group", oci.SANDBOX_ID)
 _BOOL_FLAGS = {"debug", "v", "version", "info"}
 
 

@@ -22,7 +22,7 @@ import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from google.protobuf import empty_pb2
 
@@ -302,6 +302,16 @@ class TaskService:
             except OSError as e:
                 raise ttrpc.InvalidArgument(f"rootfs mount {m.type} {m.source}: {e}") from None
 
+    def _pod_namespaces(self, cid: str, spec: oci.Spec) -> dict[str, Any]:
+        """A pod's app container joins the pause container's namespaces that
+        its spec names (CRI: IPC and UTS always, pid with shareProcessNamespace)."""
+        pause = spec.annotations.get(oci.SANDBOX_ID, "")
+        if not spec.joined_namespaces or not pause or pause == cid:
+            return {}
+        if pause not in self.containers:
+            raise ttrpc.FailedPrecondition(f"pod sandbox {pause} is not in this VM")
+        return {"share_with": pause, "shared_namespaces": spec.joined_namespaces}
+
     # -- RPCs ----------------------------------------------------------------
 
     async def Create(self, req: task_pb2.CreateTaskRequest,
@@ -338,7 +348,8 @@ class TaskService:
         try:
             await sb.create_container(req.id, rootfs, spec.process, readonly=spec.root_readonly,
                                       hostname=spec.hostname, overlay=False,
-                                      etc=cli_net is not None, volumes=spec.volumes)
+                                      etc=cli_net is not None, volumes=spec.volumes,
+                                      **self._pod_namespaces(req.id, spec))
             if spec.resources not in (b"", b"{}"):
                 await sb.update(metrics.update_request(req.id, spec.resources))
             await self._start_io(p)

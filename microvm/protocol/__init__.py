@@ -3,7 +3,7 @@
 Kept free of heavy imports: the guest agent loads it at every boot.
 """
 
-PROTOCOL_VERSION = 3   # 2: ConfigureNetwork; 3: mounts
+PROTOCOL_VERSION = 4   # 2: ConfigureNetwork; 3: mounts; 4: shared namespaces
 AGENT_SERVICE = "katapy.agent.v1.Agent"
 # virtio-serial port name (/sys/class/virtio-ports/*/name in the guest).
 SERIAL_PORT_NAME = "kata-py.agent"

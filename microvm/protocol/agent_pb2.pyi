@@ -188,18 +188,22 @@ class Rootfs(_message.Message):
     def __init__(self, shared_path: _Optional[str] = ..., readonly: _Optional[bool] = ...) -> None: ...
 
 class CreateContainerRequest(_message.Message):
-    __slots__ = ("container_id", "rootfs", "hostname", "process", "mounts")
+    __slots__ = ("container_id", "rootfs", "hostname", "process", "mounts", "share_with", "shared_namespaces")
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     ROOTFS_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     PROCESS_FIELD_NUMBER: _ClassVar[int]
     MOUNTS_FIELD_NUMBER: _ClassVar[int]
+    SHARE_WITH_FIELD_NUMBER: _ClassVar[int]
+    SHARED_NAMESPACES_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     rootfs: Rootfs
     hostname: str
     process: Process
     mounts: _containers.RepeatedCompositeFieldContainer[Mount]
-    def __init__(self, container_id: _Optional[str] = ..., rootfs: _Optional[_Union[Rootfs, _Mapping]] = ..., hostname: _Optional[str] = ..., process: _Optional[_Union[Process, _Mapping]] = ..., mounts: _Optional[_Iterable[_Union[Mount, _Mapping]]] = ...) -> None: ...
+    share_with: str
+    shared_namespaces: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, container_id: _Optional[str] = ..., rootfs: _Optional[_Union[Rootfs, _Mapping]] = ..., hostname: _Optional[str] = ..., process: _Optional[_Union[Process, _Mapping]] = ..., mounts: _Optional[_Iterable[_Union[Mount, _Mapping]]] = ..., share_with: _Optional[str] = ..., shared_namespaces: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Mount(_message.Message):
     __slots__ = ("destination", "type", "shared_path", "readonly", "options")

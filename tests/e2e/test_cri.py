@@ -107,6 +107,45 @@ def test_pod_of_two_containers_in_one_vm(cri: Cri) -> None:
     _nothing_left(cri)
 
 
+def _namespaces(cri: Cri, cid: str) -> dict[str, str]:
+    r = cri.exec(cid, "sh", "-c", "for n in ipc uts pid mnt; do echo $n $(readlink "
+                 "/proc/self/ns/$n); done; echo hostname $(hostname); cat /proc/1/cmdline")
+    lines = r.stdout.decode().splitlines()
+    return {**dict(line.split(" ", 1) for line in lines[:-1]), "pid1": lines[-1]}
+
+
+def test_pod_containers_share_ipc_and_uts_as_under_runc(cri: Cri) -> None:
+    """Without shareProcessNamespace: the pause container's IPC and UTS, pid
+    and mount namespaces of their own.  /dev/shm is the pod's."""
+    pod = cri.run_pod("nsw")
+    a = cri.container(pod, "a", "sleep", "3600")
+    b = cri.container(pod, "b", "sleep", "3600")
+    na, nb = _namespaces(cri, a), _namespaces(cri, b)
+    assert na["ipc"] == nb["ipc"] and na["uts"] == nb["uts"], (na, nb)
+    assert na["pid"] != nb["pid"] and na["mnt"] != nb["mnt"], (na, nb)
+    assert na["hostname"] == nb["hostname"] == "nsw"
+    assert na["pid1"].startswith("sleep")
+    assert cri.exec(a, "sh", "-c", "echo from-a > /dev/shm/k").exit_code == 0
+    assert cri.exec(b, "cat", "/dev/shm/k").stdout == b"from-a\n"
+    cri.remove_pod(pod)
+    _nothing_left(cri)
+
+
+def test_share_process_namespace(cri: Cri) -> None:
+    """shareProcessNamespace: the app's pid 1 is the pod's pause, and one
+    container sees the other's processes."""
+    pod = cri.run_pod("pidns", share_pid=True)
+    a = cri.container(pod, "a", "sleep", "3600")
+    b = cri.container(pod, "b", "sh", "-c", "exec sleep 3601")
+    na, nb = _namespaces(cri, a), _namespaces(cri, b)
+    assert na["pid"] == nb["pid"] and na["ipc"] == nb["ipc"], (na, nb)
+    assert na["pid1"].startswith("/pause"), na
+    ps = cri.exec(a, "ps", "-o", "args").stdout.decode()
+    assert "sleep 3601" in ps, ps
+    cri.remove_pod(pod)
+    _nothing_left(cri)
+
+
 def test_unknown_handler_fails_cleanly(cri: Cri) -> None:
     with pytest.raises(grpc.RpcError) as e:
         cri.run_pod("nohandler", handler="no-such-runtime")
