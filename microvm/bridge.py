@@ -34,7 +34,7 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from . import linux, netlink, paths
+from . import linux, netlink, owner, paths
 from .config import Config
 from .errors import KataError
 
@@ -65,22 +65,8 @@ class BridgeConfig:
 # -- leases ----------------------------------------------------------------------
 
 
-def _start_time(pid: int) -> str:
-    """A process's start time (clock ticks since boot): with the pid, its identity."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            stat = f.read()
-    except OSError:
-        return ""
-    return stat[stat.rindex(")") + 2:].split()[19]
-
-
 def _alive(lease: dict[str, object]) -> bool:
-    pid = lease.get("pid")
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    started = _start_time(pid)
-    return bool(started) and started == lease.get("started")
+    return owner.alive(lease.get("pid"), lease.get("started"))
 
 
 def leases_dir() -> Path:
@@ -126,7 +112,7 @@ def _leases(create: bool = False) -> Iterator[_Table]:
         tmp.rename(path)
 
 
-def allocate(cfg: BridgeConfig, owner: str, pid: int | None = None) -> str:
+def allocate(cfg: BridgeConfig, owner_name: str, pid: int | None = None) -> str:
     pid = pid or os.getpid()
     with _leases(create=True) as t:
         for ip, lease in list(t.leases.items()):
@@ -135,7 +121,8 @@ def allocate(cfg: BridgeConfig, owner: str, pid: int | None = None) -> str:
         for host in cfg.network.hosts():
             ip = str(host)
             if ip != cfg.gateway and ip not in t.leases:
-                t.leases[ip] = {"owner": owner, "pid": pid, "started": _start_time(pid)}
+                t.leases[ip] = {"owner": owner_name, "pid": pid,
+                                 "started": owner.start_time(pid)}
                 return ip
     raise KataError(f"network {cfg.name}: no free address in {cfg.subnet}")
 
@@ -265,9 +252,9 @@ class Attachment:
                 remove_bridge_if_unused(self.cfg)
 
 
-def attach(cfg: BridgeConfig, owner: str) -> Attachment:
+def attach(cfg: BridgeConfig, owner_name: str) -> Attachment:
     """A namespace on the bridge: eth0 with an address and a default route."""
-    ip = allocate(cfg, owner)
+    ip = allocate(cfg, owner_name)
     fd = -1
     try:
         fd = new_netns()

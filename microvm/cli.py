@@ -435,11 +435,13 @@ def system_df() -> None:
 @click.pass_obj
 def system_prune(obj: Context, all_images: bool) -> None:
     """Remove stopped containers, unused layers, interrupted downloads, and
-    network leases and a bridge that killed containers left."""
-    from . import bridge, system
+    network leases, redirects and a bridge that killed containers left."""
+    from . import bridge, system, tcfilter
     removed, freed = asyncio.run(system.prune(all_images))
     for ip in bridge.prune_leases():
         removed.append(f"lease {ip}")
+    for path in tcfilter.prune_claims():
+        removed.append(f"tc redirects in {path}")
     cfg = obj.config()
     if bridge.remove_bridge_if_unused(bridge.BridgeConfig.of(cfg)):
         removed.append(f"bridge {cfg.bridge_name}")

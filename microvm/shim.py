@@ -171,11 +171,13 @@ def delete(args: Args) -> int:
     # pod's (now empty) host cgroup remain.
     netns, cgroups_path = oci.read_bundle_linux(bundle)
     if path is None or not _alive(path):
+        from . import tcfilter
         if netns:
-            from . import tcfilter
             with contextlib.suppress(Exception):
                 if tcfilter.usable_netns(netns):
                     tcfilter.clean_stale(netns)
+        with contextlib.suppress(Exception):
+            tcfilter.prune_claims()  # the dead shim's claim, and any other gone owner's
         if cgroups_path:
             hostcgroup.remove(hostcgroup.dirs_for(cgroups_path))
     resp = task_pb2.DeleteResponse(pid=0, exit_status=128 + signal.SIGKILL,

@@ -12,17 +12,24 @@ while its fds are open: QEMU's copies, and ours until the VM has them.
 When QEMU dies, even by SIGKILL, the tap and its own qdisc go with it.  The
 ingress qdisc on the veth is the one thing left to remove: `teardown` does
 it, and `plumb` replaces a stale one that a killed owner left behind.
+A namespace that is not ours (`--network ns:PATH`) may see no later
+sandbox: each plumbing leaves a claim file naming its owner (pid and start
+time) and the namespace, removed by teardown, and `prune_claims` (system
+prune, a shim's delete) undoes what owners that are gone left.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import json
 import logging
 import os
 import socket
 import struct
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pyroute2 import IPRoute
@@ -30,7 +37,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ifinfmsg import IFT_MULTI_QUEUE, IFT_NO_PI, IFT_TAP, IFT_VNET_HDR
 from pyroute2.netlink.rtnl.ifinfmsg.tuntap import TUNSETIFF
 
-from . import netlink
+from . import netlink, owner, paths
 from .errors import KataError
 
 log = logging.getLogger(__name__)
@@ -81,6 +88,7 @@ class Network:
     path: str
     interfaces: list[Interface] = field(default_factory=list)
     routes: list[Route] = field(default_factory=list)
+    claim: str = ""            # our claim file, while plumbed
 
     def close_fds(self) -> None:
         """Ours only; QEMU keeps its own copies (and so the taps) alive."""
@@ -109,22 +117,24 @@ def usable_netns(path: str) -> str | None:
     return path
 
 
-def clean_stale(path: str) -> None:
-    """After a killed owner (the shim's delete): the veths' ingress qdiscs,
-    if no tap of ours lives in the namespace any more."""
+def clean_stale(path: str) -> bool:
+    """After a killed owner (the shim's delete, prune): the veths' ingress
+    qdiscs, if no tap of ours lives in the namespace any more.  Whether any
+    was removed."""
 
-    def work(ipr: IPRoute) -> None:
+    def work(ipr: IPRoute) -> bool:
         names = [link.get("ifname") for link in ipr.get_links()]
         if any(n.startswith("tap") and n.endswith("_kata") for n in names):
-            return  # a sandbox still runs there
-        for link in ipr.get_links():
-            if _kind(link) == "veth":
-                _del_ingress(ipr, link["index"])
+            return False  # a sandbox still runs there
+        removed = [_del_ingress(ipr, link["index"]) for link in ipr.get_links()
+                   if _kind(link) == "veth"]
+        return any(removed)
 
     try:
-        netlink.run(work, path)
+        return netlink.run(work, path)
     except (KataError, NetlinkError) as e:
         log.debug("clean-up in %s: %s", path, e)
+        return False
 
 
 def _kind(link: Any) -> str | None:
@@ -182,13 +192,16 @@ def _redirect(ipr: IPRoute, src: int, dst: int) -> None:
                    "ifindex": dst})
 
 
-def _del_ingress(ipr: IPRoute, index: int) -> None:
+def _del_ingress(ipr: IPRoute, index: int) -> bool:
+    """Whether there was one to remove."""
     try:
         ipr.tc("del", "ingress", index=index)
     except NetlinkError as e:
         # Gone already: no qdisc (EINVAL/ENOENT) or no device (ENODEV).
         if e.code not in (errno.EINVAL, errno.ENOENT, errno.ENODEV):
             raise
+        return False
+    return True
 
 
 def plumb(path: str, queues: int = 1) -> Network:
@@ -212,9 +225,57 @@ def plumb(path: str, queues: int = 1) -> Network:
         return net
 
     try:
-        return netlink.run(work, path)
+        net = netlink.run(work, path)
     except NetlinkError as e:
         raise KataError(f"network plumbing in {path} failed: {os.strerror(e.code)}") from None
+    if any(i.tap for i in net.interfaces):
+        try:
+            _claim(net)
+        except OSError as e:
+            teardown(net)
+            raise KataError(f"cannot record the network plumbing: {e.strerror}") from None
+    return net
+
+
+def claims_dir() -> Path:
+    return paths.RUN / "netclaims"
+
+
+def _claim(net: Network) -> None:
+    st = os.stat(net.path)
+    pid, started = owner.me()
+    d = claims_dir()
+    d.mkdir(parents=True, exist_ok=True)
+    f = d / f"{pid}-{started}-{st.st_ino}"
+    tmp = f.with_name(f".{f.name}")  # not a claim until whole
+    tmp.write_text(json.dumps({"path": net.path, "dev": st.st_dev, "ino": st.st_ino,
+                               "pid": pid, "started": started}))
+    tmp.rename(f)
+    net.claim = str(f)
+
+
+def prune_claims() -> list[str]:
+    """Undo the plumbing of owners that are gone; the namespaces cleaned."""
+    cleaned = []
+    for f in sorted(claims_dir().glob("[0-9]*")) if claims_dir().exists() else []:
+        try:
+            c = json.loads(f.read_text())
+        except (OSError, ValueError):
+            f.unlink(missing_ok=True)  # torn by a crash: nothing to go on
+            continue
+        if owner.alive(c.get("pid"), c.get("started")):
+            continue
+        try:
+            st = os.stat(c["path"])
+        except (OSError, KeyError, TypeError):
+            st = None  # the namespace went, and its links with it
+        # The path may name another namespace by now: touch only the one claimed.
+        if st is not None and (st.st_dev, st.st_ino) == (c.get("dev"), c.get("ino")):
+            with contextlib.suppress(KataError):
+                if usable_netns(c["path"]) and clean_stale(c["path"]):
+                    cleaned.append(c["path"])
+        f.unlink(missing_ok=True)
+    return cleaned
 
 
 def _undo(ipr: IPRoute, net: Network) -> None:
@@ -233,3 +294,6 @@ def teardown(net: Network) -> None:
         netlink.run(lambda ipr: _undo(ipr, net), net.path)
     except KataError:
         net.close_fds()  # the namespace is gone, and all in it
+    if net.claim:
+        Path(net.claim).unlink(missing_ok=True)
+        net.claim = ""

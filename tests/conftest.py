@@ -88,6 +88,9 @@ def network_leftovers() -> list[str]:
     leases = Path("/run/kata-py/network")
     if leases.exists():
         found += [f"lease table: {d}" for d in leases.iterdir()]
+    claims = Path("/run/kata-py/netclaims")
+    if claims.exists():
+        found += [f"tc plumbing claim: {f.read_text()}" for f in claims.iterdir()]
     return found
 
 
