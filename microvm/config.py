@@ -38,6 +38,8 @@ class Config:
     accel: str = "auto"
     transport: str = "auto"
     qemu: str = "qemu-system-x86_64"
+    # Whom QEMU runs as: dynamic (a uid of its own per VM), root, or a user.
+    qemu_user: str = "dynamic"
     virtiofsd: str = "/usr/lib/qemu/virtiofsd"
     # A static busybox, shared read-only into networked sandboxes for `ip`.
     busybox: str = "/bin/busybox"
@@ -66,6 +68,9 @@ class Config:
             raise ConfigError(f"{where}: memory_mib must be between 64 and {MAX_MEMORY_MIB}, "
                               f"not {self.memory_mib}")
         _choice("network", self.network, NETWORKS, where)
+        if not self.qemu_user or not all(c.isalnum() or c in "._-" for c in self.qemu_user):
+            raise ConfigError(f"{where}: qemu_user must be dynamic, root or a user name, "
+                              f"not {self.qemu_user!r}")
         if not 1 <= len(self.bridge_name) <= 15 or not all(
                 c.isalnum() or c in "-_." for c in self.bridge_name):
             raise ConfigError(f"{where}: bridge_name must be an interface name of 1 to 15 "

@@ -3,7 +3,8 @@
 Each helper:
   - gets its fds from the parent (pass_fds), so nothing races at start-up;
   - runs in its own session, so a terminal's ^C reaches only the CLI;
-  - has PR_SET_PDEATHSIG=SIGKILL, so even a SIGKILLed owner takes it along.
+  - has PR_SET_PDEATHSIG=SIGKILL, so even a SIGKILLed owner takes it along;
+  - may run as another user (QEMU: see qemuuser.py).
 """
 
 from __future__ import annotations
@@ -17,28 +18,35 @@ import subprocess
 from collections.abc import Sequence
 
 from . import linux
+from .qemuuser import Credentials
 
 log = logging.getLogger(__name__)
 
 
-def _child_setup(netns_fd: int | None) -> None:
-    linux.set_pdeathsig(signal.SIGKILL)
-    # The parent may have died between fork and prctl: then die now.
-    if os.getppid() == 1:
-        os.kill(os.getpid(), signal.SIGKILL)
+def _child_setup(netns_fd: int | None, creds: Credentials | None) -> None:
+    # setns needs root: before the switch of user.
     if netns_fd is not None:
         linux.setns(netns_fd, linux.CLONE_NEWNET)
+    if creds is not None:
+        creds.apply()
+    # After the switch: a change of uid clears the parent-death signal.
+    linux.set_pdeathsig(signal.SIGKILL)
+    # The parent may have died before the prctl: then die now.
+    if os.getppid() == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def spawn(argv: Sequence[str], *, pass_fds: Sequence[int] = (), stdout: int | None = None,
-          stderr: int | None = None, netns_fd: int | None = None) -> subprocess.Popen[bytes]:
+          stderr: int | None = None, netns_fd: int | None = None,
+          creds: Credentials | None = None) -> subprocess.Popen[bytes]:
     """netns_fd: the network namespace the helper runs in (QEMU in its pod's:
-    its pid then stands for the pod's namespaces, and it has no other network)."""
+    its pid then stands for the pod's namespaces, and it has no other network).
+    creds: the user it runs as (root if None)."""
     log.debug("starting %s", " ".join(argv))
     return subprocess.Popen(
         list(argv), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
         pass_fds=tuple(pass_fds), start_new_session=True,
-        preexec_fn=lambda: _child_setup(netns_fd))
+        preexec_fn=lambda: _child_setup(netns_fd, creds))
 
 
 async def wait(proc: subprocess.Popen[bytes], timeout: float | None) -> int | None:

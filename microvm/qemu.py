@@ -26,6 +26,7 @@ from qemu.qmp.events import Message
 from . import helpers
 from .errors import VMError
 from .protocol import SERIAL_PORT_NAME, SHARED_FS_TAG
+from .qemuuser import Credentials
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,8 @@ class VMSpec:
     qmp_fd: int = -1
     serial_fd: int = -1            # our end of the agent's virtio-serial port
     vsock_cid: int = 0
-    virtiofs_socket: str | None = None
+    vsock_fd: int = -1             # /dev/vhost-vsock, opened by the owner
+    virtiofs_fd: int = -1          # a socket connected to virtiofsd
     tsc_khz: int = 0               # host TSC rate, given to TCG guests
     sandbox: bool = True           # QEMU's seccomp filter
     nics: list[Nic] = field(default_factory=list)
@@ -141,7 +143,8 @@ def command_line(qemu: str, spec: VMSpec) -> list[str]:
     if spec.qmp_fd >= 0:
         argv += ["-chardev", f"socket,id=qmp,fd={spec.qmp_fd}", "-mon", "chardev=qmp,mode=control"]
     if spec.transport == "vsock":
-        argv += ["-device", f"vhost-vsock-device,guest-cid={spec.vsock_cid}"]
+        argv += ["-device", f"vhost-vsock-device,guest-cid={spec.vsock_cid}"
+                            + (f",vhostfd={spec.vsock_fd}" if spec.vsock_fd >= 0 else "")]
     else:
         argv += ["-device", "virtio-serial-device,max_ports=2",
                  "-chardev", f"socket,id=agent,fd={spec.serial_fd}",
@@ -154,8 +157,8 @@ def command_line(qemu: str, spec: VMSpec) -> list[str]:
         argv += ["-netdev", f"tap,id=net{i},{'fds' if multi else 'fd'}={fds},vhost=off",
                  "-device", f"virtio-net-device,netdev=net{i},mac={nic.mac},"
                             f"host_mtu={nic.mtu}" + (",mq=on" if multi else "")]
-    if spec.virtiofs_socket:
-        argv += ["-chardev", f"socket,id=vfs,path={_opt(spec.virtiofs_socket)}",
+    if spec.virtiofs_fd >= 0:
+        argv += ["-chardev", f"socket,id=vfs,fd={spec.virtiofs_fd}",
                  "-device", f"vhost-user-fs-device,chardev=vfs,tag={SHARED_FS_TAG},"
                             "queue-size=1024"]
     return argv
@@ -185,9 +188,11 @@ def tail(path: Path | None, lines: int = 15) -> str:
 class Machine:
     """One QEMU process and its QMP connection, owned by an async context."""
 
-    def __init__(self, qemu: str, spec: VMSpec, console_log: Path, qemu_log: Path) -> None:
+    def __init__(self, qemu: str, spec: VMSpec, console_log: Path, qemu_log: Path,
+                 creds: Credentials | None = None) -> None:
         self.qemu = qemu
         self.spec = spec
+        self.creds = creds
         self.console_log = console_log
         self.qemu_log = qemu_log
         self.proc: subprocess.Popen[bytes] | None = None
@@ -219,7 +224,8 @@ class Machine:
             if self.spec.netns:
                 netns_fd = os.open(self.spec.netns, os.O_RDONLY | os.O_CLOEXEC)
             self.proc = helpers.spawn(self.argv, pass_fds=[theirs.fileno(), *extra_fds],
-                                      stdout=console, stderr=errlog, netns_fd=netns_fd)
+                                      stdout=console, stderr=errlog, netns_fd=netns_fd,
+                                      creds=self.creds)
         except (OSError, subprocess.SubprocessError) as e:
             raise VMError(f"cannot run {self.qemu}: {getattr(e, 'strerror', None) or e}") \
                 from None

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from google.protobuf.message import Message
 
 from . import accel as accel_mod
-from . import linux, ports
+from . import linux, ports, qemuuser
 from .agent_client import AgentClient
 from .config import Config
 from .errors import CommandNotExecutable, CommandNotFound, KataError, VMError
@@ -133,10 +133,21 @@ class Sandbox:
         self._stack.callback(_umount, self.shared)
         linux.mount(None, str(self.shared), None, linux.MS_SHARED)
 
+        creds = qemuuser.resolve(self.config.qemu_user, self.accel.accel)
         vfs = Virtiofsd(self.config.virtiofsd, self.shared, self.dir / "vfs.sock",
                         self.log_dir / "virtiofsd.log", self.config.log_level == "debug")
-        vfs.start()
+        vfs_qemu_end = vfs.start()
         self._stack.push_async_callback(vfs.stop)
+        # QEMU's fds: closed here once QEMU has its copies, or by the stack
+        # if anything fails before.
+        passed: list[int] = []
+
+        def close_passed() -> None:
+            while passed:
+                os.close(passed.pop())
+
+        self._stack.callback(close_passed)
+        passed.append(vfs_qemu_end.detach())
 
         spec = VMSpec(
             name=f"kata-py-{self.id[:12]}", kernel=self.config.kernel,
@@ -144,9 +155,9 @@ class Sandbox:
             vcpus=self.config.vcpus, accel=self.accel.accel,
             kernel_params=self.config.kernel_params.split()
             + (["kata_py.debug=1"] if self.config.log_level == "debug" else []),
-            transport=self.transport, virtiofs_socket=str(vfs.socket_path),
+            transport=self.transport, virtiofs_fd=passed[0],
             tsc_khz=host_tsc_khz() if self.accel.accel == "tcg" else 0)
-        extra_fds = []
+        extra_fds = [*passed]
         netns = await self._network_namespace()
         if netns:
             from . import tcfilter
@@ -164,17 +175,25 @@ class Sandbox:
             extra_fds.append(serial_theirs.fileno())
         else:
             spec.vsock_cid = random.randint(3, 0xFFFFFFFE)
-        machine = Machine(self.config.qemu, spec, self.console_log, self.log_dir / "qemu.log")
+            try:
+                spec.vsock_fd = os.open("/dev/vhost-vsock", os.O_RDWR | os.O_CLOEXEC)
+            except OSError as e:
+                raise VMError(f"cannot open /dev/vhost-vsock: {e.strerror} "
+                              "(modprobe vhost_vsock, or transport: serial)") from None
+            passed.append(spec.vsock_fd)
+            extra_fds.append(spec.vsock_fd)
+        machine = Machine(self.config.qemu, spec, self.console_log, self.log_dir / "qemu.log",
+                          creds)
         self.machine = machine
         self._stack.push_async_callback(machine.shutdown)
         try:
             await machine.launch(extra_fds)
         finally:
+            close_passed()
             if serial_ours is not None:
                 serial_theirs.close()
             if self.network is not None:
                 self.network.close_fds()  # QEMU holds the taps now
-        vfs.forget_socket()
         self.timings.launched = time.monotonic()
 
         deadline = asyncio.get_running_loop().time() + self.config.boot_timeout

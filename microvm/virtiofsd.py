@@ -36,18 +36,22 @@ class Virtiofsd:
             "-o", f"log_level={'debug' if self.debug else 'warn'}",
         ]
 
-    def start(self) -> None:
-        """Bind the socket ourselves, then hand the listener to virtiofsd.
-
-        QEMU can connect the moment we return: the backlog holds the
-        connection until virtiofsd accepts it.
+    def start(self) -> socket.socket:
+        """Bind the socket ourselves, hand the listener to virtiofsd, and
+        connect the one client there will ever be: QEMU's end, returned
+        for the owner to pass on (QEMU opens nothing by path).  The backlog
+        holds the connection until virtiofsd accepts it; the path goes at
+        once, so nobody else can connect.
         """
         if not os.access(self.binary, os.X_OK):
             raise VMError(f"virtiofsd not found at {self.binary} (apt-get install qemu-system-x86)")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             listener.bind(str(self.socket_path))
             listener.listen(1)
+            client.connect(str(self.socket_path))
+            self.socket_path.unlink()
             out = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
                           0o600)
             try:
@@ -56,15 +60,13 @@ class Virtiofsd:
             finally:
                 os.close(out)
         except OSError as e:
+            client.close()
+            self.socket_path.unlink(missing_ok=True)
             raise VMError(f"cannot start virtiofsd: {e}") from None
         finally:
             listener.close()
-
-    def forget_socket(self) -> None:
-        """Once QEMU is connected nobody else may: remove the path."""
-        self.socket_path.unlink(missing_ok=True)
+        return client
 
     async def stop(self) -> None:
         if self.proc is not None:
             await helpers.stop(self.proc, "virtiofsd")
-        self.forget_socket()

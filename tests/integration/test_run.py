@@ -192,6 +192,49 @@ def test_sigkill_of_the_cli_leaves_nothing(microvm: Microvm) -> None:
     assert_no_leaks(timeout=10)
 
 
+def _qemu_status(microvm: Microvm) -> tuple[int, dict[str, str]]:
+    """Run a container; QEMU's pid and /proc status while it runs."""
+    p = microvm.popen("run", "--rm", "busybox", "--", "sh", "-c", "echo up; sleep 1000",
+                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert p.stdout is not None and p.stdout.readline() == b"up\n"
+        (qemu,) = [int(line.split()[0]) for line in helper_processes() if "qemu-system" in line]
+        with open(f"/proc/{qemu}/status") as f:
+            status = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+    finally:
+        p.kill()
+        p.wait()
+    assert_no_leaks(timeout=10)  # a change of user clears the parent-death signal: set after
+    return qemu, status
+
+
+@pytest.mark.parametrize("user", ["dynamic", "nobody"])
+def test_qemu_runs_unprivileged(microvm: Microvm, tmp_path: Path, artifacts: Path,
+                                user: str) -> None:
+    """dynamic (the default): a uid and gid of its own, 0x7F000000 + its pid;
+    no capabilities, no groups; it still dies with a SIGKILLed owner."""
+    cfg = write_config(tmp_path / "c.yaml", artifacts, qemu_user=user)
+    qemu, status = _qemu_status(Microvm(microvm.log_dir, cfg))
+    uid = 0x7F000000 + qemu if user == "dynamic" else 65534
+    gid = 0x7F000000 + qemu if user == "dynamic" else 65534
+    assert status["Uid"].split() == [str(uid)] * 4
+    assert status["Gid"].split() == [str(gid)] * 4
+    assert status["Groups"].strip() == ""
+    assert int(status["CapEff"], 16) == int(status["CapPrm"], 16) == 0
+
+
+def test_qemu_user_root_and_an_unknown_user(microvm: Microvm, tmp_path: Path,
+                                            artifacts: Path) -> None:
+    cfg = write_config(tmp_path / "root.yaml", artifacts, qemu_user="root")
+    _, status = _qemu_status(Microvm(microvm.log_dir, cfg))
+    assert status["Uid"].split() == ["0"] * 4
+    cfg = write_config(tmp_path / "bad.yaml", artifacts, qemu_user="no-such-user-kp")
+    r = Microvm(microvm.log_dir, cfg).run("run", "--rm", "busybox", "true")
+    assert r.returncode == 125 and len(r.error_lines) == 1, r.stderr
+    assert "qemu_user 'no-such-user-kp': no such user" in r.error_lines[0]
+    assert_no_leaks()
+
+
 # -- bad input: one line, docker's exit code, nothing left behind ----------------
 
 

@@ -110,10 +110,11 @@ def test_serial_transport() -> None:
 
 
 def test_vsock_transport() -> None:
-    argv = command_line(QEMU, spec(transport="vsock", vsock_cid=1234))
+    argv = command_line(QEMU, spec(transport="vsock", vsock_cid=1234, vsock_fd=11))
     assert "kata_py.transport=vsock" in kernel_params(argv)
     (dev,) = devices(argv, "vhost-vsock-device")
-    assert dev["guest-cid"] == "1234"
+    # The owner opened /dev/vhost-vsock: QEMU, not root, opens no device.
+    assert dev == {"guest-cid": "1234", "vhostfd": "11"}
     assert devices(argv, "virtserialport") == []
     assert devices(argv, "virtio-serial-device") == []
     assert "agent" not in chardevs(argv)
@@ -184,14 +185,14 @@ def test_kvm_gets_no_tcg_workarounds() -> None:
 
 
 def test_virtiofs_only_with_socket() -> None:
-    argv = command_line(QEMU, spec(virtiofs_socket="/run/kata-py/vm/x/vfs.sock"))
+    argv = command_line(QEMU, spec(virtiofs_fd=12))
     (fs,) = devices(argv, "vhost-user-fs-device")
     assert fs["tag"] == SHARED_FS_TAG == "kata-py-shared"
     backend, o = chardevs(argv)[fs["chardev"]]
     assert backend == "socket"
-    assert o["path"] == "/run/kata-py/vm/x/vfs.sock"
+    assert o == {"id": "vfs", "fd": "12"}  # connected by the owner: no path
 
-    argv = command_line(QEMU, spec(virtiofs_socket=None))
+    argv = command_line(QEMU, spec())
     assert devices(argv, "vhost-user-fs-device") == []
     assert all("path" not in o for _, o in chardevs(argv).values())
 
@@ -249,8 +250,8 @@ def test_console_on_stdio() -> None:
 
 
 @pytest.mark.parametrize("kw", [
-    {"transport": "serial", "serial_fd": 3, "qmp_fd": 4, "virtiofs_socket": "/s"},
-    {"transport": "vsock", "vsock_cid": 3, "qmp_fd": 4, "virtiofs_socket": "/s",
+    {"transport": "serial", "serial_fd": 3, "qmp_fd": 4, "virtiofs_fd": 5},
+    {"transport": "vsock", "vsock_cid": 3, "qmp_fd": 4, "virtiofs_fd": 5,
      "image": "/r.ext4"},
 ])
 def test_every_chardev_reference_resolves(kw: dict[str, Any]) -> None:
@@ -275,11 +276,8 @@ def qemu_opts(value: str) -> list[str]:
 
 
 def test_comma_in_paths_is_escaped() -> None:
-    argv = command_line(QEMU, spec(image="/g/guest,v2.ext4", virtiofs_socket="/run/a,b/vfs.sock"))
+    argv = command_line(QEMU, spec(image="/g/guest,v2.ext4"))
     assert "file=/g/guest,v2.ext4" in qemu_opts(one(argv, "-drive"))
-    vfs = [v for v in values(argv, "-chardev") if "id=vfs" in qemu_opts(v)]
-    assert len(vfs) == 1
-    assert "path=/run/a,b/vfs.sock" in qemu_opts(vfs[0])
 
 
 def test_nics_on_open_taps() -> None:
