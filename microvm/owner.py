@@ -11,13 +11,16 @@ import os
 
 
 def start_time(pid: int) -> str:
-    """A process's start time (clock ticks since boot); "" if it is gone."""
+    """A process's start time (clock ticks since boot); "" if it is gone,
+    or dead and waiting to be reaped (a SIGKILLed shim's parent may not
+    have got to it yet)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             stat = f.read()
     except OSError:
         return ""
-    return stat[stat.rindex(")") + 2:].split()[19]
+    fields = stat[stat.rindex(")") + 2:].split()
+    return "" if fields[0] in ("Z", "X") else fields[19]
 
 
 def me() -> tuple[int, str]:

@@ -457,6 +457,9 @@ def test_sigkill_of_a_networked_shim_then_delete_cleans_the_namespace(
     assert "tap0_kata" not in links(ns)
     ctd.ctr("task", "delete", "t-netkill")
     assert ctd.ctr("container", "rm", "t-netkill").returncode == 0
+    # The dead shim's claim on the namespace went with containerd's delete.
+    claims = Path("/run/kata-py/netclaims")
+    assert not list(claims.iterdir()) if claims.exists() else True
 
 
 def test_spec_bind_mounts_reach_the_guest(ctd: Containerd, tmp_path: Path) -> None:
