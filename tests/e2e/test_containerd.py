@@ -301,7 +301,9 @@ def _wait_status(ctd: Containerd, cid: str, status: str) -> None:
 
 def test_pause_resume_metrics_update(ctd: Containerd) -> None:
     # Renamed into place: a reader never sees the file truncated, half-written.
-    counter = "i=0; while :; do i=$((i+1)); echo $i > /tmp/m; mv /tmp/m /tmp/n; sleep 0.1; done"
+    # The long sleep keeps two processes alive whenever pids.current is read.
+    counter = ("sleep 1000 & i=0; while :; do i=$((i+1)); echo $i > /tmp/m; mv /tmp/m /tmp/n; "
+               "sleep 0.1; done")
     assert run(ctd, "t-pause", "sh", "-c", counter, flags=("-d",)).returncode == 0
     try:
         time.sleep(1)
@@ -322,7 +324,7 @@ def test_pause_resume_metrics_update(ctd: Containerd) -> None:
         m = ctd.ctr("task", "metrics", "t-pause", check=True).stdout
         values = dict(line.split()[:2] for line in m.splitlines() if line.startswith(
             ("pids.", "cpu.", "memory.")))
-        assert int(values["pids.current"]) >= 2      # sh and its sleep
+        assert int(values["pids.current"]) >= 2      # sh and its long sleep
         assert int(values["cpu.usage_usec"]) > 0
         assert int(values["memory.usage"]) > 0
 
