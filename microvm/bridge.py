@@ -280,6 +280,7 @@ def attach(cfg: BridgeConfig, owner_name: str) -> Attachment:
             ipr.route("add", dst="0.0.0.0/0", gateway=cfg.gateway, oif=eth0)
 
         netlink.run(inside, att.netns_path)
+        log.debug("%s: %s on %s", owner_name, ip, cfg.name)
         return att
     except BaseException as e:
         if fd >= 0:

@@ -41,11 +41,8 @@ class Context:
 
 
 def setup_logging(debug: bool) -> None:
-    logging.basicConfig(stream=sys.stderr, format="microvm: %(levelname)s: %(message)s",
-                        level=logging.DEBUG if debug else logging.WARNING)
-    if not debug:
-        # qemu.qmp logs every lost connection at ERROR; our own errors say enough.
-        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+    from . import logs
+    logs.setup("microvm:", debug)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -209,7 +209,9 @@ class Sandbox:
             raise VMError(f"guest agent speaks protocol {self.details.protocol_version}, "
                           f"this host {PROTOCOL_VERSION}: rebuild the guest image")
         if self.network is not None and self.network.interfaces:
+            t0 = time.monotonic()
             await self._race(self._configure_network(self.network), deadline)
+            log.debug("guest network configured in %.3fs", time.monotonic() - t0)
         if self.proxy is not None and self.bridge is not None:
             await self.proxy.start(self.bridge.ip)
         self.timings.ready = time.monotonic()

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from google.protobuf import any_pb2
 
-from . import hostcgroup, linux, mountns, oci
+from . import hostcgroup, linux, logs, mountns, oci
 from .events import Publisher, timestamp
 from .protocol import task_pb2, ttrpc
 
@@ -253,8 +253,7 @@ def _serve_main(args: Args) -> int:
         os.set_blocking(fd, True)
         os.dup2(fd, 2)
         os.close(fd)
-    logging.basicConfig(stream=sys.stderr, format="kata-py shim %(levelname)s: %(message)s",
-                        level=logging.DEBUG if args.debug else logging.WARNING)
+    logs.setup("kata-py shim", args.debug)
     asyncio.run(serve(args))
     return 0
 

@@ -127,3 +127,19 @@ def test_two_vcpus_get_a_multi_queue_tap(microvm: Microvm, pod: Pod) -> None:
                     f"ping -c 1 -W 5 {pod.gateway} >/dev/null && echo ok")
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["rx-0", "rx-1", "tx-0", "tx-1", "ok"]
+
+
+def test_debug_log_is_ours_not_the_libraries(microvm: Microvm, pod: Pod) -> None:
+    """--debug shows the steps (plumbing, QEMU's command, the guest's network),
+    not pyroute2's or qemu.qmp's per-message chatter; without it, nothing."""
+    r = microvm.run("--debug", "run", "--rm", "--network", f"ns:{pod.netns}", "busybox", "true")
+    assert r.returncode == 0, r.stderr
+    lines = r.error_lines
+    for step in ("starting /usr/lib/qemu/virtiofsd", f"plumbed {pod.netns}",
+                 "starting qemu-system", "guest network configured in", "ready in"):
+        assert any(step in line for line in lines), (step, r.stderr)
+    assert not [line for line in lines if "SOCK_DGRAM" in line or "await data" in line
+                or "Runstate" in line], r.stderr
+    assert len(lines) < 20, r.stderr
+    quiet = microvm.run("run", "--rm", "--network", f"ns:{pod.netns}", "busybox", "true")
+    assert quiet.returncode == 0 and quiet.error_lines == [], quiet.stderr
