@@ -218,6 +218,16 @@ def build(key: str, debs: list[str], quiet: bool) -> Path:
     return out
 
 
+def prune_cache(current: str, keep: int = 3) -> None:
+    """Old builds go: all but the newest few (the current one among them, so
+    checkouts of other revisions do not rebuild at every switch)."""
+    entries = [d for d in (CACHE / "guest").iterdir()
+               if len(d.name) == 16 and (d / "initrd.cpio").exists()]
+    entries.sort(key=lambda d: (d.name == current, d.stat().st_mtime), reverse=True)
+    for old in entries[keep:]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def install(out: Path) -> None:
     dest = LIB / "guest"
     dest.mkdir(parents=True, exist_ok=True)
@@ -238,7 +248,9 @@ def main() -> None:
     key = cache_key(debs)
     cached = (CACHE / "guest" / key / "initrd.cpio").exists()
     out = build(key, debs, args.quiet)
+    out.touch()  # the newest used, for prune_cache
     install(out)
+    prune_cache(key)
     if args.print_path:
         print(out)
     elif cached and not args.quiet:

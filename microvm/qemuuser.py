@@ -17,7 +17,6 @@ all (QEMU's own -runas would drop them only after initialisation).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pwd
 from dataclasses import dataclass
@@ -42,14 +41,29 @@ class Credentials:
         os.setresuid(uid, uid, uid)
 
 
+def _kvm_group(dev: str = "/dev/kvm") -> tuple[int, ...]:
+    """The group that may open /dev/kvm; never root's (that would hand QEMU
+    every root-group file)."""
+    try:
+        st = os.stat(dev)
+    except OSError:
+        return ()  # QEMU then says what it cannot open
+    if st.st_mode & 0o006 == 0o006:
+        return ()  # open to everyone
+    if st.st_gid != 0 and st.st_mode & 0o060 == 0o060:
+        return (st.st_gid,)
+    raise ConfigError(f"{dev} (mode {st.st_mode & 0o777:o}, group {st.st_gid}) cannot be "
+                      "opened by an unprivileged QEMU: give it a kvm group with rw "
+                      "(udev does on most distributions), or set qemu_user: root")
+
+
 def resolve(setting: str, accel: str) -> Credentials | None:
     """The config's qemu_user; None for root."""
     if setting == "root":
         return None
     groups: tuple[int, ...] = ()
     if accel == "kvm":
-        with contextlib.suppress(OSError):  # QEMU then says what it cannot open
-            groups = (os.stat("/dev/kvm").st_gid,)
+        groups = _kvm_group()
     if setting == "dynamic":
         return Credentials(-1, -1, groups)
     try:

@@ -25,7 +25,7 @@ import pytest
 from microvm.ociarchive import oci_archive
 from microvm.privatecontainerd import Containerd
 from microvm.protocol import task_pb2, ttrpc
-from tests.conftest import helper_processes, pty_expect, pty_winsize
+from tests.conftest import helper_processes, network_leftovers, pty_expect, pty_winsize
 from tests.netns import CNI_BIN, Pod, cni_pod, links, namespace, qdiscs
 
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(shutil.which("containerd") is None,
@@ -67,6 +67,7 @@ def ctd(containerd: Containerd) -> Iterator[Containerd]:
     while True:
         left = [f"process: {p}" for p in helper_processes() + shim_processes()]
         left += [f"socket: {s}" for s in shim_sockets() - before]
+        left += network_leftovers()
         if not left or time.monotonic() > deadline:
             break
         time.sleep(0.2)

@@ -22,7 +22,7 @@ import pytest
 
 from microvm import cristack, hostcgroup
 from microvm.cristack import CGROUP_PARENT, Cri
-from tests.conftest import helper_processes
+from tests.conftest import helper_processes, network_leftovers
 from tests.netns import CNI_BIN, fetch, links, namespace
 
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(
@@ -48,7 +48,7 @@ def _pods_removed(cri: Cri) -> Iterator[None]:
 def _nothing_left(cri: Cri) -> None:
     deadline = time.monotonic() + 20
     while True:
-        left = helper_processes()
+        left = helper_processes() + network_leftovers()
         left += [f"netns: {n}" for n in os.listdir("/var/run/netns") if n.startswith("cni-")]
         left += [f"pod veth: {n}" for n in links(cri.node) if n.startswith("veth")]
         left += [f"cgroup: {d}" for h in hostcgroup.hierarchies()
