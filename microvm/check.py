@@ -10,7 +10,9 @@ from pathlib import Path
 import click
 
 from . import accel as accel_mod
+from . import qemuuser
 from .config import Config
+from .errors import KataError
 from .sandbox import vhost_vsock_usable
 
 
@@ -46,6 +48,19 @@ def run_checks(cfg: Config) -> int:
               "TCG works but is slow; use a host with kvm_intel or kvm_amd for speed")
     ok, why = accel_mod.probe_kvm()
     _line(ok or None, "/dev/kvm", why, "load kvm_intel or kvm_amd, or run with TCG")
+
+    if choice:
+        try:
+            creds = qemuuser.resolve(cfg.qemu_user, choice.accel)
+        except KataError as e:
+            fatal = True
+            _line(False, "qemu user", str(e), "see qemu_user in docs/config.md")
+        else:
+            _line(True if creds else None, "qemu user",
+                  "root" if creds is None else
+                  "a uid of its own per VM, no capabilities" if creds.uid < 0 else
+                  f"uid {creds.uid}, shared by every VM",
+                  "qemu_user: dynamic (the default) keeps QEMU off root")
 
     vsock = vhost_vsock_usable()
     _line(True if vsock else None, "vhost-vsock",

@@ -321,6 +321,17 @@ def test_check_reports_what_runs_here(microvm: Microvm) -> None:
     if Path("/sys/module/kvm_pvm").exists() and not Path("/sys/module/kvm_intel").exists():
         assert "tcg" in r.stdout and "kvm_pvm" in r.stdout
     assert "ok   busybox" in r.stdout and "ok   iptables" in r.stdout
+    assert "ok   qemu user      a uid of its own per VM, no capabilities" in r.stdout
+
+
+def test_check_judges_the_qemu_user(microvm: Microvm, tmp_path: Path, artifacts: Path) -> None:
+    for user, code, line in (("root", 0, "warn qemu user      root"),
+                             ("no-such-user-kp", 1, "FAIL qemu user      qemu_user "
+                                                    "'no-such-user-kp': no such user")):
+        cfg = write_config(tmp_path / f"{user}.yaml", artifacts, qemu_user=user)
+        r = subprocess.run(microvm.argv()[:1] + ["--config", str(cfg), "check"],
+                           capture_output=True, text=True)
+        assert r.returncode == code and line in r.stdout, r.stdout
 
 
 def test_check_warns_without_busybox(microvm: Microvm, tmp_path: Path, artifacts: Path) -> None:
