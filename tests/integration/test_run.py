@@ -223,6 +223,32 @@ def test_qemu_runs_unprivileged(microvm: Microvm, tmp_path: Path, artifacts: Pat
     assert int(status["CapEff"], 16) == int(status["CapPrm"], 16) == 0
 
 
+def _pss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("Pss:")) / 1024
+
+
+def test_freed_guest_memory_goes_back_to_the_host(microvm: Microvm) -> None:
+    """Free page reporting: 64 MiB a container touched and freed leaves QEMU
+    within seconds (without it, QEMU would keep all 64 MiB)."""
+    p = microvm.popen("run", "--rm", "busybox", "--", "sh", "-c",
+                      "echo up; sleep 2; dd if=/dev/zero of=/dev/null bs=64M count=1 2>/dev/null;"
+                      " echo freed; sleep 1000", stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        assert p.stdout is not None and p.stdout.readline() == b"up\n"
+        (qemu,) = [int(line.split()[0]) for line in helper_processes() if "qemu-system" in line]
+        before = _pss_mib(qemu)
+        assert p.stdout.readline() == b"freed\n"
+        deadline = time.monotonic() + 15
+        while (grown := _pss_mib(qemu) - before) > 24 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert grown <= 24, f"QEMU kept {grown:.1f} MiB of the 64 MiB the guest freed"
+    finally:
+        p.kill()
+        p.wait()
+    assert_no_leaks(timeout=10)
+
+
 def test_qemu_user_root_and_an_unknown_user(microvm: Microvm, tmp_path: Path,
                                             artifacts: Path) -> None:
     cfg = write_config(tmp_path / "root.yaml", artifacts, qemu_user="root")

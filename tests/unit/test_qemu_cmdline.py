@@ -295,3 +295,10 @@ def test_nics_on_open_taps() -> None:
 def test_no_nics_no_netdev() -> None:
     argv = command_line(QEMU, spec())
     assert values(argv, "-netdev") == [] and devices(argv, "virtio-net-device") == []
+
+
+def test_free_page_reporting() -> None:
+    assert devices(command_line(QEMU, spec()), "virtio-balloon-device") == [
+        {"free-page-reporting": "on"}]
+    assert devices(command_line(QEMU, spec(free_page_reporting=False)),
+                   "virtio-balloon-device") == []
