@@ -95,6 +95,7 @@ class Image:
     layers: list[str]          # diff ids, bottom first
     size: int
     created: str
+    config_digest: str         # the config blob's, as the manifest names it
 
     @property
     def id(self) -> str:
@@ -209,10 +210,9 @@ def _save(ref: Reference, manifest_digest: str, manifest: dict[str, Any],
         _unpack_layer(_blob(_digest(desc.get("digest"))), _digest(diff))
     img = Image(ref.name, manifest_digest, config, list(diff_ids),
                 sum(int(d.get("size", 0)) for d in layers),
-                str(config.get("created", "")))
+                str(config.get("created", "")), manifest["config"]["digest"])
     record = {"ref": img.ref, "manifest": img.manifest, "layers": img.layers,
-              "size": img.size, "created": img.created,
-              "config": manifest["config"]["digest"]}
+              "size": img.size, "created": img.created, "config": img.config_digest}
     tmp = _ref_file(img.ref).with_suffix(".tmp")
     tmp.write_text(json.dumps(record))
     tmp.rename(_ref_file(img.ref))
@@ -227,7 +227,7 @@ def get(ref: str) -> Image | None:
         return None
     config = json.loads(_blob(record["config"]).read_bytes())
     return Image(record["ref"], record["manifest"], config, record["layers"], record["size"],
-                 record["created"])
+                 record["created"], record["config"])
 
 
 def list_images() -> list[Image]:
@@ -272,10 +272,9 @@ def _collect() -> None:
     used_blobs: set[str] = set()
     for img in list_images():
         used_layers |= {d.removeprefix("sha256:") for d in img.layers}
-        record = json.loads(_ref_file(img.ref).read_text())
-        used_blobs |= {record["manifest"].removeprefix("sha256:"),
-                       record["config"].removeprefix("sha256:")}
-        manifest = json.loads(_blob(record["manifest"]).read_bytes())
+        used_blobs |= {img.manifest.removeprefix("sha256:"),
+                       img.config_digest.removeprefix("sha256:")}
+        manifest = json.loads(_blob(img.manifest).read_bytes())
         used_blobs |= {d["digest"].removeprefix("sha256:") for d in manifest["layers"]}
     for d in (store_root() / "layers").iterdir():
         if d.name not in used_layers:

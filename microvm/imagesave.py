@@ -35,8 +35,8 @@ def familiar_name(ref: images.Reference) -> str:
     return f"{repo}@{ref.digest}" if ref.digest else f"{repo}:{ref.tag}"
 
 
-def _record(img: images.Image) -> dict[str, Any]:
-    return images._read_json(images._ref_file(img.ref), f"{img.ref}: store record")
+def _lost(digest: str) -> KataError:
+    return KataError(f"the store has lost blob {digest}; pull the image again")
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -45,19 +45,24 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _add_blob(tar: tarfile.TarFile, digest: str, written: set[str]) -> str:
+def _add_blob(tar: tarfile.TarFile, digest: str, written: set[str],
+              data: bytes | None = None) -> str:
+    """The stored blob, once per archive; data: its bytes, if read already."""
     name = "blobs/sha256/" + images._digest(digest)[7:]
-    if name not in written:
-        path = images._blob(digest)
+    if name in written:
+        return name
+    if data is not None:
+        _add_bytes(tar, name, data)
+    else:
         info = tarfile.TarInfo(name)
         info.mode = 0o644
         try:
-            info.size = path.stat().st_size
-            with open(path, "rb") as f:
+            with open(images._blob(digest), "rb") as f:
+                info.size = os.fstat(f.fileno()).st_size
                 tar.addfile(info, f)
         except FileNotFoundError:
-            raise KataError(f"the store has lost blob {digest}; pull the image again") from None
-        written.add(name)
+            raise _lost(digest) from None
+    written.add(name)
     return name
 
 
@@ -75,11 +80,13 @@ def write(refs: list[str], out: IO[bytes]) -> list[images.Image]:
             index: list[dict[str, Any]] = []
             docker: dict[str, dict[str, Any]] = {}
             for img in chosen:
-                record = _record(img)
-                manifest_path = _add_blob(tar, record["manifest"], written)
-                manifest_bytes = images._blob(record["manifest"]).read_bytes()
+                try:
+                    manifest_bytes = images._blob(img.manifest).read_bytes()
+                except FileNotFoundError:
+                    raise _lost(img.manifest) from None
+                manifest_path = _add_blob(tar, img.manifest, written, manifest_bytes)
                 manifest = json.loads(manifest_bytes)
-                config = _add_blob(tar, record["config"], written)
+                config = _add_blob(tar, img.config_digest, written)
                 layers = [_add_blob(tar, d["digest"], written) for d in manifest["layers"]]
                 ref = images.parse_reference(img.ref)
                 annotations = {"io.containerd.image.name": img.ref}

@@ -126,10 +126,10 @@ def load_bundle(bundle: Path) -> Spec:
         volumes = from_oci(_get(data, "mounts", list, "", []))
     except ValueError as e:
         raise ttrpc.InvalidArgument(f"OCI spec: {e}") from None
+    namespaces = _get(linux_, "namespaces", list, "linux.", [])
     return Spec(
         volumes=volumes, cgroups_path=_get(linux_, "cgroupsPath", str, "linux.", ""),
-        netns=network_namespace(_get(linux_, "namespaces", list, "linux.", [])),
-        joined_namespaces=joined_namespaces(_get(linux_, "namespaces", list, "linux.", [])),
+        netns=network_namespace(namespaces), joined_namespaces=joined_namespaces(namespaces),
         process=process(data.get("process")), hostname=_get(data, "hostname", str, "", ""),
         root_path=_get(root, "path", str, "root.", "rootfs"),
         root_readonly=_get(root, "readonly", bool, "root.", False),
