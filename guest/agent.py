@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from guest import cgroups, container, network
-from microvm import linux
+from microvm import capabilities, linux
 from microvm.protocol import AGENT_SERVICE, PROTOCOL_VERSION, agent_pb2, ttrpc
 
 log = logging.getLogger("agent")
@@ -170,7 +170,16 @@ def _spec(p: agent_pb2.Process) -> container.ProcessSpec:
         args=list(p.args), env=list(p.env), cwd=p.cwd or "/", uid=p.user.uid, gid=p.user.gid,
         additional_gids=list(p.user.additional_gids), terminal=p.terminal, rows=p.rows,
         cols=p.cols, rlimits=[(r.type, r.hard, r.soft) for r in p.rlimits],
-        no_new_privileges=p.no_new_privileges)
+        no_new_privileges=p.no_new_privileges, seccomp=p.seccomp,
+        capabilities=_capabilities(p.capabilities) if p.HasField("capabilities") else None)
+
+
+def _capabilities(caps: agent_pb2.Capabilities) -> dict[str, int]:
+    try:
+        return {name: capabilities.mask(list(getattr(caps, name)))
+                for name in ("bounding", "effective", "inheritable", "permitted", "ambient")}
+    except ValueError as e:
+        raise ttrpc.InvalidArgument(str(e)) from None
 
 
 def _mounts(mounts: list[agent_pb2.Mount]) -> list[container.MountSpec]:
@@ -189,6 +198,12 @@ def _mounts(mounts: list[agent_pb2.Mount]) -> list[container.MountSpec]:
         out.append(container.MountSpec(m.destination, m.type, source, m.readonly,
                                        ",".join(m.options)))
     return out
+
+
+def _absolute(paths: list[str]) -> list[str]:
+    if not all(p.startswith("/") for p in paths):
+        raise ttrpc.InvalidArgument("masked and read-only paths must be absolute")
+    return list(paths)
 
 
 def _check_id(kind: str, value: str) -> None:
@@ -399,7 +414,9 @@ class Agent:
             proc = await self._spawn(req.container_id, "", req.process,
                                      container.run_container_init, cgroup,
                                      req.rootfs.shared_path, req.rootfs.readonly, req.hostname,
-                                     _mounts(req.mounts), share_pid, shared)
+                                     _mounts(req.mounts), share_pid, shared,
+                                     _absolute(req.masked_paths),
+                                     _absolute(req.readonly_paths))
         except BaseException:
             await cgroups.remove(req.container_id)
             raise

@@ -43,7 +43,8 @@ PACKAGES = [
 ]
 # The agent's own code, as the guest sees it under /opt/kata-py.
 AGENT_FILES = [
-    "microvm/__init__.py", "microvm/linux.py", "microvm/protocol/__init__.py",
+    "microvm/__init__.py", "microvm/linux.py", "microvm/capabilities.py",
+    "microvm/protocol/__init__.py",
     "microvm/protocol/ttrpc.py", "microvm/protocol/ttrpc_pb2.py",
     "microvm/protocol/agent_pb2.py", "guest/__init__.py", "guest/init.py",
     "guest/agent.py", "guest/container.py", "guest/cgroups.py", "guest/network.py",

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from guest import cgroups
-from microvm import linux
+from microvm import capabilities, linux
 from microvm.protocol import GUEST_SHARED_ROOT
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -48,6 +48,9 @@ class ProcessSpec:
     cols: int = 0
     rlimits: list[tuple[str, int, int]] = field(default_factory=list)
     no_new_privileges: bool = False
+    # Bit masks by set ("bounding", "effective", ...); None keeps them all.
+    capabilities: dict[str, int] | None = None
+    seccomp: bytes = b""     # a BPF program; b"": none
 
 
 @dataclass
@@ -160,8 +163,33 @@ def mount_volumes(root: str, mounts: list[MountSpec]) -> None:
             raise ChildError(ERR_OTHER, f"mount {m.destination}: {e.strerror}") from None
 
 
+def mask_paths(masked: list[str], readonly: list[str]) -> None:
+    """OCI maskedPaths and readonlyPaths, as runc applies them: inside the
+    container's root, so a symlink cannot send them elsewhere."""
+    for path in readonly:
+        try:
+            linux.mount(path, path, None, linux.MS_BIND | linux.MS_REC)
+            linux.mount(None, path, None, linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY
+                        | linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise ChildError(ERR_OTHER, f"read-only path {path}: {e.strerror}") from None
+    for path in masked:
+        try:
+            if os.path.isdir(path):
+                linux.mount("tmpfs", path, "tmpfs", linux.MS_RDONLY, "size=0")
+            else:
+                linux.mount("/dev/null", path, None, linux.MS_BIND)
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise ChildError(ERR_OTHER, f"masked path {path}: {e.strerror}") from None
+
+
 def setup_rootfs(shared_path: str, readonly: bool, hostname: str,
-                 mounts: list[MountSpec] | None = None) -> None:
+                 mounts: list[MountSpec] | None = None, masked: list[str] | None = None,
+                 readonly_paths: list[str] | None = None) -> None:
     """Make the container's root: called in a fresh mount/uts/ipc namespace."""
     # Nothing done here may propagate back into the guest's own namespace.
     linux.mount(None, "/", None, linux.MS_REC | linux.MS_SLAVE)
@@ -206,6 +234,7 @@ def setup_rootfs(shared_path: str, readonly: bool, hostname: str,
     linux.pivot_root(".", ".")
     linux.umount(".", linux.MNT_DETACH)
     os.chdir("/")
+    mask_paths(masked or [], readonly_paths or [])
 
 
 def _env_path(env: list[str]) -> str:
@@ -271,16 +300,42 @@ def _setup_stdio(spec: ProcessSpec, stdio: Stdio, sock: socket.socket) -> None:
 
 
 def _setup_credentials(spec: ProcessSpec) -> None:
+    """runc's order: rlimits, the bounding set, the user (keeping the
+    capabilities across setuid), then the other sets and no_new_privs."""
     for name, hard, soft in spec.rlimits:
         res = getattr(resource, name, None)
         if res is None:
             raise ChildError(ERR_OTHER, f"unknown rlimit {name}")
         resource.setrlimit(res, (soft, hard))
+    caps = spec.capabilities
+    if caps is not None:
+        for n in capabilities.NUMBERS.values():
+            if not caps["bounding"] >> n & 1:
+                linux.prctl(linux.PR_CAPBSET_DROP, n)  # needs CAP_SETPCAP: still ours
+        linux.prctl(linux.PR_SET_KEEPCAPS, 1)
+    if spec.seccomp and not spec.no_new_privileges:
+        # Without no_new_privs, loading a filter takes CAP_SYS_ADMIN: now,
+        # before it may be dropped (runc does the same).
+        _load_seccomp(spec.seccomp)
     os.setgroups(spec.additional_gids)
     os.setgid(spec.gid)
     os.setuid(spec.uid)
+    if caps is not None:
+        linux.prctl(linux.PR_SET_KEEPCAPS, 0)
+        linux.capset(caps["effective"], caps["permitted"], caps["inheritable"])
+        linux.prctl(linux.PR_CAP_AMBIENT, linux.PR_CAP_AMBIENT_CLEAR_ALL)
+        for n in capabilities.NUMBERS.values():
+            if caps["ambient"] >> n & 1:
+                linux.prctl2(linux.PR_CAP_AMBIENT, linux.PR_CAP_AMBIENT_RAISE, n)
     if spec.no_new_privileges:
         linux.prctl(linux.PR_SET_NO_NEW_PRIVS, 1)
+
+
+def _load_seccomp(program: bytes) -> None:
+    try:
+        linux.seccomp_filter(program)
+    except OSError as e:
+        raise ChildError(ERR_OTHER, f"cannot load the seccomp profile: {e.strerror}") from None
 
 
 def prepare_process(spec: ProcessSpec, stdio: Stdio, sock: socket.socket) -> str:
@@ -301,6 +356,10 @@ def prepare_process(spec: ProcessSpec, stdio: Stdio, sock: socket.socket) -> str
 
 def exec_process(path: str, spec: ProcessSpec, sock: socket.socket) -> None:
     _reset_signals()
+    if spec.seccomp and spec.no_new_privileges:
+        # As late as can be: the filter then governs as little of our own
+        # Python as possible (runc loads it right before execve too).
+        _load_seccomp(spec.seccomp)
     try:
         os.execve(path, spec.args, dict(kv.split("=", 1) for kv in spec.env if "=" in kv))
     except OSError as e:
@@ -347,7 +406,8 @@ NAMESPACE_FLAGS = {"ipc": linux.CLONE_NEWIPC, "uts": linux.CLONE_NEWUTS,
 def run_container_init(sock: socket.socket, spec: ProcessSpec, stdio: Stdio, cgroup: str,
                        shared_path: str, readonly: bool, hostname: str,
                        mounts: list[MountSpec], share_pid: int = 0,
-                       shared: tuple[str, ...] = ()) -> int:
+                       shared: tuple[str, ...] = (), masked: list[str] | None = None,
+                       readonly_paths: list[str] | None = None) -> int:
     """New namespaces and root; the container's pid 1 waits for StartContainer.
 
     shared: namespaces joined from process share_pid (a pod's pause) instead.
@@ -366,7 +426,8 @@ def run_container_init(sock: socket.socket, spec: ProcessSpec, stdio: Stdio, cgr
 
     def child() -> None:
         # The pod's hostname is the pause container's, set when it was made.
-        setup_rootfs(shared_path, readonly, "" if "uts" in shared else hostname, mounts)
+        setup_rootfs(shared_path, readonly, "" if "uts" in shared else hostname, mounts,
+                     masked, readonly_paths)
         path = prepare_process(spec, stdio, sock)
         send(sock, {"ready": True})
         if sock.recv(16) != b"start":

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import linux
+from . import capabilities, linux, seccomp
 from .protocol import agent_pb2, ttrpc
 from .volumes import Volume, from_oci
 
@@ -64,6 +64,11 @@ class Spec:
     # linux.cgroupsPath: for the pod's first container, the host cgroup the
     # shim (and so QEMU and virtiofsd) joins.
     cgroups_path: str = ""
+    # linux.maskedPaths, linux.readonlyPaths: applied in the guest, as runc does.
+    masked_paths: list[str] = field(default_factory=list)
+    readonly_paths: list[str] = field(default_factory=list)
+    # linux.seccomp as BPF: the container's processes and every exec load it.
+    seccomp: bytes = b""
 
 
 def _get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str,
@@ -97,7 +102,7 @@ def process(obj: Any, where: str = "process.") -> agent_pb2.Process:
         rlimits.append(agent_pb2.Rlimit(type=_get(r, "type", str, "rlimit "),
                                         hard=_get(r, "hard", int, "rlimit ", 0),
                                         soft=_get(r, "soft", int, "rlimit ", 0)))
-    return agent_pb2.Process(
+    proc = agent_pb2.Process(
         args=args, env=_strings(obj.get("env") or [], f"{where}env"),
         cwd=_get(obj, "cwd", str, where, "/"),
         user=agent_pb2.User(uid=_get(user, "uid", int, "user.", 0),
@@ -108,6 +113,27 @@ def process(obj: Any, where: str = "process.") -> agent_pb2.Process:
         rows=_get(size, "height", int, "consoleSize.", 0),
         cols=_get(size, "width", int, "consoleSize.", 0),
         rlimits=rlimits, no_new_privileges=_get(obj, "noNewPrivileges", bool, where, False))
+    caps = _get(obj, "capabilities", dict, where, None)
+    if caps is not None:
+        sets = {}
+        for name in ("bounding", "effective", "inheritable", "permitted", "ambient"):
+            # runc ignores names its kernel does not know (a newer spec).
+            sets[name] = [c for c in _strings(caps.get(name) or [],
+                                              f"{where}capabilities.{name}")
+                          if c in capabilities.NUMBERS]
+        proc.capabilities.CopyFrom(agent_pb2.Capabilities(**sets))
+    return proc
+
+
+def seccomp_program(linux_: dict[str, Any]) -> bytes:
+    """linux.seccomp compiled to BPF; b"" when the spec has none."""
+    profile = linux_.get("seccomp")
+    if profile is None:
+        return b""
+    try:
+        return seccomp.compile_profile(profile)
+    except seccomp.ProfileError as e:
+        raise ttrpc.InvalidArgument(f"OCI spec: {e}") from None
 
 
 def load_bundle(bundle: Path) -> Spec:
@@ -127,14 +153,26 @@ def load_bundle(bundle: Path) -> Spec:
     except ValueError as e:
         raise ttrpc.InvalidArgument(f"OCI spec: {e}") from None
     namespaces = _get(linux_, "namespaces", list, "linux.", [])
+    program = seccomp_program(linux_)
+    proc = process(data.get("process"))
+    proc.seccomp = program
     return Spec(
         volumes=volumes, cgroups_path=_get(linux_, "cgroupsPath", str, "linux.", ""),
         netns=network_namespace(namespaces), joined_namespaces=joined_namespaces(namespaces),
-        process=process(data.get("process")), hostname=_get(data, "hostname", str, "", ""),
+        process=proc, hostname=_get(data, "hostname", str, "", ""),
         root_path=_get(root, "path", str, "root.", "rootfs"),
         root_readonly=_get(root, "readonly", bool, "root.", False),
         annotations={str(k): str(v) for k, v in annotations.items()},
-        resources=json.dumps(_get(linux_, "resources", dict, "linux.", {})).encode())
+        resources=json.dumps(_get(linux_, "resources", dict, "linux.", {})).encode(),
+        masked_paths=_paths(linux_, "maskedPaths"), readonly_paths=_paths(linux_, "readonlyPaths"),
+        seccomp=program)
+
+
+def _paths(linux_: dict[str, Any], key: str) -> list[str]:
+    paths = _strings(_get(linux_, key, list, "linux.", []), f"linux.{key}")
+    if not all(p.startswith("/") for p in paths):
+        raise ttrpc.InvalidArgument(f"OCI spec: linux.{key} must be absolute paths")
+    return paths
 
 
 def _namespace_paths(namespaces: list[Any]) -> dict[str, str]:
@@ -211,3 +249,38 @@ def read_annotations(bundle: Path) -> dict[str, str]:
         return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else {}
     except (OSError, ValueError, AttributeError):
         return {}
+
+
+# What docker masks and makes read-only in a container that is not
+# --privileged (containerd's default spec has the same lists).
+DEFAULT_MASKED_PATHS = (
+    "/proc/asound", "/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats",
+    "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug", "/proc/scsi",
+    "/sys/firmware", "/sys/devices/virtual/powercap",
+)
+DEFAULT_READONLY_PATHS = ("/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys",
+                          "/proc/sysrq-trigger")
+
+
+@dataclass(frozen=True)
+class Privileges:
+    """docker run's --privileged, --cap-add and --cap-drop, as the OCI
+    fields both front ends hand on."""
+
+    privileged: bool = False
+    cap_add: tuple[str, ...] = ()
+    cap_drop: tuple[str, ...] = ()
+
+    def capabilities(self) -> agent_pb2.Capabilities:
+        """Raises ValueError on an unknown name.  Inheritable and ambient stay
+        empty, as docker has them since CVE-2022-24769."""
+        caps = capabilities.choose(self.privileged, self.cap_add, self.cap_drop)
+        return agent_pb2.Capabilities(bounding=caps, effective=caps, permitted=caps)
+
+    @property
+    def masked_paths(self) -> tuple[str, ...]:
+        return () if self.privileged else DEFAULT_MASKED_PATHS
+
+    @property
+    def readonly_paths(self) -> tuple[str, ...]:
+        return () if self.privileged else DEFAULT_READONLY_PATHS

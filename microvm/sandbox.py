@@ -242,10 +242,8 @@ class Sandbox:
         tools = self.shared / TOOLS_DIR
         tools.mkdir(exist_ok=True)
         (tools / "busybox").touch(mode=0o555)
-        linux.mount(self.config.busybox, str(tools / "busybox"), None, linux.MS_BIND)
+        linux.bind_readonly(self.config.busybox, str(tools / "busybox"))
         self._stack.callback(_umount, tools / "busybox")
-        linux.mount(None, str(tools / "busybox"), None,
-                    linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY)
         by_name = {i.name: i.mac for i in net.interfaces}
         req = agent_pb2.NetworkConfig(
             interfaces=[agent_pb2.NetworkInterface(
@@ -308,8 +306,9 @@ class Sandbox:
                                readonly: bool = False, hostname: str = "",
                                overlay: bool = True, etc: bool = False,
                                volumes: list[Volume] | tuple[Volume, ...] = (),
-                               share_with: str = "", shared_namespaces: tuple[str, ...] = ()
-                               ) -> int:
+                               share_with: str = "", shared_namespaces: tuple[str, ...] = (),
+                               masked_paths: list[str] | tuple[str, ...] = (),
+                               readonly_paths: list[str] | tuple[str, ...] = ()) -> int:
         """Share rootfs into the VM and create the container's init there.
 
         share_with, shared_namespaces: join those namespaces of that container
@@ -334,16 +333,15 @@ class Sandbox:
                 # Lower layers only: overlayfs mounts that read-only.
                 linux.mount("overlay", str(target), "overlay", linux.MS_RDONLY,
                             f"lowerdir={lowerdir}")
+            elif readonly and overlay:
+                # A CLI rootfs is a template: read-only here, on the host.
+                linux.bind_readonly(str(lowers[0]), str(target))
             elif readonly or not overlay:
-                # One directory (a CLI rootfs, a containerd snapshot), bound as is.
+                # A containerd snapshot is the container's own, bound as is: as
+                # runc does, the guest makes the mount points it lacks (/proc,
+                # /dev...) and then turns the root read-only (CRI's pause image
+                # has none of them).
                 linux.mount(str(lowers[0]), str(target), None, linux.MS_BIND | linux.MS_REC)
-                # A CLI rootfs is a template: read-only here, on the host.  A
-                # snapshot is the container's own: as runc does, the guest makes
-                # the mount points it lacks (/proc, /dev...) and then turns the
-                # root read-only (CRI's pause image has none of them).
-                if readonly and overlay:
-                    linux.mount(None, str(target), None,
-                                linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY)
             else:
                 # The container writes to its own upper layer, never to the
                 # rootfs it was given; the upper layer lives in our tmpfs.
@@ -368,7 +366,8 @@ class Sandbox:
                 container_id=cid, rootfs=agent_pb2.Rootfs(shared_path=f"{cid}/rootfs",
                                                           readonly=readonly),
                 hostname=hostname, process=process, mounts=mounts, share_with=share_with,
-                shared_namespaces=list(shared_namespaces))
+                shared_namespaces=list(shared_namespaces), masked_paths=list(masked_paths),
+                readonly_paths=list(readonly_paths))
             state.pid = (await self._call("CreateContainer", req)).pid
         except BaseException:
             self._unmount_container(state)
@@ -475,11 +474,11 @@ class Sandbox:
             else:
                 dst.touch(mode=0o600)
             try:
-                linux.mount(str(src), str(dst), None, linux.MS_BIND | linux.MS_REC)
-                state.volume_mounts.append(dst)
                 if v.readonly:
-                    linux.mount(None, str(dst), None,
-                                linux.MS_BIND | linux.MS_REMOUNT | linux.MS_RDONLY)
+                    linux.bind_readonly(str(src), str(dst))
+                else:
+                    linux.mount(str(src), str(dst), None, linux.MS_BIND | linux.MS_REC)
+                state.volume_mounts.append(dst)
             except OSError as e:
                 raise KataError(f"cannot share {v.source}: {e.strerror}") from None
             out.append(agent_pb2.Mount(destination=v.destination, type="bind",

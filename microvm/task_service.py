@@ -79,6 +79,8 @@ class Container:
     init: Proc
     rootfs_mounted: bool = False
     execs: dict[str, Proc] = field(default_factory=dict)
+    # The spec's seccomp program: runc loads it for every exec too.
+    seccomp: bytes = b""
 
 
 _LOGGER_EXEC = """import os, sys
@@ -298,6 +300,11 @@ class TaskService:
         for m in mounts:
             flags, data = oci.mount_options(list(m.options))
             try:
+                if flags & linux.MS_BIND and flags & linux.MS_RDONLY:
+                    # mount(2) ignores MS_RDONLY on a new bind; and the guest
+                    # must never be able to write what the host lends it read-only.
+                    linux.bind_readonly(m.source, str(target))
+                    continue
                 linux.mount(m.source, str(target), m.type or None, flags, data or None)
             except OSError as e:
                 raise ttrpc.InvalidArgument(f"rootfs mount {m.type} {m.source}: {e}") from None
@@ -343,12 +350,15 @@ class TaskService:
         spec.process.terminal = req.terminal
         spec.process.stdin = bool(req.stdin)
         p = Proc(req.id, "", req.stdin, req.stdout, req.stderr, req.terminal, spec.process)
-        c = Container(req.id, req.bundle, p, rootfs_mounted=bool(req.rootfs))
+        c = Container(req.id, req.bundle, p, rootfs_mounted=bool(req.rootfs),
+                      seccomp=spec.seccomp)
         self.containers[req.id] = c
         try:
             await sb.create_container(req.id, rootfs, spec.process, readonly=spec.root_readonly,
                                       hostname=spec.hostname, overlay=False,
                                       etc=cli_net is not None, volumes=spec.volumes,
+                                      masked_paths=spec.masked_paths,
+                                      readonly_paths=spec.readonly_paths,
                                       **self._pod_namespaces(req.id, spec))
             if spec.resources not in (b"", b"{}"):
                 await sb.update(metrics.update_request(req.id, spec.resources))
@@ -443,6 +453,11 @@ class TaskService:
         except ValueError:
             raise ttrpc.InvalidArgument("exec spec is not JSON") from None
         spec = oci.process(obj, "exec process.")
+        spec.seccomp = c.seccomp
+        if not spec.HasField("capabilities") and c.init.spec is not None and \
+                c.init.spec.HasField("capabilities"):
+            # An exec gets no more than its container (docker exec's rule).
+            spec.capabilities.CopyFrom(c.init.spec.capabilities)
         spec.terminal = req.terminal
         spec.stdin = bool(req.stdin)
         c.execs[req.exec_id] = Proc(req.id, req.exec_id, req.stdin, req.stdout, req.stderr,

@@ -3,7 +3,8 @@
 Kept free of heavy imports: the guest agent loads it at every boot.
 """
 
-PROTOCOL_VERSION = 4   # 2: ConfigureNetwork; 3: mounts; 4: shared namespaces
+PROTOCOL_VERSION = 5   # 2: ConfigureNetwork; 3: mounts; 4: shared namespaces;
+#                        5: capabilities, seccomp, masked and read-only paths
 AGENT_SERVICE = "katapy.agent.v1.Agent"
 # virtio-serial port name (/sys/class/virtio-ports/*/name in the guest).
 SERIAL_PORT_NAME = "kata-py.agent"

@@ -156,7 +156,7 @@ class Rlimit(_message.Message):
     def __init__(self, type: _Optional[str] = ..., hard: _Optional[int] = ..., soft: _Optional[int] = ...) -> None: ...
 
 class Process(_message.Message):
-    __slots__ = ("args", "env", "cwd", "user", "terminal", "rows", "cols", "rlimits", "no_new_privileges", "stdin")
+    __slots__ = ("args", "env", "cwd", "user", "terminal", "rows", "cols", "rlimits", "no_new_privileges", "stdin", "capabilities", "seccomp")
     ARGS_FIELD_NUMBER: _ClassVar[int]
     ENV_FIELD_NUMBER: _ClassVar[int]
     CWD_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +167,8 @@ class Process(_message.Message):
     RLIMITS_FIELD_NUMBER: _ClassVar[int]
     NO_NEW_PRIVILEGES_FIELD_NUMBER: _ClassVar[int]
     STDIN_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
+    SECCOMP_FIELD_NUMBER: _ClassVar[int]
     args: _containers.RepeatedScalarFieldContainer[str]
     env: _containers.RepeatedScalarFieldContainer[str]
     cwd: str
@@ -177,7 +179,23 @@ class Process(_message.Message):
     rlimits: _containers.RepeatedCompositeFieldContainer[Rlimit]
     no_new_privileges: bool
     stdin: bool
-    def __init__(self, args: _Optional[_Iterable[str]] = ..., env: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., user: _Optional[_Union[User, _Mapping]] = ..., terminal: _Optional[bool] = ..., rows: _Optional[int] = ..., cols: _Optional[int] = ..., rlimits: _Optional[_Iterable[_Union[Rlimit, _Mapping]]] = ..., no_new_privileges: _Optional[bool] = ..., stdin: _Optional[bool] = ...) -> None: ...
+    capabilities: Capabilities
+    seccomp: bytes
+    def __init__(self, args: _Optional[_Iterable[str]] = ..., env: _Optional[_Iterable[str]] = ..., cwd: _Optional[str] = ..., user: _Optional[_Union[User, _Mapping]] = ..., terminal: _Optional[bool] = ..., rows: _Optional[int] = ..., cols: _Optional[int] = ..., rlimits: _Optional[_Iterable[_Union[Rlimit, _Mapping]]] = ..., no_new_privileges: _Optional[bool] = ..., stdin: _Optional[bool] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ..., seccomp: _Optional[bytes] = ...) -> None: ...
+
+class Capabilities(_message.Message):
+    __slots__ = ("bounding", "effective", "inheritable", "permitted", "ambient")
+    BOUNDING_FIELD_NUMBER: _ClassVar[int]
+    EFFECTIVE_FIELD_NUMBER: _ClassVar[int]
+    INHERITABLE_FIELD_NUMBER: _ClassVar[int]
+    PERMITTED_FIELD_NUMBER: _ClassVar[int]
+    AMBIENT_FIELD_NUMBER: _ClassVar[int]
+    bounding: _containers.RepeatedScalarFieldContainer[str]
+    effective: _containers.RepeatedScalarFieldContainer[str]
+    inheritable: _containers.RepeatedScalarFieldContainer[str]
+    permitted: _containers.RepeatedScalarFieldContainer[str]
+    ambient: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, bounding: _Optional[_Iterable[str]] = ..., effective: _Optional[_Iterable[str]] = ..., inheritable: _Optional[_Iterable[str]] = ..., permitted: _Optional[_Iterable[str]] = ..., ambient: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Rootfs(_message.Message):
     __slots__ = ("shared_path", "readonly")
@@ -188,7 +206,7 @@ class Rootfs(_message.Message):
     def __init__(self, shared_path: _Optional[str] = ..., readonly: _Optional[bool] = ...) -> None: ...
 
 class CreateContainerRequest(_message.Message):
-    __slots__ = ("container_id", "rootfs", "hostname", "process", "mounts", "share_with", "shared_namespaces")
+    __slots__ = ("container_id", "rootfs", "hostname", "process", "mounts", "share_with", "shared_namespaces", "masked_paths", "readonly_paths")
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     ROOTFS_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
@@ -196,6 +214,8 @@ class CreateContainerRequest(_message.Message):
     MOUNTS_FIELD_NUMBER: _ClassVar[int]
     SHARE_WITH_FIELD_NUMBER: _ClassVar[int]
     SHARED_NAMESPACES_FIELD_NUMBER: _ClassVar[int]
+    MASKED_PATHS_FIELD_NUMBER: _ClassVar[int]
+    READONLY_PATHS_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     rootfs: Rootfs
     hostname: str
@@ -203,7 +223,9 @@ class CreateContainerRequest(_message.Message):
     mounts: _containers.RepeatedCompositeFieldContainer[Mount]
     share_with: str
     shared_namespaces: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, container_id: _Optional[str] = ..., rootfs: _Optional[_Union[Rootfs, _Mapping]] = ..., hostname: _Optional[str] = ..., process: _Optional[_Union[Process, _Mapping]] = ..., mounts: _Optional[_Iterable[_Union[Mount, _Mapping]]] = ..., share_with: _Optional[str] = ..., shared_namespaces: _Optional[_Iterable[str]] = ...) -> None: ...
+    masked_paths: _containers.RepeatedScalarFieldContainer[str]
+    readonly_paths: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, container_id: _Optional[str] = ..., rootfs: _Optional[_Union[Rootfs, _Mapping]] = ..., hostname: _Optional[str] = ..., process: _Optional[_Union[Process, _Mapping]] = ..., mounts: _Optional[_Iterable[_Union[Mount, _Mapping]]] = ..., share_with: _Optional[str] = ..., shared_namespaces: _Optional[_Iterable[str]] = ..., masked_paths: _Optional[_Iterable[str]] = ..., readonly_paths: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Mount(_message.Message):
     __slots__ = ("destination", "type", "shared_path", "readonly", "options")
