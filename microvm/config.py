@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,11 @@ NETWORKS = ("bridge", "none")
 # QEMU's microvm cannot address more than the low 3 GiB without the
 # high-memory hole set-up.
 MAX_MEMORY_MIB = 3072
+# A config file is a few lines; /dev/zero or a huge file must not fill memory.
+MAX_FILE_BYTES = 1 << 20
+# Errors name a key or value only when it looks like one: --config may name
+# any file (/etc/shadow), and its text must not reach the error.
+_TOKEN = re.compile(r"[A-Za-z0-9_.-]{0,32}")
 
 
 @dataclass
@@ -70,15 +76,16 @@ class Config:
         _choice("network", self.network, NETWORKS, where)
         if not self.qemu_user or not all(c.isalnum() or c in "._-" for c in self.qemu_user):
             raise ConfigError(f"{where}: qemu_user must be dynamic, root or a user name, "
-                              f"not {self.qemu_user!r}")
+                              f"not {_shown(self.qemu_user)}")
         if not 1 <= len(self.bridge_name) <= 15 or not all(
                 c.isalnum() or c in "-_." for c in self.bridge_name):
             raise ConfigError(f"{where}: bridge_name must be an interface name of 1 to 15 "
-                              f"letters, digits, '-', '_' or '.', not {self.bridge_name!r}")
+                              f"letters, digits, '-', '_' or '.', not {_shown(self.bridge_name)}")
         try:
             net = ipaddress.IPv4Network(self.bridge_subnet)
-        except ValueError as e:
-            raise ConfigError(f"{where}: bridge_subnet: {e}") from None
+        except ValueError:
+            raise ConfigError(f"{where}: bridge_subnet {_shown(self.bridge_subnet, '/')} is not "
+                              "an IPv4 network (ADDRESS/PREFIX)") from None
         if net.prefixlen > 29:
             raise ConfigError(f"{where}: bridge_subnet {self.bridge_subnet} is too small")
         for key in ("boot_timeout", "shutdown_timeout"):
@@ -86,9 +93,17 @@ class Config:
                 raise ConfigError(f"{where}: {key} must be positive")
 
 
+def _shown(value: object, extra: str = "") -> str:
+    """value quoted if it looks like a setting's value; else only its kind."""
+    if isinstance(value, str) and _TOKEN.fullmatch(value.replace(extra, "") if extra else value):
+        return repr(value)
+    return "the value given (not shown)"
+
+
 def _choice(key: str, value: str, allowed: tuple[str, ...], where: str) -> None:
     if value not in allowed:
-        raise ConfigError(f"{where}: {key} must be one of {', '.join(allowed)}, not {value!r}")
+        raise ConfigError(f"{where}: {key} must be one of {', '.join(allowed)}, "
+                          f"not {_shown(value)}")
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Config) if f.name != "source"}
@@ -100,20 +115,24 @@ def _coerce(key: str, value: Any, where: str) -> Any:
         return float(value)
     ok = {"str": str, "int": int, "float": float, "bool": bool}[str(kind)]
     if not isinstance(value, ok) or (ok is int and isinstance(value, bool)):
-        raise ConfigError(
-            f"{where}: {key} must be of type {kind}, not {type(value).__name__} ({value!r})")
+        raise ConfigError(f"{where}: {key} must be of type {kind}, not {type(value).__name__}")
     return value
 
 
-def from_mapping(data: object, where: str) -> Config:
+def from_mapping(data: object, where: str, lines: dict[str, int] | None = None) -> Config:
+    """lines: each key's line in the file, for errors about keys not shown."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping of keys to values")
+        raise ConfigError(f"{where}: not a YAML mapping of keys to values")
     values = {}
     for key, value in data.items():
         if key not in _FIELDS:
-            raise ConfigError(f"{where}: unknown key {key!r}")
+            if isinstance(key, str) and _TOKEN.fullmatch(key):
+                raise ConfigError(f"{where}: unknown key {key!r}")
+            line = (lines or {}).get(str(key))
+            raise ConfigError(f"{where}: {f'line {line}: ' if line else ''}unknown key "
+                              "(not a kata-py setting; not shown)")
         values[key] = _coerce(key, value, where)
     cfg = Config(**values, source=where)
     cfg.validate()
@@ -131,15 +150,57 @@ def load(path: str | os.PathLike[str] | None = None) -> Config:
     # options name it); any other file named must exist.
     explicit = p != paths.CONFIG
     try:
-        text = p.read_text()
+        with open(p, "rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         if explicit:
             raise ConfigError(f"config file {p} not found") from None
         return from_mapping({}, "defaults")
     except OSError as e:
         raise ConfigError(f"config file {p}: {e.strerror}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(f"{p}: not a config file (over {MAX_FILE_BYTES >> 20} MiB)")
     try:
-        data = yaml.safe_load(text)
+        text = raw.decode()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {e.start})") from None
+    data, lines = _parse_yaml(text, p)
+    return from_mapping(data, str(p), lines)
+
+
+def _parse_yaml(text: str, p: Path) -> tuple[object, dict[str, int]]:
+    """The document, and the line of each top-level key.  A syntax error
+    names its line and column; PyYAML's own message would quote the text."""
+    loader = None
+    try:
+        loader = yaml.SafeLoader(text)  # checks the characters
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except yaml.reader.ReaderError as e:  # a control character, say
+        raise ConfigError(f"{p}: not valid YAML: character {e.position} is not allowed "
+                          "in YAML") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {' '.join(str(e).split())}") from None
-    return from_mapping(data, str(p))
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = _QUOTED.sub(_mask, str(getattr(e, "problem", "") or ""))
+        raise ConfigError(f"{p}: not valid YAML{where}{': ' if problem else ''}"
+                          f"{' '.join(problem.split())}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
+    lines: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode) and isinstance(data, dict):
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode):
+                lines.setdefault(key_node.value, key_node.start_mark.line + 1)
+    return data, lines
+
+
+# PyYAML's problems quote what they found: a character or a token of ours
+# ('\t', ',', '<stream end>') may be shown, a word of the file (an alias) not.
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+
+
+def _mask(m: re.Match[str]) -> str:
+    inner = m.group(0)[1:-1]
+    return m.group(0) if len(inner) <= 2 or re.fullmatch(r"<[a-z ]+>", inner) else "'…'"
