@@ -409,8 +409,8 @@ class Agent:
             share_pid = owner.init.pid
         elif shared:
             raise ttrpc.InvalidArgument("shared_namespaces without share_with")
-        cgroup = cgroups.create(req.container_id)
         try:
+            cgroup = cgroups.create(req.container_id, list(req.devices))
             proc = await self._spawn(req.container_id, "", req.process,
                                      container.run_container_init, cgroup,
                                      req.rootfs.shared_path, req.rootfs.readonly, req.hostname,

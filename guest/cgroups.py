@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 
+from microvm import linux
 from microvm.protocol import agent_pb2, ttrpc
 
 log = logging.getLogger("agent")
@@ -18,6 +19,10 @@ log = logging.getLogger("agent")
 ROOT = "/sys/fs/cgroup"
 PARENT = f"{ROOT}/kata-py"
 CONTROLLERS = ("cpuset", "cpu", "memory", "pids")
+# cgroup v2 controls devices only through BPF programs; the v1 devices
+# controller, on a hierarchy of its own beside v2, takes runc's rules as text.
+DEVICES = "/run/kata-py/devices"
+DEVICES_PARENT = f"{DEVICES}/kata-py"
 
 
 def _write(path: str, value: str) -> None:
@@ -39,34 +44,65 @@ def setup() -> None:
                 _write(f"{level}/cgroup.subtree_control", f"+{c}")
             except OSError as e:
                 log.warning("cgroup controller %s at %s: %s", c, level, e)
+    try:
+        os.makedirs(DEVICES, exist_ok=True)
+        linux.mount("cgroup", DEVICES, "cgroup",
+                    linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC, "devices")
+        os.makedirs(DEVICES_PARENT, exist_ok=True)
+    except OSError as e:
+        log.warning("devices cgroup: %s", e)
+
+
+def _device_rule(rule: agent_pb2.DeviceRule) -> str:
+    # The host checked the spec; the kernel refuses anything else (EINVAL).
+    major = "*" if rule.major < 0 else str(rule.major)
+    minor = "*" if rule.minor < 0 else str(rule.minor)
+    return f"{rule.type} {major}:{minor} {rule.access}"
 
 
 def path(cid: str) -> str:
     return f"{PARENT}/{cid}"
 
 
-def create(cid: str) -> str:
+def create(cid: str, devices: list[agent_pb2.DeviceRule] | None = None) -> str:
+    """The container's cgroup; with device rules, its devices cgroup too."""
     p = path(cid)
     os.makedirs(p, exist_ok=True)
+    if devices:
+        d = f"{DEVICES_PARENT}/{cid}"
+        try:
+            os.makedirs(d, exist_ok=True)
+            # In order, as runc's v1 manager writes them: the first rule is
+            # usually "deny all", then the exceptions.
+            for rule in devices:
+                _write(f"{d}/devices.{'allow' if rule.allow else 'deny'}", _device_rule(rule))
+        except OSError as e:
+            raise ttrpc.InvalidArgument(f"device rules: {e.strerror}") from None
     return p
 
 
 def join(cgroup: str) -> None:
-    """Move the caller (a child before it forks the process) into cgroup."""
+    """Move the caller (a child before it forks the process) into cgroup,
+    and into its devices cgroup where it has one."""
     _write(f"{cgroup}/cgroup.procs", "0")
+    devices = f"{DEVICES_PARENT}/{os.path.basename(cgroup)}"
+    if os.path.isdir(devices):
+        _write(f"{devices}/cgroup.procs", "0")
 
 
 async def remove(cid: str) -> None:
     # The last processes may take a moment to leave after they are reaped.
-    for _ in range(50):
-        try:
-            os.rmdir(path(cid))
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            await asyncio.sleep(0.02)
-    log.warning("cgroup of %s not removed", cid)
+    for p in (path(cid), f"{DEVICES_PARENT}/{cid}"):
+        for _ in range(50):
+            try:
+                os.rmdir(p)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                await asyncio.sleep(0.02)
+        else:
+            log.warning("cgroup %s not removed", p)
 
 
 async def freeze(cid: str, frozen: bool) -> None:

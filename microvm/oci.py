@@ -69,6 +69,8 @@ class Spec:
     readonly_paths: list[str] = field(default_factory=list)
     # linux.seccomp as BPF: the container's processes and every exec load it.
     seccomp: bytes = b""
+    # linux.resources.devices: the guest's devices cgroup for the container.
+    devices: list[agent_pb2.DeviceRule] = field(default_factory=list)
 
 
 def _get(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: str,
@@ -165,7 +167,27 @@ def load_bundle(bundle: Path) -> Spec:
         annotations={str(k): str(v) for k, v in annotations.items()},
         resources=json.dumps(_get(linux_, "resources", dict, "linux.", {})).encode(),
         masked_paths=_paths(linux_, "maskedPaths"), readonly_paths=_paths(linux_, "readonlyPaths"),
-        seccomp=program)
+        seccomp=program,
+        devices=device_rules(_get(_get(linux_, "resources", dict, "linux.", {}), "devices", list,
+                                  "linux.resources.", [])))
+
+
+def device_rules(entries: list[Any]) -> list[agent_pb2.DeviceRule]:
+    out = []
+    for i, d in enumerate(entries):
+        where = f"linux.resources.devices[{i}]."
+        if not isinstance(d, dict):
+            raise ttrpc.InvalidArgument(f"OCI spec: {where.rstrip('.')} must be an object")
+        rule = agent_pb2.DeviceRule(
+            allow=_get(d, "allow", bool, where, False), type=_get(d, "type", str, where, "a"),
+            major=_get(d, "major", int, where, -1), minor=_get(d, "minor", int, where, -1),
+            access=_get(d, "access", str, where, "rwm"))
+        if rule.type not in ("a", "c", "b") or not rule.access or \
+                not set(rule.access) <= set("rwm"):
+            raise ttrpc.InvalidArgument(f"OCI spec: {where}type must be a, c or b and access "
+                                        "letters of rwm")
+        out.append(rule)
+    return out
 
 
 def _paths(linux_: dict[str, Any], key: str) -> list[str]:
@@ -284,3 +306,22 @@ class Privileges:
     @property
     def readonly_paths(self) -> tuple[str, ...]:
         return () if self.privileged else DEFAULT_READONLY_PATHS
+
+    @property
+    def devices(self) -> list[agent_pb2.DeviceRule]:
+        if self.privileged:
+            return [agent_pb2.DeviceRule(allow=True, type="a", major=-1, minor=-1,
+                                         access="rwm")]
+        return [agent_pb2.DeviceRule(allow=allow, type=t, major=major, minor=minor,
+                                     access=access)
+                for allow, t, major, minor, access in DEFAULT_DEVICES]
+
+
+# docker's default device rules: nothing but mknod, then the usual nodes.
+DEFAULT_DEVICES = (
+    (False, "a", -1, -1, "rwm"), (True, "c", -1, -1, "m"), (True, "b", -1, -1, "m"),
+    (True, "c", 1, 3, "rwm"), (True, "c", 1, 5, "rwm"), (True, "c", 1, 7, "rwm"),
+    (True, "c", 1, 8, "rwm"), (True, "c", 1, 9, "rwm"), (True, "c", 5, 0, "rwm"),
+    (True, "c", 5, 1, "rwm"), (True, "c", 5, 2, "rwm"), (True, "c", 136, -1, "rwm"),
+    (True, "c", 10, 200, "rwm"),
+)

@@ -287,6 +287,9 @@ class Sandbox:
         raise VMError(self._with_console(why))
 
     def _with_console(self, why: str) -> str:
+        panic = panic_message(self.console_log)
+        if panic:
+            return panic
         lines = tail(self.console_log).strip()
         if not lines:
             lines = tail(self.log_dir / "qemu.log").strip()
@@ -308,7 +311,8 @@ class Sandbox:
                                volumes: list[Volume] | tuple[Volume, ...] = (),
                                share_with: str = "", shared_namespaces: tuple[str, ...] = (),
                                masked_paths: list[str] | tuple[str, ...] = (),
-                               readonly_paths: list[str] | tuple[str, ...] = ()) -> int:
+                               readonly_paths: list[str] | tuple[str, ...] = (),
+                               devices: list[agent_pb2.DeviceRule] | None = None) -> int:
         """Share rootfs into the VM and create the container's init there.
 
         share_with, shared_namespaces: join those namespaces of that container
@@ -367,7 +371,7 @@ class Sandbox:
                                                           readonly=readonly),
                 hostname=hostname, process=process, mounts=mounts, share_with=share_with,
                 shared_namespaces=list(shared_namespaces), masked_paths=list(masked_paths),
-                readonly_paths=list(readonly_paths))
+                readonly_paths=list(readonly_paths), devices=devices or [])
             state.pid = (await self._call("CreateContainer", req)).pid
         except BaseException:
             self._unmount_container(state)
@@ -512,6 +516,19 @@ class Sandbox:
             except Exception as e:
                 log.warning("sandbox %s clean-up: %s", self.id, e, exc_info=log.isEnabledFor(
                     logging.DEBUG))
+
+
+_PANIC = "Kernel panic - not syncing: "
+
+
+def panic_message(console_log: Path) -> str:
+    """'guest kernel panicked: <reason>' when the guest's console shows a
+    panic (the VM then exits: panic=-1 and -no-reboot), else ""."""
+    for line in tail(console_log, 200).splitlines():
+        _, found, reason = line.partition(_PANIC)
+        if found:
+            return f"guest kernel panicked: {reason.strip()}"
+    return ""
 
 
 def _rmtree_unmounted(path: Path) -> None:

@@ -263,3 +263,23 @@ def _options(path: Path) -> list[str]:
             if fields[1] == str(path):
                 return fields[3].split(",")
     return []
+
+
+def test_device_rules_from_the_spec(tmp_path: Path) -> None:
+    spec = oci.load_bundle(_bundle(tmp_path, {"linux": {"resources": {"devices": [
+        {"allow": False, "access": "rwm"}, {"allow": True, "type": "c", "major": 1,
+                                            "minor": 3, "access": "rw"}]}}}))
+    assert [(d.allow, d.type, d.major, d.minor, d.access) for d in spec.devices] == [
+        (False, "a", -1, -1, "rwm"), (True, "c", 1, 3, "rw")]
+    for bad in ({"allow": True, "type": "x"}, {"allow": True, "access": "rwx"}, "c 1:3 rwm"):
+        with pytest.raises(ttrpc.InvalidArgument, match="devices"):
+            oci.load_bundle(_bundle(tmp_path, {"linux": {"resources": {"devices": [bad]}}}))
+
+
+def test_cli_privileges() -> None:
+    default, privileged = oci.Privileges(), oci.Privileges(privileged=True)
+    assert "/proc/kcore" in default.masked_paths and "/proc/sys" in default.readonly_paths
+    assert privileged.masked_paths == () and privileged.readonly_paths == ()
+    assert default.devices[0].type == "a" and not default.devices[0].allow
+    assert [(d.allow, d.type) for d in privileged.devices] == [(True, "a")]
+    assert list(oci.Privileges(cap_drop=("ALL",)).capabilities().bounding) == []
