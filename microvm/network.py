@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,10 @@ from .ports import PortSpec, parse
 
 ANNOTATION = "io.containerd.kata-py.network"        # none | bridge | ns:PATH
 PORTS_ANNOTATION = "io.containerd.kata-py.ports"    # JSON list of -p specs
+
+# RFC 1123 labels; the kernel's sethostname() takes at most HOST_NAME_MAX.
+HOST_NAME_MAX = 64
+_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
 @dataclass(frozen=True)
@@ -67,6 +72,28 @@ def from_annotations(annotations: dict[str, str]) -> NetworkSpec | None:
     return parse_mode(mode, ports)
 
 
+def hostname_problem(name: str) -> str | None:
+    """Why name cannot be a container's host name (None: it can).  It goes
+    into /etc/hosts and sethostname(): a newline would add a hosts line."""
+    if len(name) > HOST_NAME_MAX:
+        return f"longer than {HOST_NAME_MAX} characters"
+    if not all(_LABEL.fullmatch(label) for label in name.split(".")):
+        return ("not an RFC 1123 host name (dot-separated labels of letters, digits and "
+                "'-', not starting or ending with '-')")
+    return None
+
+
+def check_hostname(name: str) -> None:
+    problem = hostname_problem(name)
+    if problem:
+        raise KataError(f"invalid hostname {_shown(name)}: {problem}")
+
+
+def _shown(name: str) -> str:
+    # One line whatever the name holds.
+    return repr(name if len(name) <= HOST_NAME_MAX else name[:HOST_NAME_MAX] + "...")
+
+
 def resolv_conf(host: Path = Path("/etc/resolv.conf")) -> str:
     """The host's resolvers, less loopback ones a container cannot reach."""
     try:
@@ -85,6 +112,8 @@ def resolv_conf(host: Path = Path("/etc/resolv.conf")) -> str:
 
 def etc_files(hostname: str, ip: str | None) -> dict[str, str]:
     """What docker writes for a container: its name, hosts, resolvers."""
+    if hostname:  # the callers checked it; a line of /etc/hosts is at stake
+        check_hostname(hostname)
     hosts = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
     if ip:
         hosts.append(f"{ip}\t{hostname}")

@@ -329,6 +329,9 @@ class TaskService:
             raise ttrpc.Unimplemented("checkpoint restore is not supported by kata-py")
         bundle = Path(req.bundle)
         spec = oci.load_bundle(bundle)
+        # Before the VM boots: it would reach sethostname() and /etc/hosts.
+        if spec.hostname and (problem := network.hostname_problem(spec.hostname)):
+            raise ttrpc.InvalidArgument(f"OCI spec: hostname: {problem}")
         config_path = None
         if req.options.value:
             from .shim import runtime_options_config
@@ -359,6 +362,7 @@ class TaskService:
                                       etc=cli_net is not None, volumes=spec.volumes,
                                       masked_paths=spec.masked_paths,
                                       readonly_paths=spec.readonly_paths,
+                                      devices=spec.devices,
                                       **self._pod_namespaces(req.id, spec))
             if spec.resources not in (b"", b"{}"):
                 await sb.update(metrics.update_request(req.id, spec.resources))
