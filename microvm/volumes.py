@@ -14,6 +14,10 @@ from .errors import KataError
 # Made by the guest for every container; a spec's own entries for them are
 # runc's business, not ours.
 GUEST_MADE = {"/proc", "/sys", "/dev", "/dev/pts", "/dev/mqueue", "/sys/fs/cgroup"}
+# -v may not cover these or anything under them: a bind over /proc/sys or
+# /sys/fs/cgroup would hand the container the kernel's knobs to a host file.
+# (A spec's binds under /dev, such as Kubernetes' /dev/termination-log, stay.)
+RESERVED = ("/proc", "/sys", "/dev")
 
 
 @dataclass(frozen=True)
@@ -37,11 +41,18 @@ def parse_volume(spec: str) -> Volume:
                         "host path")
     if not dest.startswith("/") or dest == "/":
         raise KataError(f"-v {spec!r}: the container path must be absolute (and not /)")
+    # normpath keeps a leading "//"; the container's kernel would not.
+    dest = os.path.normpath("/" + dest.lstrip("/"))
+    if dest == "/":
+        raise KataError(f"-v {spec!r}: the container path must be absolute (and not /)")
+    if any(dest == r or dest.startswith(r + "/") for r in RESERVED):
+        raise KataError(f"-v {spec!r}: invalid mount destination: it can't be {dest} "
+                        "(/proc, /sys and /dev are the kernel's)")
     if mode not in ("ro", "rw"):
         raise KataError(f"-v {spec!r}: unknown mode {mode!r} (ro or rw)")
     if not os.path.exists(source):
         os.makedirs(source, exist_ok=True)
-    return Volume(os.path.normpath(dest), os.path.realpath(source), "bind", mode == "ro")
+    return Volume(dest, os.path.realpath(source), "bind", mode == "ro")
 
 
 def from_oci(mounts: list[Any]) -> list[Volume]:
