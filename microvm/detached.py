@@ -43,7 +43,9 @@ NAMESPACE = "microvm"
 STATES = {task_pb2.UNKNOWN: "unknown", task_pb2.CREATED: "created",
           task_pb2.RUNNING: "running", task_pb2.STOPPED: "exited", task_pb2.PAUSED: "paused",
           task_pb2.PAUSING: "pausing"}
-_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}$")
+_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{0,63}")
+# docker's rule for a new name (at least two characters); 64 at most, as above.
+_NEW_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{1,63}")
 
 
 def root() -> Path:
@@ -64,9 +66,22 @@ class Meta:
 
 
 def _dir(name: str) -> Path:
-    if not _NAME.match(name):
-        raise KataError(f"invalid container name {name!r}")
+    # fullmatch: a trailing newline must not pass as the end of the name.
+    if not _NAME.fullmatch(name):
+        raise KataError(f"invalid container name {_shown(name)}")
     return root() / name
+
+
+def check_name(name: str) -> None:
+    """A name given to `run -d --name`: docker's rule, so '' is refused, not
+    replaced by a generated one."""
+    if not _NEW_NAME.fullmatch(name):
+        raise KataError(f"invalid container name {_shown(name)}: only "
+                        "[a-zA-Z0-9][a-zA-Z0-9_.-]+ (2 to 64 characters) are allowed")
+
+
+def _shown(name: str) -> str:
+    return repr(name if len(name) <= 64 else name[:64] + "...")
 
 
 def _shim_binary() -> str:
@@ -130,7 +145,10 @@ async def run_detached(name: str | None, rootfs: Path | list[Path], process: age
                        hostname: str, read_only: bool, config_path: str | None,
                        image: str = "", network: NetworkSpec | None = None,
                        volumes: list[Volume] | None = None) -> str:
-    name = name or secrets.token_hex(6)
+    if name is None:
+        name = secrets.token_hex(6)
+    else:
+        check_name(name)
     d = _dir(name)
     try:
         d.mkdir(parents=True, mode=0o700)
