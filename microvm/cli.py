@@ -20,7 +20,7 @@ from . import config as config_mod
 from .errors import KataError
 from .install import DEFAULT_CONFIG as DEFAULT_CONTAINERD_CONFIG
 from .install import install_containerd
-from .network import NetworkSpec, parse_mode
+from .network import NetworkSpec, check_hostname, parse_mode
 from .protocol import agent_pb2
 from .volumes import Volume, parse_volume
 
@@ -67,6 +67,46 @@ def _env(values: tuple[str, ...], image_env: list[str] | None = None) -> list[st
         elif kv in os.environ:  # docker: -e NAME takes the value from our environment
             env[kv] = os.environ[kv]
     return [f"{k}={v}" for k, v in env.items()]
+
+
+# (uid_t)-1 means "leave unchanged" to setresuid() and chown(): not an id.
+MAX_ID = 2**32 - 2
+
+
+def _is_id(value: str) -> bool:
+    """A uid or gid in range (ASCII digits only: int() takes others too)."""
+    return value.isascii() and value.isdigit() and len(value) <= 10 and int(value) <= MAX_ID
+
+
+def _check_user(flag: str, spec: str) -> None:
+    """-u USER[:GROUP]: the numeric parts must be ids; names are looked up later."""
+    if any(part.isdigit() and not _is_id(part) for part in spec.split(":", 1)):
+        shown = spec if len(spec) <= 40 else spec[:40] + "..."
+        raise KataError(f"{flag} {shown}: uid and gid must be numbers from 0 to {MAX_ID}")
+
+
+def _lookup_user(root: Path | list[Path], flag: str, spec: str) -> tuple[int, int, list[int]]:
+    _check_user(flag, spec)
+    try:
+        uid, gid, extra = rootfs.lookup_user(root, spec)
+    except ValueError:  # our numbers are checked: the image's files hold a bad one
+        raise KataError(f"{flag} {spec}: the image's /etc/passwd or /etc/group has an "
+                        "invalid id") from None
+    if not all(_is_id(str(n)) for n in (uid, gid, *extra)):
+        raise KataError(f"{flag} {spec}: the image's /etc/passwd or /etc/group gives an id "
+                        f"outside 0 to {MAX_ID}")
+    return uid, gid, extra
+
+
+def _check_run_flags(hostname: str, name: str | None, detach: bool) -> None:
+    """Refused before anything starts."""
+    if hostname:
+        check_hostname(hostname)
+    if name is not None:
+        if not detach:
+            raise KataError("--name goes with -d")
+        from .detached import check_name
+        check_name(name)
 
 
 @cli.command(context_settings={"allow_interspersed_args": False})
@@ -121,6 +161,7 @@ def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ..
         cfg.accel = accel
     cfg.source = "command line"
     cfg.validate()
+    _check_run_flags(hostname, name, detach)
     net = parse_mode(network or cfg.network, publish)
     volumes = [parse_volume(v) for v in volume]
     # `run IMAGE -- CMD...`: the separator is ours, not the command's.
@@ -152,7 +193,8 @@ def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ..
     if not args:
         raise KataError("no command specified")
     # Like docker, root too gets its groups from the image's /etc/group.
-    uid, gid, extra = rootfs.lookup_user(root, user or image_config.get("User") or "0")
+    uid, gid, extra = _lookup_user(root, "-u" if user else "the image's User",
+                                   user or image_config.get("User") or "0")
     workdir = workdir or image_config.get("WorkingDir") or "/"
     terminal = tty and True
     rows, cols = (0, 0)
@@ -174,8 +216,6 @@ def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ..
             name, root, process, hostname or secrets.token_hex(6), read_only,
             obj.config_path, image_ref, net, volumes)))
         return
-    if name:
-        raise KataError("--name goes with -d")
     run_dir = mountns.enter()
     status = asyncio.run(_run(cfg, run_dir, root, process, read_only,
                               hostname or secrets.token_hex(6), interactive, terminal, net,
@@ -338,6 +378,7 @@ def exec_cmd(interactive: bool, tty: bool, env: tuple[str, ...], workdir: str, u
     uid, _, gid = user.partition(":")
     if not uid.isdigit() or (gid and not gid.isdigit()):
         raise KataError("exec -u takes numeric UID[:GID]")
+    _check_user("-u", user)
     rows, cols = Terminal(sys.stdout.fileno()).size() if tty else (0, 0)
     process = agent_pb2.Process(
         args=list(command[1:] if command[:1] == ("--",) else command),

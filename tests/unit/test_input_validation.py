@@ -8,6 +8,8 @@ kernel does not exist: even a check that fails to refuse boots nothing.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from microvm import config, paths
+from microvm import cli, config, detached, network, paths
 from microvm.config import load
-from microvm.errors import ConfigError
+from microvm.errors import ConfigError, KataError
+from microvm.volumes import parse_volume
 
 SECRET = "$y$j9T$Zq3n0tAr3alHash$s3cr3tS4lt"
 
@@ -130,3 +133,150 @@ def test_config_plain_words_are_still_named(tmp_path: Path) -> None:
     p.write_text("accel: xen\n")
     with pytest.raises(ConfigError, match="not 'xen'"):
         load(p)
+
+
+# --- 2, 3. host names: RFC 1123, at most the kernel's 64 ----------------------------
+
+
+@pytest.mark.parametrize("name", ["a", "box1", "web-1.example.org", "A" * 63,
+                                  ".".join(["abcdefghijklmno"] * 4)])
+def test_hostname_accepted(name: str) -> None:
+    assert len(name) <= 64
+    assert network.hostname_problem(name) is None
+
+
+@pytest.mark.parametrize(("name", "problem"), [
+    ("evil\n10.0.0.1\tbank.example", "RFC 1123"),
+    ("a b", "RFC 1123"), ("-a", "RFC 1123"), ("a-", "RFC 1123"), ("a..b", "RFC 1123"),
+    ("a.", "RFC 1123"), ("a_b", "RFC 1123"), ("é", "RFC 1123"), ("x\0", "RFC 1123"),
+    ("a" * 64 + ".b", "longer than 64"), ("a" * 300, "longer than 64"),
+    ("b" * 64, "RFC 1123"),  # a label is at most 63
+])
+def test_hostname_refused(name: str, problem: str) -> None:
+    assert problem in (network.hostname_problem(name) or "")
+    with pytest.raises(KataError) as e:
+        network.check_hostname(name)
+    assert "\n" not in str(e.value)
+
+
+def test_etc_files_never_write_a_second_hosts_line() -> None:
+    with pytest.raises(KataError):
+        network.etc_files("evil\n6.6.6.6\tbank.example", "10.89.0.2")
+    files = network.etc_files("web", "10.89.0.2")
+    assert files["etc/hosts"].splitlines()[-1] == "10.89.0.2\tweb"
+
+
+@pytest.mark.parametrize("detach", [[], ["-d"]])
+@pytest.mark.parametrize("name", ["evil\n6.6.6.6\tbank.example", "h" * 300])
+def test_cli_hostname_refused_before_boot(tmp_path: Path, name: str, detach: list[str]) -> None:
+    r = microvm(tmp_path, "run", "--rm", *detach, "--hostname", name, "busybox", "true")
+    one_line(r, "invalid hostname")
+    assert not (tmp_path / "logs").exists() or not any((tmp_path / "logs").iterdir())
+
+
+def test_shim_refuses_a_spec_hostname_before_boot(tmp_path: Path) -> None:
+    """The shim's Create (containerd's path) refuses it before any VM."""
+    from microvm.protocol import task_pb2, ttrpc
+    from microvm.task_service import TaskService
+
+    bundle = tmp_path / "bundle"
+    (bundle / "rootfs").mkdir(parents=True)
+    (bundle / "config.json").write_text(json.dumps({
+        "ociVersion": "1.0.2", "hostname": "pod\n6.6.6.6 bank.example",
+        "process": {"args": ["true"], "cwd": "/"}, "root": {"path": "rootfs"}}))
+    booted = []
+
+    async def body() -> None:
+        svc = TaskService("default", None, lambda: None)
+
+        async def no_boot(*args: object) -> None:
+            booted.append(args)
+            raise AssertionError("a VM was asked for")
+        svc._ensure_sandbox = no_boot  # type: ignore[method-assign]
+        with pytest.raises(ttrpc.InvalidArgument, match="hostname: not an RFC 1123"):
+            await svc.Create(task_pb2.CreateTaskRequest(id="c1", bundle=str(bundle)),
+                             ttrpc.CallContext("s", "Create", {}, None))
+        assert svc.containers == {}
+    asyncio.run(body())
+    assert booted == []
+
+
+# --- 4. uid and gid: 0 to 2^32-2 ------------------------------------------------------
+
+
+@pytest.mark.parametrize("user", ["99999999999999999999", "0:99999999999999999999",
+                                  "4294967295", "1" * 5000, "\u00b2", "0:\u0661"])
+def test_cli_run_user_out_of_range(tmp_path: Path, user: str) -> None:
+    r = microvm(tmp_path, "run", "--rm", "-u", user, "busybox", "true")
+    one_line(r, "uid and gid must be numbers from 0 to 4294967294")
+
+
+@pytest.mark.parametrize("user", ["99999999999999999999", "1:4294967295", "\u00b2"])
+def test_cli_exec_user_out_of_range(tmp_path: Path, user: str) -> None:
+    r = microvm(tmp_path, "exec", "-u", user, "no-such-container", "true")
+    one_line(r, "uid and gid must be numbers from 0 to 4294967294")
+
+
+def test_user_ids_at_the_edges(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    (tmp_path / "etc/passwd").write_text("big:x:4294967295:0::/:/bin/sh\n"
+                                         "odd:x:\u00b2:0::/:/bin/sh\n")
+    assert cli._lookup_user(tmp_path, "-u", "4294967294:0")[:2] == (4294967294, 0)
+    with pytest.raises(KataError, match="gives an id outside"):
+        cli._lookup_user(tmp_path, "-u", "big")
+    with pytest.raises(KataError, match="has an invalid id"):
+        cli._lookup_user(tmp_path, "-u", "odd")
+
+
+# --- 5. -v may not cover /proc, /sys or /dev --------------------------------------------
+
+
+@pytest.mark.parametrize("dest", ["/proc", "/proc/sys", "/sys", "/sys/fs/cgroup", "/dev",
+                                  "/dev/pts", "/proc/", "//proc", "/x/../proc/sys",
+                                  "/dev/./shm"])
+def test_volume_destination_reserved(tmp_path: Path, dest: str) -> None:
+    with pytest.raises(KataError, match="invalid mount destination") as e:
+        parse_volume(f"{tmp_path}/src:{dest}")
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "src").exists()  # refused before the host dir is made
+
+
+@pytest.mark.parametrize("dest", ["/procfs", "/sysroot", "/devices", "/data/proc", "//data"])
+def test_volume_destination_near_misses_accepted(tmp_path: Path, dest: str) -> None:
+    v = parse_volume(f"{tmp_path}:{dest}")
+    assert v.destination == "/" + dest.lstrip("/")
+
+
+def test_cli_volume_on_proc(tmp_path: Path) -> None:
+    r = microvm(tmp_path, "run", "--rm", "-v", f"{tmp_path}:/proc", "busybox", "true")
+    one_line(r, "invalid mount destination", "/proc")
+
+
+# --- 6. --name: docker's rule -----------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["", "a", "-x", "a b", "x/../y", "web\n", "w" * 65, "é1"])
+def test_new_container_name_refused(name: str) -> None:
+    with pytest.raises(KataError, match="invalid container name"):
+        detached.check_name(name)
+
+
+@pytest.mark.parametrize("name", ["ab", "web", "Web_1.x-y", "0a", "w" * 64])
+def test_new_container_name_accepted(name: str) -> None:
+    detached.check_name(name)
+
+
+def test_name_with_a_trailing_newline_is_no_directory() -> None:
+    with pytest.raises(KataError, match="invalid container name"):
+        detached._dir("web\n")
+
+
+@pytest.mark.parametrize("name", ["", "a", "bad name"])
+def test_cli_name_refused_before_anything(tmp_path: Path, name: str) -> None:
+    r = microvm(tmp_path, "run", "-d", "--name", name, "busybox", "true")
+    one_line(r, "invalid container name")
+
+
+def test_cli_empty_name_without_detach(tmp_path: Path) -> None:
+    one_line(microvm(tmp_path, "run", "--rm", "--name", "", "busybox", "true"),
+             "--name goes with -d")
