@@ -7,7 +7,9 @@ Store (under /var/lib/kata-py/images):
 
 Every write goes to a temporary name in the same directory and is renamed
 into place only when complete and verified, so an interrupted import leaves
-nothing a later run would trust.  A lock file serialises writers.
+nothing a later run would trust.  A lock file serialises writers.  The
+store is root's alone (paths.private): layers keep their setuid files and
+device nodes for the guest.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ LAYER_TYPES = {f"application/vnd.oci.image.layer.{kind}v1.{fmt}"
 
 
 def store_root() -> Path:
-    return paths.LIB / "images"
+    return paths.private("images")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 from typing import IO, Any
 
-from . import images
+from . import images, paths
 from .errors import KataError
 
 INDEX_TYPES = ("application/vnd.oci.image.index.v1+json",
@@ -292,7 +292,7 @@ def pull(ref_text: str, insecure: tuple[str, ...] = (),
 
 
 def _auth_file() -> Path:
-    return images.store_root().parent / "auth.json"
+    return paths.LIB / "auth.json"
 
 
 def _registry_name(registry: str) -> str:
@@ -306,7 +306,7 @@ def _registry_name(registry: str) -> str:
 
 def _write_auth(data: dict[str, str]) -> None:
     path = _auth_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    paths.lib()  # made 0711, not world-readable, if this is its first use
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:

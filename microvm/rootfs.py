@@ -42,15 +42,15 @@ def resolve(name: str) -> Path:
 
 
 def builtin(name: str) -> Path:
-    dest = paths.ROOTFS / name
+    root = paths.private("rootfs")
+    dest = root / name
     if dest.is_dir():
         return dest
     if not os.access(BUSYBOX, os.X_OK):
         raise KataError(f"{BUSYBOX} not found: apt-get install busybox-static")
-    paths.ROOTFS.mkdir(parents=True, exist_ok=True)
     # Built aside and renamed into place: a concurrent first use or a crash
     # never sees a half-made tree.
-    tmp = Path(tempfile.mkdtemp(dir=paths.ROOTFS, prefix=f".{name}-"))
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{name}-"))
     try:
         _make_busybox(tmp)
         try:
