@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gzip
 import hashlib
 import io
 import json
@@ -30,9 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from . import paths
+from . import paths, unpack
 from .errors import KataError
-from .unpack import open_layer, unpack
 
 DEFAULT_REGISTRY = "docker.io"
 MANIFEST_TYPES = {"application/vnd.oci.image.manifest.v1+json",
@@ -66,7 +66,8 @@ class Reference:
 
 def parse_reference(ref: str) -> Reference:
     """docker's rules: `busybox` is docker.io/library/busybox:latest."""
-    if not ref or ref != ref.strip() or any(c.isspace() for c in ref):
+    if not isinstance(ref, str) or not ref or ref != ref.strip() \
+            or any(c.isspace() for c in ref):
         raise KataError(f"invalid reference format: {ref!r}")
     digest = ""
     if "@" in ref:
@@ -122,14 +123,31 @@ def _ref_file(ref: str) -> Path:
 
 
 def _put_blob(data: bytes, digest: str) -> None:
-    algo, _, hexd = digest.partition(":")
-    if algo != "sha256" or hashlib.sha256(data).hexdigest() != hexd:
-        raise KataError(f"blob digest mismatch: expected {digest}")
-    dest = store_root() / "blobs/sha256" / hexd
-    if not dest.exists():
-        tmp = dest.with_name(f".{hexd}.tmp{os.getpid()}")
-        tmp.write_bytes(data)
-        tmp.rename(dest)
+    _put_blob_file(io.BytesIO(data), digest)
+
+
+def _put_blob_file(f: IO[bytes], digest: str | None = None) -> tuple[str, int]:
+    """Copy f into the blob store, hashing it on the way: its digest and size.
+    digest: what it must be, or nothing is kept."""
+    blobs = store_root() / "blobs/sha256"
+    fd, tmp = tempfile.mkstemp(dir=blobs, prefix=".new-")
+    try:
+        h = _Hashing(f)
+        with open(fd, "wb") as out:
+            shutil.copyfileobj(h, out, 1 << 20)
+            size = out.tell()
+        got = "sha256:" + h.h.hexdigest()
+        if digest is not None and got != digest:
+            raise KataError(f"blob digest mismatch: expected {digest}")
+        if (blobs / got[7:]).exists():
+            os.unlink(tmp)
+        else:
+            os.rename(tmp, blobs / got[7:])
+        return got, size
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def _digest(value: object) -> str:
@@ -137,13 +155,6 @@ def _digest(value: object) -> str:
     if not isinstance(value, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", value):
         raise KataError(f"invalid digest {value!r}")
     return value
-
-
-def _inside(root: Path, name: object) -> Path:
-    """A file named by an untrusted document, which must stay inside root."""
-    if not isinstance(name, str) or name.startswith("/") or ".." in name.split("/"):
-        raise KataError(f"hostile file name in image archive: {name!r}")
-    return root / name
 
 
 def _blob(digest: str) -> Path:
@@ -172,9 +183,9 @@ def _unpack_layer(blob: Path, diff_id: str) -> None:
         return  # unpacked once, shared by every image
     tmp = Path(tempfile.mkdtemp(dir=store_root() / "tmp"))
     try:
-        with open_layer(blob) as f:
+        with unpack.open_layer(blob) as f:
             h = _Hashing(f)
-            unpack(io.BufferedReader(h, 1 << 20), tmp)  # type: ignore[arg-type]
+            unpack.unpack(io.BufferedReader(h, 1 << 20), tmp)  # type: ignore[arg-type]
             while h.read(1 << 20):  # tar padding after the end marker
                 pass
         if f"sha256:{h.h.hexdigest()}" != diff_id:
@@ -200,6 +211,14 @@ def check_manifest(doc: object) -> None:
 
 def _save(ref: Reference, manifest_digest: str, manifest: dict[str, Any],
           config: dict[str, Any]) -> Image:
+    img = _unpacked(ref, manifest_digest, manifest, config)
+    _record(img)
+    return img
+
+
+def _unpacked(ref: Reference, manifest_digest: str, manifest: dict[str, Any],
+              config: dict[str, Any]) -> Image:
+    """The image, its layers unpacked (its blobs are stored); no ref is written yet."""
     check_manifest(manifest)
     rootfs = config.get("rootfs") if isinstance(config, dict) else None
     diff_ids = rootfs.get("diff_ids", []) if isinstance(rootfs, dict) else None
@@ -210,15 +229,17 @@ def _save(ref: Reference, manifest_digest: str, manifest: dict[str, Any],
         raise KataError("image config and manifest disagree on the number of layers")
     for desc, diff in zip(layers, diff_ids, strict=True):
         _unpack_layer(_blob(_digest(desc.get("digest"))), _digest(diff))
-    img = Image(ref.name, manifest_digest, config, list(diff_ids),
-                sum(int(d.get("size", 0)) for d in layers),
-                str(config.get("created", "")), manifest["config"]["digest"])
+    return Image(ref.name, manifest_digest, config, list(diff_ids),
+                 sum(int(d.get("size", 0)) for d in layers),
+                 str(config.get("created", "")), manifest["config"]["digest"])
+
+
+def _record(img: Image) -> None:
     record = {"ref": img.ref, "manifest": img.manifest, "layers": img.layers,
               "size": img.size, "created": img.created, "config": img.config_digest}
     tmp = _ref_file(img.ref).with_suffix(".tmp")
     tmp.write_text(json.dumps(record))
     tmp.rename(_ref_file(img.ref))
-    return img
 
 
 def get(ref: str) -> Image | None:
@@ -290,40 +311,130 @@ def _collect() -> None:
 
 
 def import_archive(path: Path) -> list[Image]:
-    """docker save archives and OCI image layouts (a directory or a tar)."""
+    """docker save archives and OCI image layouts (a directory or a tar).
+    The refs are written once every image is in."""
     if not path.exists():
         raise KataError(f"{path}: no such file or directory")
     # The lock covers the extraction too: prune takes what is in tmp/ for
     # an interrupted write.
-    with _locked(), tempfile.TemporaryDirectory(dir=_tmp_dir()) as tmp:
+    with _locked(), _opened(path) as archive:
+        if archive.has("index.json"):
+            found = _import_oci(archive)
+        elif archive.has("manifest.json"):
+            found = _import_docker(archive)
+        else:
+            raise KataError(f"{path}: neither an OCI image layout nor a docker save archive")
+        for img in found:
+            _record(img)
+        return found
+
+
+class _Archive:
+    """An import's files, opened only inside its root (the directory given, or
+    the tar unpacked into the store's tmp/): no symlink is followed out."""
+
+    def __init__(self, root_fd: int, src: Path) -> None:
+        self.fd, self.src = root_fd, src
+
+    def _open(self, name: object) -> int:
+        if not isinstance(name, str):
+            raise KataError(f"{self.src}: hostile file name in image archive: {name!r}")
+        try:
+            return unpack.open_inside(self.fd, name)
+        except KataError as e:  # out of the archive, or not a file
+            raise KataError(f"{self.src}: {e}") from None
+        except FileNotFoundError:
+            raise
+        except OSError as e:
+            raise KataError(f"{self.src}: {name}: {e.strerror}") from None
+
+    @contextlib.contextmanager
+    def open(self, name: object, missing: str = "") -> Iterator[IO[bytes]]:
+        try:
+            fd = self._open(name)
+        except FileNotFoundError:
+            raise KataError(missing or f"{self.src}: {name}: no such file in the archive") \
+                from None
+        with open(fd, "rb") as f:
+            yield f
+
+    def has(self, name: str) -> bool:
+        try:
+            os.close(self._open(name))
+        except FileNotFoundError:
+            return False
+        return True
+
+    def read(self, name: object, missing: str = "") -> bytes:
+        with self.open(name, missing) as f:
+            return f.read()
+
+    def json(self, name: str) -> Any:
+        return _parse_json(self.read(name), f"{self.src}: {name}")
+
+    def blob(self, digest: object) -> str:
+        """An OCI layout's file name for a digest."""
+        return "blobs/" + _digest(digest).replace(":", "/")
+
+
+@contextlib.contextmanager
+def _opened(path: Path) -> Iterator[_Archive]:
+    """The directory given, or the tar extracted into the store's tmp/."""
+    with contextlib.ExitStack() as stack:
         if path.is_dir():
             root = path
         else:
-            root = Path(tmp)
-            try:
-                with tarfile.open(path) as tar:
-                    for m in tar:
-                        if not (m.isfile() or m.isdir()):
-                            continue
-                        parts = [p for p in m.name.split("/") if p not in ("", ".")]
-                        if m.name.startswith("/") or ".." in parts:
-                            raise KataError(f"{path}: hostile path in archive: {m.name!r}")
-                        if m.isfile():
-                            dest = root.joinpath(*parts)
-                            dest.parent.mkdir(parents=True, exist_ok=True)
-                            src = tar.extractfile(m)
-                            assert src is not None
-                            with open(dest, "wb") as out:
-                                shutil.copyfileobj(src, out)
-            except (tarfile.TarError, EOFError) as e:
-                # tarfile lists every compression it tried, one per line.
-                why = str(e).splitlines()[0].rstrip(":") if str(e) else type(e).__name__
-                raise KataError(f"{path}: not an image archive ({why})") from None
-        if (root / "index.json").exists():
-            return _import_oci(root, path)
-        if (root / "manifest.json").exists():
-            return _import_docker(root, path)
-        raise KataError(f"{path}: neither an OCI image layout nor a docker save archive")
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=_tmp_dir())))
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        stack.callback(os.close, fd)
+        if root != path:
+            _extract(path, fd)
+        yield _Archive(fd, path)
+
+
+def _extract(path: Path, root_fd: int) -> None:
+    """A tar's files, directories and symlinks under root_fd.  Symlinks are
+    kept as they are: reading resolves them inside the archive, or refuses."""
+    try:
+        with tarfile.open(path) as tar:
+            for m in tar:
+                if m.isfile() or m.isdir() or m.issym():
+                    _extract_member(tar, m, root_fd, path)
+    except (tarfile.TarError, EOFError, gzip.BadGzipFile) as e:
+        # tarfile lists every compression it tried, one per line.
+        why = str(e).splitlines()[0].rstrip(":") if str(e) else type(e).__name__
+        raise KataError(f"{path}: not an image archive ({why})") from None
+    except OSError as e:
+        raise KataError(f"{path}: cannot extract ({e.strerror or e})") from None
+
+
+def _extract_member(tar: tarfile.TarFile, m: tarfile.TarInfo, root_fd: int,
+                    path: Path) -> None:
+    parts = [p for p in m.name.split("/") if p not in ("", ".")]
+    if m.name.startswith("/") or ".." in parts:
+        raise KataError(f"{path}: hostile path in archive: {m.name!r}")
+    if not parts:
+        return
+    *parents, base = parts
+    # Never through a symlink an earlier member made.
+    dir_fd = unpack.open_dir(root_fd, parents, create=True)
+    try:
+        if m.isdir():
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(base, 0o700, dir_fd=dir_fd)
+            return
+        unpack.remove(dir_fd, base)  # a later member replaces an earlier one
+        if m.issym():
+            os.symlink(m.linkname, base, dir_fd=dir_fd)
+            return
+        src = tar.extractfile(m)
+        assert src is not None
+        fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=dir_fd)
+        with open(fd, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+    finally:
+        os.close(dir_fd)
 
 
 def _tmp_dir() -> Path:
@@ -346,52 +457,71 @@ def _parse_json(data: bytes, what: str) -> Any:
         raise KataError(f"{what}: not JSON ({e})") from None
 
 
-def _import_oci(root: Path, src: Path) -> list[Image]:
-    index = _read_json(root / "index.json", f"{src}: index.json")
-    images = []
-    for desc in index.get("manifests", []):
-        name = (desc.get("annotations") or {}).get("io.containerd.image.name") or \
-            (desc.get("annotations") or {}).get("org.opencontainers.image.ref.name")
+def _list_of_dicts(value: object, what: str) -> list[dict[str, Any]]:
+    """A list of objects from an untrusted document."""
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise KataError(f"{what}: malformed")
+    return value
+
+
+def _list(value: object, what: str) -> list[Any]:
+    if not isinstance(value, list | None):
+        raise KataError(f"{what}: not a list")
+    return value or []
+
+
+def _import_oci(archive: _Archive) -> list[Image]:
+    src = archive.src
+    index = archive.json("index.json")
+    found = []
+    manifests = index.get("manifests", []) if isinstance(index, dict) else None
+    for desc in _list_of_dicts(manifests, f"{src}: index.json"):
+        annotations = desc.get("annotations") or {}
+        if not isinstance(annotations, dict):
+            raise KataError(f"{src}: index.json: malformed annotations")
+        name = annotations.get("io.containerd.image.name") or \
+            annotations.get("org.opencontainers.image.ref.name")
         if not name:
             continue
         digest = _digest(desc.get("digest"))
         if desc.get("mediaType") not in MANIFEST_TYPES:
             raise KataError(f"{src}: unsupported manifest media type {desc.get('mediaType')!r}")
-        def blob(d: object) -> bytes:
-            path = root / "blobs" / _digest(d).replace(":", "/")
-            try:
-                return path.read_bytes()
-            except OSError:
-                raise KataError(f"{src}: blob {d} is missing from the layout") from None
 
-        manifest_bytes = blob(digest)
+        def missing(d: str) -> str:
+            return f"{src}: blob {d} is missing from the layout"
+
+        manifest_bytes = archive.read(archive.blob(digest), missing(digest))
         _put_blob(manifest_bytes, digest)
         manifest = _parse_json(manifest_bytes, f"{src}: manifest")
         check_manifest(manifest)
-        config_bytes = blob(manifest["config"]["digest"])
-        _put_blob(config_bytes, manifest["config"]["digest"])
+        config_digest = manifest["config"]["digest"]
+        config_bytes = archive.read(archive.blob(config_digest), missing(config_digest))
+        _put_blob(config_bytes, config_digest)
         for layer in manifest["layers"]:
-            _put_blob(blob(layer["digest"]), layer["digest"])
-        images.append(_save(parse_reference(name), digest, manifest,
-                            _parse_json(config_bytes, f"{src}: image config")))
-    if not images:
+            # Opened even if stored already: a layout that is not ours to read is refused.
+            with archive.open(archive.blob(layer["digest"]), missing(layer["digest"])) as f:
+                if not _blob(layer["digest"]).exists():
+                    _put_blob_file(f, layer["digest"])
+        found.append(_unpacked(parse_reference(name), digest, manifest,
+                               _parse_json(config_bytes, f"{src}: image config")))
+    if not found:
         raise KataError(f"{src}: the layout names no image (org.opencontainers.image.ref.name)")
-    return images
+    return found
 
 
-def _import_docker(root: Path, src: Path) -> list[Image]:
-    images = []
-    for entry in _read_json(root / "manifest.json", f"{src}: manifest.json"):
-        config_bytes = _inside(root, entry.get("Config")).read_bytes()
+def _import_docker(archive: _Archive) -> list[Image]:
+    src = archive.src
+    found = []
+    for entry in _list_of_dicts(archive.json("manifest.json"), f"{src}: manifest.json"):
+        config_bytes = archive.read(entry.get("Config"))
         config_digest = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
         _put_blob(config_bytes, config_digest)
         layers = []
-        for name in entry.get("Layers") or []:
-            data = _inside(root, name).read_bytes()
-            digest = "sha256:" + hashlib.sha256(data).hexdigest()
-            _put_blob(data, digest)
+        for name in _list(entry.get("Layers"), f"{src}: manifest.json: Layers"):
+            with archive.open(name) as f:
+                digest, size = _put_blob_file(f)
             layers.append({"mediaType": "application/vnd.docker.image.rootfs.diff.tar",
-                           "digest": digest, "size": len(data)})
+                           "digest": digest, "size": size})
         manifest = {"schemaVersion": 2,
                     "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
                     "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
@@ -400,13 +530,12 @@ def _import_docker(root: Path, src: Path) -> list[Image]:
         manifest_bytes = json.dumps(manifest, sort_keys=True).encode()
         manifest_digest = "sha256:" + hashlib.sha256(manifest_bytes).hexdigest()
         _put_blob(manifest_bytes, manifest_digest)
-        for tag in entry.get("RepoTags") or []:
-            images.append(_save(parse_reference(tag), manifest_digest, manifest,
-                                _parse_json(config_bytes, f"{src}: image config")))
-    if not images:
+        config = _parse_json(config_bytes, f"{src}: image config")
+        for tag in _list(entry.get("RepoTags"), f"{src}: manifest.json: RepoTags"):
+            found.append(_unpacked(parse_reference(tag), manifest_digest, manifest, config))
+    if not found:
         raise KataError(f"{src}: the archive has no tagged image")
-    return images
-
+    return found
 
 def created_ago(created: str) -> str:
     if not created:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from . import paths
 from .errors import KataError
+from .unpack import open_inside
 
 BUSYBOX = "/bin/busybox"
 BUILTIN = {"busybox"}
@@ -89,8 +90,8 @@ def lookup_user(rootfs: Path | list[Path], spec: str) -> tuple[int, int, list[in
     """
     layers = list(reversed(rootfs)) if isinstance(rootfs, list) else [rootfs]
     user, _, group = spec.partition(":")
-    passwd = next((t for t in (_table(r / "etc/passwd") for r in layers) if t), {})
-    groups = next((t for t in (_table(r / "etc/group") for r in layers) if t), {})
+    passwd = next((t for t in (_table(r, "etc/passwd") for r in layers) if t), {})
+    groups = next((t for t in (_table(r, "etc/group") for r in layers) if t), {})
     if user.isdigit():
         uid = int(user)
         entry = next((e for e in passwd.values() if e[2] == user), None)
@@ -115,14 +116,18 @@ def lookup_user(rootfs: Path | list[Path], spec: str) -> tuple[int, int, list[in
     return uid, gid, extra
 
 
-def _table(path: Path) -> dict[str, list[str]]:
-    # The rootfs is not ours: a symlink must not make us read the host's files.
-    root = path.parent.parent.resolve()
-    if not path.resolve().is_relative_to(root):
-        return {}
+def _table(root: Path, name: str) -> dict[str, list[str]]:
+    # The rootfs is not ours: a symlink must not make us read the host's
+    # files (one out of root is refused, race-free; see unpack.open_inside).
     try:
-        lines = path.read_text().splitlines()
-    except OSError:
+        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fd = open_inside(root_fd, name)
+        finally:
+            os.close(root_fd)
+        with open(fd, encoding="utf-8", errors="replace") as f:
+            lines = f.read().splitlines()
+    except (OSError, KataError):
         return {}
     rows = [line.split(":") for line in lines if line and not line.startswith("#")]
     return {r[0]: r for r in rows if len(r) >= 4}

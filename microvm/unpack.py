@@ -15,6 +15,7 @@ directories are then stacked by overlayfs as its lower layers.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import io
 import os
@@ -28,13 +29,18 @@ from .errors import KataError
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
+MAX_LINKS = 40  # symlinks on one path, as the kernel allows
 
 
 class HostileLayer(KataError):
     pass
 
 
-def _open_dir(root_fd: int, parts: list[str], create: bool) -> int:
+class Outside(KataError):
+    """A name, or a symlink on its way, leads out of the directory it is read in."""
+
+
+def open_dir(root_fd: int, parts: list[str], create: bool) -> int:
     """An fd for root/parts..., never following a symlink; makes dirs if asked."""
     fd = os.dup(root_fd)
     try:
@@ -48,7 +54,7 @@ def _open_dir(root_fd: int, parts: list[str], create: bool) -> int:
                 nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
             except OSError as e:
                 # ELOOP/ENOTDIR: a symlink or a file where a directory must be.
-                raise HostileLayer(f"layer path goes through a non-directory: {part!r} "
+                raise HostileLayer(f"path goes through a non-directory: {part!r} "
                                    f"({e.strerror})") from None
             os.close(fd)
             fd = nfd
@@ -70,7 +76,7 @@ def _split(name: str) -> list[str]:
     return parts
 
 
-def _remove(dir_fd: int, name: str) -> None:
+def remove(dir_fd: int, name: str) -> None:
     try:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
@@ -79,12 +85,71 @@ def _remove(dir_fd: int, name: str) -> None:
         fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
         try:
             for child in os.listdir(fd):
-                _remove(fd, child)
+                remove(fd, child)
         finally:
             os.close(fd)
         os.rmdir(name, dir_fd=dir_fd)
     else:
         os.unlink(name, dir_fd=dir_fd)
+
+
+def open_inside(root_fd: int, name: str) -> int:
+    """An fd to read the regular file root/name, never reaching out of root.
+
+    Each component is opened relative to its parent's fd with O_NOFOLLOW.  A
+    symlink on the way is resolved here, against the directories walked so
+    far: `..` pops our own stack of fds, never the file system's `..`, and an
+    absolute target or one that climbs above root is refused.  So nothing
+    renamed or planted meanwhile can take the walk out of root.
+    """
+    if name.startswith("/"):
+        raise Outside(f"{name}: an absolute path")
+    stack = [os.dup(root_fd)]
+    todo = name.split("/")[::-1]  # a stack as well: a symlink's target goes on top
+    links: list[str] = []         # those followed, for the error
+    try:
+        while todo:
+            part = todo.pop()
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if len(stack) == 1:
+                    via = f" (symlink {links[-1]})" if links else ""
+                    raise Outside(f"{name}: leads out of the directory{via}")
+                os.close(stack.pop())
+                continue
+            last = all(p in ("", ".") for p in todo)
+            try:
+                # O_NONBLOCK: a FIFO planted as the file must not hang the open.
+                fd = os.open(part, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (
+                    os.O_NONBLOCK | os.O_NOCTTY if last else os.O_DIRECTORY), dir_fd=stack[-1])
+            except OSError as e:
+                target = _symlink(e, part, stack[-1])
+                links.append(f"{part} -> {target}")
+                if target.startswith("/"):
+                    raise Outside(f"{name}: a symlink leads out ({links[-1]})") from None
+                if len(links) > MAX_LINKS:
+                    raise Outside(f"{name}: too many symlinks") from None
+                todo.extend(reversed(target.split("/")))
+                continue
+            if last:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    os.close(fd)
+                    raise KataError(f"{name}: not a regular file")
+                return fd
+            stack.append(fd)
+        raise KataError(f"{name!r}: names no file")
+    finally:
+        for fd in stack:
+            os.close(fd)
+
+
+def _symlink(error: OSError, name: str, dir_fd: int) -> str:
+    """The target of the symlink that made an O_NOFOLLOW open fail; else that error."""
+    if error.errno in (errno.ELOOP, errno.ENOTDIR):
+        with contextlib.suppress(OSError):
+            return os.readlink(name, dir_fd=dir_fd)
+    raise error
 
 
 def open_layer(path: Path) -> IO[bytes]:
@@ -156,14 +221,14 @@ def _extract(tar: tarfile.TarFile, m: tarfile.TarInfo, root_fd: int) -> None:
     if not parts:
         return
     *parents, base = parts
-    dir_fd = _open_dir(root_fd, parents, create=True)
+    dir_fd = open_dir(root_fd, parents, create=True)
     try:
         if base == OPAQUE:
             os.setxattr(f"/proc/self/fd/{dir_fd}", "trusted.overlay.opaque", b"y")
             return
         if base.startswith(WHITEOUT):
             target = base[len(WHITEOUT):]
-            _remove(dir_fd, target)
+            remove(dir_fd, target)
             os.mknod(target, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=dir_fd)
             return
         if m.isdir():
@@ -175,7 +240,7 @@ def _extract(tar: tarfile.TarFile, m: tarfile.TarInfo, root_fd: int) -> None:
             finally:
                 os.close(fd)
             return
-        _remove(dir_fd, base)  # a later entry replaces an earlier one
+        remove(dir_fd, base)  # a later entry replaces an earlier one
         if m.isreg():
             fd = os.open(base, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600,
                          dir_fd=dir_fd)
@@ -194,7 +259,7 @@ def _extract(tar: tarfile.TarFile, m: tarfile.TarInfo, root_fd: int) -> None:
             *lparents, lbase = _split(m.linkname) or [""]
             if not lbase:
                 raise HostileLayer(f"hard link to nothing: {m.name!r}")
-            src_dir = _open_dir(root_fd, lparents, create=False)
+            src_dir = open_dir(root_fd, lparents, create=False)
             try:
                 # The target must be inside the layer, and not a symlink out.
                 os.link(lbase, base, src_dir_fd=src_dir, dst_dir_fd=dir_fd,
