@@ -7,9 +7,9 @@ Store (under /var/lib/kata-py/images):
 
 Every write goes to a temporary name in the same directory and is renamed
 into place only when complete and verified, so an interrupted import leaves
-nothing a later run would trust.  A lock file serialises writers.  The
-store is root's alone (paths.private): layers keep their setuid files and
-device nodes for the guest.
+nothing a later run would trust; a failed one takes back what it added.  A
+lock file serialises writers.  The store is root's alone (paths.private):
+layers keep their setuid files and device nodes for the guest.
 """
 
 from __future__ import annotations
@@ -289,8 +289,8 @@ def remove(ref: str) -> list[Image]:
     return found
 
 
-def _collect() -> None:
-    """Remove blobs and layers no image refers to any more."""
+def _collect(only: set[str] | None = None) -> None:
+    """Remove blobs and layers no image refers to any more (only: of these names)."""
     used_layers: set[str] = set()
     used_blobs: set[str] = set()
     for img in list_images():
@@ -300,10 +300,10 @@ def _collect() -> None:
         manifest = json.loads(_blob(img.manifest).read_bytes())
         used_blobs |= {d["digest"].removeprefix("sha256:") for d in manifest["layers"]}
     for d in (store_root() / "layers").iterdir():
-        if d.name not in used_layers:
+        if d.name not in used_layers and (only is None or d.name in only):
             shutil.rmtree(d, ignore_errors=True)
     for b in (store_root() / "blobs/sha256").iterdir():
-        if b.name not in used_blobs:
+        if b.name not in used_blobs and (only is None or b.name in only):
             b.unlink(missing_ok=True)
 
 
@@ -312,12 +312,15 @@ def _collect() -> None:
 
 def import_archive(path: Path) -> list[Image]:
     """docker save archives and OCI image layouts (a directory or a tar).
-    The refs are written once every image is in."""
+
+    All or nothing: the refs are written once every image is in, and a
+    failure takes back every blob and layer this import added.
+    """
     if not path.exists():
         raise KataError(f"{path}: no such file or directory")
     # The lock covers the extraction too: prune takes what is in tmp/ for
     # an interrupted write.
-    with _locked(), _opened(path) as archive:
+    with _locked(), _all_or_nothing(), _opened(path) as archive:
         if archive.has("index.json"):
             found = _import_oci(archive)
         elif archive.has("manifest.json"):
@@ -327,6 +330,26 @@ def import_archive(path: Path) -> list[Image]:
         for img in found:
             _record(img)
         return found
+
+
+@contextlib.contextmanager
+def _all_or_nothing() -> Iterator[None]:
+    """Under the lock: whatever a failed write added to the store goes again."""
+    before = _contents()
+    try:
+        yield
+    except BaseException:
+        added = {d: names - before[d] for d, names in _contents().items()}
+        for name in added["refs"]:
+            (store_root() / "refs" / name).unlink(missing_ok=True)
+        # Never hiding the reason: a store broken otherwise keeps the rest.
+        with contextlib.suppress(OSError, KataError, ValueError, KeyError):
+            _collect(only=added["blobs/sha256"] | added["layers"])
+        raise
+
+
+def _contents() -> dict[str, set[str]]:
+    return {d: set(os.listdir(store_root() / d)) for d in ("blobs/sha256", "layers", "refs")}
 
 
 class _Archive:
