@@ -217,7 +217,8 @@ async def serve(args: Args) -> None:
     if os.environ.get("TTRPC_ADDRESS"):
         publisher = Publisher(os.environ["TTRPC_ADDRESS"], args.namespace)
     service = TaskService(args.namespace, publisher, done.set)
-    server = ttrpc.Server()
+    # Whoever reaches the socket (root) must not make the shim hold without bound.
+    server = ttrpc.Server(ttrpc.Limits())
     server.register_service(SERVICE, service, task_pb2.DESCRIPTOR.services_by_name["Task"],
                             task_pb2)
     listener = socket.socket(fileno=3) if not args.socket else None

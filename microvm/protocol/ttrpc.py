@@ -8,7 +8,10 @@ use no streams.
 
 Both peers are untrusted: every malformed frame gives a clean error, an
 oversized frame is discarded and answered with RESOURCE_EXHAUSTED, and a
-server keeps serving the connection after a bad request.
+server keeps serving the connection after a bad request.  A server given
+Limits (the shim's) also bounds what its peers can make it hold: open
+connections, bytes of requests being read or handled, and the time a frame
+may take to arrive; it warns of a flood once a minute, not per frame.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import struct
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -181,6 +185,61 @@ async def read_frame(reader: asyncio.StreamReader) -> Frame | None:
     return Frame(stream_id, type_, flags, data)
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What a server's peers may make it hold."""
+
+    # containerd keeps one or two connections to a shim; our CLI one per verb.
+    max_connections: int = 32
+    # Bytes of requests being read or handled, over all connections: partial
+    # frames count from their header (the length they announce), complete
+    # ones until answered.  Enough for three maximum-size frames at once.
+    max_buffered: int = 16 << 20
+    # What a request in flight costs beyond its bytes (its task, parsed
+    # messages): thousands of tiny pending calls must not add up unseen.
+    request_overhead: int = 4096
+    # Seconds a frame may take to arrive once its first byte has: a peer
+    # that stops mid-frame must not keep its share of the budget.
+    frame_timeout: float = 30.0
+
+
+class _OverBudget(Exception):
+    def __init__(self, stream_id: int, length: int) -> None:
+        super().__init__(f"server busy: a request of {length} bytes does not fit in what "
+                         "it holds for its peers now; try again")
+        self.stream_id = stream_id
+
+
+class _Throttle:
+    """One warning per interval: a flood is logged once, then counted."""
+
+    def __init__(self, interval: float = 60.0) -> None:
+        self.interval = interval
+        self._next = 0.0
+        self._quiet = 0
+
+    def warn(self, message: str) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._quiet += 1
+            return
+        more = f" ({self._quiet} more since the last warning)" if self._quiet else ""
+        log.warning("ttrpc: %s%s; further trouble with peers is logged at most once every "
+                    "%gs", message, more, self.interval)
+        self._next = now + self.interval
+        self._quiet = 0
+
+
+async def _discard(reader: asyncio.StreamReader, length: int) -> None:
+    """Skip a frame's data without holding it."""
+    remaining = length
+    while remaining:
+        chunk = await reader.read(min(remaining, 1 << 16))
+        if not chunk:
+            raise ProtocolError("connection closed inside a refused frame")
+        remaining -= len(chunk)
+
+
 class _Connection:
     """One writer lock per connection: frames from concurrent calls never interleave."""
 
@@ -218,11 +277,19 @@ class Method:
 
 
 class Server:
-    """Serves registered services; every request runs concurrently."""
+    """Serves registered services; every request runs concurrently.
 
-    def __init__(self) -> None:
+    limits: None for a peer we trust (the agent's only peer is the host);
+    a server that anyone else may reach passes Limits().
+    """
+
+    def __init__(self, limits: Limits | None = None) -> None:
         self._methods: dict[tuple[str, str], Method] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self.limits = limits
+        self.connections = 0
+        self.buffered = 0  # bytes charged against limits.max_buffered
+        self._throttle = _Throttle()
 
     def register(self, service: str, method: str, request_type: type[Message],
                  handler: Handler) -> None:
@@ -240,21 +307,30 @@ class Server:
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Serve one connection until it closes."""
         conn = _Connection(reader, writer)
+        if self.limits and self.connections >= self.limits.max_connections:
+            self._throttle.warn(f"refusing connections beyond {self.limits.max_connections} "
+                                "open ones")
+            conn.close()
+            return
+        self.connections += 1
         last_id = 0
         try:
             while True:
                 try:
-                    frame = await read_frame(reader)
-                except FrameTooLarge as e:
-                    log.warning("ttrpc: %s", e)
+                    got = await self._read_frame(reader)
+                except (FrameTooLarge, _OverBudget) as e:
+                    self._throttle.warn(str(e))
                     await self._reply_error(conn, e.stream_id, RESOURCE_EXHAUSTED, str(e))
                     continue
-                if frame is None:
+                if got is None:
                     return
+                frame, cost = got
                 if frame.type != TYPE_REQUEST:
+                    self._release(cost)
                     log.debug("ttrpc: ignoring frame of type %d", frame.type)
                     continue
                 if frame.stream_id % 2 == 0 or frame.stream_id <= last_id:
+                    self._release(cost)
                     await self._reply_error(
                         conn, frame.stream_id, INVALID_ARGUMENT,
                         "StreamID must be odd and increasing for client initiated streams")
@@ -263,10 +339,57 @@ class Server:
                 task = asyncio.create_task(self._dispatch(conn, frame))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+                if cost:  # the request's bytes are held until it is answered
+                    task.add_done_callback(self._releaser(cost))
         except (ProtocolError, ConnectionError) as e:
-            log.warning("ttrpc: dropping connection: %s", e)
+            self._throttle.warn(f"dropping connection: {e}")
+        except TimeoutError:
+            assert self.limits is not None
+            self._throttle.warn(f"dropping connection: a frame took over "
+                                f"{self.limits.frame_timeout:g}s to arrive")
         finally:
+            self.connections -= 1
             conn.close()
+
+    async def _read_frame(self, reader: asyncio.StreamReader) -> tuple[Frame, int] | None:
+        """read_frame, held to the limits: the frame and what it was charged."""
+        if self.limits is None:
+            frame = await read_frame(reader)
+            return None if frame is None else (frame, 0)
+        first = await reader.read(1)  # idle between frames: no deadline
+        if not first:
+            return None
+        async with asyncio.timeout(self.limits.frame_timeout):
+            try:
+                header = first + await reader.readexactly(HEADER.size - 1)
+            except asyncio.IncompleteReadError as e:
+                raise ProtocolError(f"connection closed inside a frame header "
+                                    f"({len(e.partial) + 1} bytes)") from None
+            length, stream_id, type_, flags = HEADER.unpack(header)
+            # Refused from the header alone: its data is skipped, never held.
+            if length > MAX_MESSAGE:
+                await _discard(reader, length)
+                raise FrameTooLarge(stream_id, length)
+            cost = length + self.limits.request_overhead
+            if self.buffered + cost > self.limits.max_buffered:
+                await _discard(reader, length)
+                raise _OverBudget(stream_id, length)
+            self.buffered += cost
+            try:
+                data = await reader.readexactly(length)
+            except BaseException as e:
+                self._release(cost)
+                if isinstance(e, asyncio.IncompleteReadError):
+                    raise ProtocolError(f"connection closed inside a frame: got "
+                                        f"{len(e.partial)} of {length} bytes") from None
+                raise
+        return Frame(stream_id, type_, flags, data), cost
+
+    def _release(self, cost: int) -> None:
+        self.buffered -= cost
+
+    def _releaser(self, cost: int) -> Callable[[asyncio.Task[None]], None]:
+        return lambda _task: self._release(cost)
 
     async def _reply_error(self, conn: _Connection, stream_id: int, code: int,
                            message: str) -> None:
