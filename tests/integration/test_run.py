@@ -422,6 +422,14 @@ def test_volumes_rw_ro_file_and_no_escape(microvm: Microvm, tmp_path: Path) -> N
     ("-p", "80", "expected [IP:]HOST:CONTAINER"),
     ("-p", "80:80/sctp", "invalid protocol 'sctp'"),
     ("-p", "nohost:80:80", "invalid host address 'nohost'"),
+    ("--hostname", "evil\n6.6.6.6\tbank.example", "invalid hostname"),
+    ("--hostname", "h" * 300, "longer than 64 characters"),
+    ("-u", "99999999999999999999", "uid and gid must be numbers from 0 to 4294967294"),
+    ("-u", "0:4294967295", "uid and gid must be numbers from 0 to 4294967294"),
+    ("-v", "/tmp:/proc", "invalid mount destination"),
+    ("-v", "/tmp:/sys/fs/cgroup", "invalid mount destination"),
+    ("-v", "/tmp:/dev/pts", "invalid mount destination"),
+    ("--name", "", "--name goes with -d"),
 ])
 def test_bad_run_flags_are_one_line(microvm: Microvm, flag: str, value: str,
                                     message: str) -> None:
@@ -430,3 +438,22 @@ def test_bad_run_flags_are_one_line(microvm: Microvm, flag: str, value: str,
     r = microvm.run("run", "--rm", *net, flag, value, "busybox", "true")
     assert r.returncode == 125
     assert len(r.error_lines) == 1 and message in r.error_lines[0], r.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--name", ""], "invalid container name ''"),
+    (["--name", "x"], "invalid container name 'x'"),
+    (["--name", "kt-badhost", "--hostname", "a\nb"], "invalid hostname"),
+    (["--name", "kt-baduser", "-u", "99999999999999999999"], "uid and gid must be numbers"),
+])
+def test_bad_detached_flags_are_one_line(microvm: Microvm, flags: list[str],
+                                         message: str) -> None:
+    """Refused before a bundle or a shim exists: exit 125, one line."""
+    before = set(os.listdir("/var/lib/kata-py/containers")) \
+        if os.path.isdir("/var/lib/kata-py/containers") else set()
+    r = microvm.run("run", "-d", *flags, "busybox", "true")
+    assert r.returncode == 125
+    assert len(r.error_lines) == 1 and message in r.error_lines[0], r.stderr
+    after = set(os.listdir("/var/lib/kata-py/containers")) \
+        if os.path.isdir("/var/lib/kata-py/containers") else set()
+    assert after <= before
