@@ -492,3 +492,58 @@ def test_pod_resources_size_the_vm(ctd: Containerd) -> None:
     cpus, mem = p.stdout.splitlines()
     assert cpus == "2"
     assert int(mem.split()[1]) > 700 * 1024   # 512 MiB default + 256 MiB, less the kernel's
+
+
+STATUS = "grep -E '^(CapEff|CapBnd|CapInh|CapAmb|NoNewPrivs|Seccomp):' /proc/self/status"
+DOCKER_CAPS = "00000000a80425fb"  # docker's and containerd's default set
+
+
+def _status(out: str) -> dict[str, str]:
+    return dict(line.split(":\t", 1) for line in out.splitlines() if ":\t" in line)
+
+
+def test_default_spec_is_applied_as_runc_applies_it(ctd: Containerd) -> None:
+    """containerd's default spec: docker's capabilities, no_new_privs, masked
+    and read-only /proc paths; --seccomp adds its default profile."""
+    p = run(ctd, "t-defaults", "sh", "-c",
+            f"{STATUS}; wc -c < /proc/timer_list; echo x > /proc/sys/kernel/domainname "
+            "|| echo sys-ro; mkdir /m && mount -t tmpfs t /m || echo no-mount",
+            flags=("--rm", "--seccomp"))
+    assert p.returncode == 0, p.stderr
+    status = _status(p.stdout)
+    assert status == {"CapInh": "0000000000000000", "CapEff": DOCKER_CAPS,
+                      "CapBnd": DOCKER_CAPS, "CapAmb": "0000000000000000",
+                      "NoNewPrivs": "1", "Seccomp": "2"}, p.stdout
+    assert p.stdout.split()[-3:] == ["0", "sys-ro", "no-mount"], p.stdout
+
+
+def test_exec_gets_the_containers_capabilities(ctd: Containerd) -> None:
+    cid = "t-exec-caps"
+    p = run(ctd, cid, "sleep", "60", flags=("-d", "--seccomp"))
+    assert p.returncode == 0, p.stderr
+    try:
+        e = ctd.ctr("task", "exec", "--exec-id", "e1", cid, "sh", "-c", STATUS)
+        assert e.returncode == 0, e.stderr
+        assert _status(e.stdout)["CapEff"] == DOCKER_CAPS
+        assert _status(e.stdout)["Seccomp"] == "2"
+    finally:
+        force_remove(ctd, cid)
+
+
+def test_privileged_container_cannot_write_a_read_only_share(ctd: Containerd,
+                                                             tmp_path: Path) -> None:
+    """Every capability in the guest, the share mounted again by hand: the
+    host's read-only bind stays read-only (the host enforces it)."""
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro" / "key").write_text("host\n")
+    p = run(ctd, "t-priv-share", "sh", "-c",
+            f"{STATUS}; mkdir /m && mount -t virtiofs kata-py-shared /m && "
+            "for f in /m/*/volumes/*/key; do echo pwned > $f || echo refused; done",
+            flags=("--rm", "--privileged", "--mount",
+                   f"type=bind,src={tmp_path / 'ro'},dst=/secrets,options=rbind:ro"))
+    assert p.returncode == 0, p.stderr
+    # ctr's --privileged gives containerd's own set (this host's root lacks
+    # CAP_SYS_RESOURCE); CAP_SYS_ADMIN is what mounting takes.
+    assert int(_status(p.stdout)["CapEff"], 16) & 1 << 21, p.stdout
+    assert p.stdout.split()[-1] == "refused", p.stdout
+    assert (tmp_path / "ro" / "key").read_text() == "host\n"
