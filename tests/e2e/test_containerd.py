@@ -507,14 +507,18 @@ def test_default_spec_is_applied_as_runc_applies_it(ctd: Containerd) -> None:
     and read-only /proc paths; --seccomp adds its default profile."""
     p = run(ctd, "t-defaults", "sh", "-c",
             f"{STATUS}; wc -c < /proc/timer_list; echo x > /proc/sys/kernel/domainname "
-            "|| echo sys-ro; mkdir /m && mount -t tmpfs t /m || echo no-mount",
+            "|| echo sys-ro; mkdir /m && mount -t tmpfs t /m || echo no-mount; "
+            # containerd's default device rules deny every device, even
+            # mknod with CAP_MKNOD (here the guest's serial console).
+            "mknod /ttyS0 c 4 64 || echo dev-denied",
             flags=("--rm", "--seccomp"))
     assert p.returncode == 0, p.stderr
     status = _status(p.stdout)
     assert status == {"CapInh": "0000000000000000", "CapEff": DOCKER_CAPS,
                       "CapBnd": DOCKER_CAPS, "CapAmb": "0000000000000000",
                       "NoNewPrivs": "1", "Seccomp": "2"}, p.stdout
-    assert p.stdout.split()[-3:] == ["0", "sys-ro", "no-mount"], p.stdout
+    assert p.stdout.split()[-4:] == ["0", "sys-ro", "no-mount", "dev-denied"], p.stdout
+    assert "Operation not permitted" in p.stderr
 
 
 def test_exec_gets_the_containers_capabilities(ctd: Containerd) -> None:
