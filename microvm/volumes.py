@@ -18,6 +18,11 @@ GUEST_MADE = {"/proc", "/sys", "/dev", "/dev/pts", "/dev/mqueue", "/sys/fs/cgrou
 # /sys/fs/cgroup would hand the container the kernel's knobs to a host file.
 # (A spec's binds under /dev, such as Kubernetes' /dev/termination-log, stay.)
 RESERVED = ("/proc", "/sys", "/dev")
+# A spec may mount inside /proc only where runc lets it (checkProcMount):
+# lxcfs-style files, never /proc/sys or /proc/sysrq-trigger.
+PROC_ALLOWED = {"/proc/cpuinfo", "/proc/diskstats", "/proc/meminfo", "/proc/stat",
+                "/proc/swaps", "/proc/uptime", "/proc/loadavg", "/proc/slabinfo",
+                "/proc/net/dev", "/proc/sys/kernel/ns_last_pid"}
 
 
 @dataclass(frozen=True)
@@ -70,9 +75,12 @@ def from_oci(mounts: list[Any]) -> list[Volume]:
         if not isinstance(kind, str) or not isinstance(options, list) or \
                 not all(isinstance(o, str) for o in options):
             raise ValueError(f"{where}: type must be a string and options a list of strings")
-        dest = os.path.normpath(dest)
+        dest = os.path.normpath("/" + dest.lstrip("/"))
         if dest in GUEST_MADE:
             continue
+        if dest.startswith("/proc/") and dest not in PROC_ALLOWED:
+            raise ValueError(f"{where}.destination {dest} cannot be mounted: it is inside "
+                             "/proc")
         readonly = "ro" in options
         if kind == "bind" or "bind" in options or "rbind" in options:
             source = m.get("source")

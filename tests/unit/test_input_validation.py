@@ -20,7 +20,7 @@ import yaml
 from microvm import cli, config, detached, network, paths
 from microvm.config import load
 from microvm.errors import ConfigError, KataError
-from microvm.volumes import parse_volume
+from microvm.volumes import from_oci, parse_volume
 
 SECRET = "$y$j9T$Zq3n0tAr3alHash$s3cr3tS4lt"
 
@@ -280,3 +280,19 @@ def test_cli_name_refused_before_anything(tmp_path: Path, name: str) -> None:
 def test_cli_empty_name_without_detach(tmp_path: Path) -> None:
     one_line(microvm(tmp_path, "run", "--rm", "--name", "", "busybox", "true"),
              "--name goes with -d")
+
+
+@pytest.mark.parametrize("dest", ["/proc/sys", "/proc/sysrq-trigger", "//proc/sys/kernel",
+                                  "/proc/1/root"])
+def test_spec_mount_inside_proc_refused(dest: str) -> None:
+    """As runc's checkProcMount: an OCI spec may not bind over /proc's knobs."""
+    with pytest.raises(ValueError, match="inside /proc"):
+        from_oci([{"destination": dest, "type": "bind", "source": "/tmp", "options": ["rbind"]}])
+
+
+def test_spec_mounts_runc_allows_stay() -> None:
+    mounts = [{"destination": d, "type": "bind", "source": "/tmp", "options": ["rbind"]}
+              for d in ("/proc/meminfo", "/dev/termination-log", "/sys/fs/x", "/data")]
+    mounts.append({"destination": "/proc", "type": "proc", "source": "proc"})
+    assert [v.destination for v in from_oci(mounts)] == [
+        "/proc/meminfo", "/dev/termination-log", "/sys/fs/x", "/data"]
