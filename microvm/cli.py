@@ -14,7 +14,7 @@ from typing import Any
 
 import click
 
-from . import __version__, images, mountns, rootfs
+from . import __version__, images, mountns, oci, rootfs
 from . import accel as accel_mod
 from . import config as config_mod
 from .errors import KataError
@@ -127,6 +127,10 @@ def _check_run_flags(hostname: str, name: str | None, detach: bool) -> None:
 @click.option("--kernel", metavar="PATH", help="Guest kernel (bzImage).")
 @click.option("--accel", type=click.Choice(config_mod.ACCELS), help="Accelerator.")
 @click.option("--read-only", is_flag=True, help="Mount the root file system read-only.")
+@click.option("--privileged", is_flag=True,
+              help="Every capability, every device, no masked paths (inside the VM only).")
+@click.option("--cap-add", multiple=True, metavar="CAP", help="Add a capability (or ALL).")
+@click.option("--cap-drop", multiple=True, metavar="CAP", help="Drop a capability (or ALL).")
 @click.option("-d", "--detach", is_flag=True,
               help="Run in the background (through the shim); print the name.")
 @click.option("--name", metavar="NAME", help="Name of a detached container.")
@@ -143,7 +147,8 @@ def _check_run_flags(hostname: str, name: str | None, detach: bool) -> None:
 def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ...],
         workdir: str | None, user: str | None, entrypoint: str | None, hostname: str,
         pull_policy: str, cpus: int | None, memory: int | None, kernel: str | None,
-        accel: str | None, read_only: bool, detach: bool, name: str | None,
+        accel: str | None, read_only: bool, privileged: bool, cap_add: tuple[str, ...],
+        cap_drop: tuple[str, ...], detach: bool, name: str | None,
         network: str | None, publish: tuple[str, ...], volume: tuple[str, ...],
         rootfs_name: str, command: tuple[str, ...]) -> None:
     """Run COMMAND in a new container, in its own VM.
@@ -162,6 +167,11 @@ def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ..
     cfg.source = "command line"
     cfg.validate()
     _check_run_flags(hostname, name, detach)
+    privileges = oci.Privileges(privileged, cap_add, cap_drop)
+    try:
+        capabilities = privileges.capabilities()
+    except ValueError as e:
+        raise KataError(f"invalid --cap-add/--cap-drop: {e}") from None
     net = parse_mode(network or cfg.network, publish)
     volumes = [parse_volume(v) for v in volume]
     # `run IMAGE -- CMD...`: the separator is ours, not the command's.
@@ -205,7 +215,7 @@ def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ..
         args=args, env=_env(env, image_config.get("Env") or []) + (
             ["TERM=xterm"] if terminal else []), cwd=workdir,
         user=agent_pb2.User(uid=uid, gid=gid, additional_gids=extra), terminal=terminal,
-        rows=rows, cols=cols, stdin=interactive)
+        rows=rows, cols=cols, stdin=interactive, capabilities=capabilities)
     if detach:
         from . import detached
         if cpus is not None or memory is not None or kernel is not None or accel is not None:
@@ -214,19 +224,19 @@ def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ..
         process.stdin = False
         click.echo(asyncio.run(detached.run_detached(
             name, root, process, hostname or secrets.token_hex(6), read_only,
-            obj.config_path, image_ref, net, volumes)))
+            obj.config_path, image_ref, net, volumes, privileges)))
         return
     run_dir = mountns.enter()
     status = asyncio.run(_run(cfg, run_dir, root, process, read_only,
                               hostname or secrets.token_hex(6), interactive, terminal, net,
-                              volumes))
+                              volumes, privileges))
     sys.exit(status)
 
 
 async def _run(cfg: config_mod.Config, run_dir: Path, root: Path | list[Path],
                process: agent_pb2.Process,
                read_only: bool, hostname: str, interactive: bool, terminal: bool,
-               net: NetworkSpec, volumes: list[Volume]) -> int:
+               net: NetworkSpec, volumes: list[Volume], privileges: oci.Privileges) -> int:
     from .attach import Terminal, attach
     from .sandbox import Sandbox
 
@@ -236,7 +246,10 @@ async def _run(cfg: config_mod.Config, run_dir: Path, root: Path | list[Path],
     cid = secrets.token_hex(8)
     async with Sandbox(cfg, cid, run_dir, choice, network=net) as sb:
         await sb.create_container(cid, root, process, readonly=read_only, hostname=hostname,
-                                  etc=True, volumes=volumes)
+                                  etc=True, volumes=volumes,
+                                  masked_paths=privileges.masked_paths,
+                                  readonly_paths=privileges.readonly_paths,
+                                  devices=privileges.devices)
         with Terminal(sys.stdin.fileno()) if terminal and interactive else _nothing():
             await sb.start_container(cid)
             return await attach(sb, cid, stdin=interactive, terminal=terminal)

@@ -29,10 +29,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, json_format
 from google.protobuf.message import Message
 
-from . import paths
+from . import oci, paths
 from .errors import CommandNotExecutable, CommandNotFound, KataError
 from .network import NetworkSpec, to_annotations
 from .protocol import agent_pb2, task_pb2, ttrpc
@@ -121,7 +121,11 @@ async def _call(client: ttrpc.Client, method: str, req: Message, resp: type[Mess
 
 
 def _spec(process: agent_pb2.Process, hostname: str, read_only: bool,
-          annotations: dict[str, str], volumes: list[Volume] | None = None) -> dict[str, Any]:
+          annotations: dict[str, str], volumes: list[Volume] | None = None,
+          privileges: oci.Privileges | None = None) -> dict[str, Any]:
+    privileges = privileges or oci.Privileges()
+    caps = ({"capabilities": json_format.MessageToDict(process.capabilities)}
+            if process.HasField("capabilities") else {})
     return {
         "annotations": annotations,
         "mounts": [{"destination": v.destination, "type": "bind", "source": v.source,
@@ -134,17 +138,21 @@ def _spec(process: agent_pb2.Process, hostname: str, read_only: bool,
                     "args": list(process.args),
                     "env": list(process.env), "cwd": process.cwd or "/",
                     "user": {"uid": process.user.uid, "gid": process.user.gid,
-                             "additionalGids": list(process.user.additional_gids)}},
+                             "additionalGids": list(process.user.additional_gids)},
+                    **caps},
         "root": {"path": "rootfs", "readonly": read_only},
         "hostname": hostname,
-        "linux": {"resources": {}},
+        "linux": {"resources": {"devices": [oci.device_json(d) for d in privileges.devices]},
+                  "maskedPaths": list(privileges.masked_paths),
+                  "readonlyPaths": list(privileges.readonly_paths)},
     }
 
 
 async def run_detached(name: str | None, rootfs: Path | list[Path], process: agent_pb2.Process,
                        hostname: str, read_only: bool, config_path: str | None,
                        image: str = "", network: NetworkSpec | None = None,
-                       volumes: list[Volume] | None = None) -> str:
+                       volumes: list[Volume] | None = None,
+                       privileges: oci.Privileges | None = None) -> str:
     if name is None:
         name = secrets.token_hex(6)
     else:
@@ -161,7 +169,7 @@ async def run_detached(name: str | None, rootfs: Path | list[Path], process: age
         # The shim makes the network (it owns the namespace, and the ports).
         annotations = to_annotations(network or NetworkSpec())
         (d / "config.json").write_text(json.dumps(_spec(process, hostname, read_only,
-                                                        annotations, volumes)))
+                                                        annotations, volumes, privileges)))
         # Where the shim writes its own diagnostics (containerd passes a FIFO here).
         (d / "log").touch(mode=0o600)
         # An image's layers, bottom first; overlayfs lists the top first.

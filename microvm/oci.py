@@ -89,6 +89,13 @@ def _strings(value: Any, what: str) -> list[str]:
     return list(value)
 
 
+def _id(value: Any, what: str) -> int:
+    # (uid_t)-1 means "unchanged" to the kernel: never an id.
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 2**32 - 2:
+        raise ttrpc.InvalidArgument(f"OCI spec: {what} must be ids from 0 to {2**32 - 2}")
+    return value
+
+
 def process(obj: Any, where: str = "process.") -> agent_pb2.Process:
     if not isinstance(obj, dict):
         raise ttrpc.InvalidArgument(f"OCI spec: {where.rstrip('.')} must be an object")
@@ -107,10 +114,10 @@ def process(obj: Any, where: str = "process.") -> agent_pb2.Process:
     proc = agent_pb2.Process(
         args=args, env=_strings(obj.get("env") or [], f"{where}env"),
         cwd=_get(obj, "cwd", str, where, "/"),
-        user=agent_pb2.User(uid=_get(user, "uid", int, "user.", 0),
-                            gid=_get(user, "gid", int, "user.", 0),
-                            additional_gids=[g for g in _get(user, "additionalGids", list,
-                                                             "user.", []) if isinstance(g, int)]),
+        user=agent_pb2.User(uid=_id(_get(user, "uid", int, "user.", 0), "user.uid"),
+                            gid=_id(_get(user, "gid", int, "user.", 0), "user.gid"),
+                            additional_gids=[_id(g, "user.additionalGids") for g in _get(
+                                user, "additionalGids", list, "user.", [])]),
         terminal=_get(obj, "terminal", bool, where, False),
         rows=_get(size, "height", int, "consoleSize.", 0),
         cols=_get(size, "width", int, "consoleSize.", 0),
@@ -315,6 +322,13 @@ class Privileges:
         return [agent_pb2.DeviceRule(allow=allow, type=t, major=major, minor=minor,
                                      access=access)
                 for allow, t, major, minor, access in DEFAULT_DEVICES]
+
+
+def device_json(rule: agent_pb2.DeviceRule) -> dict[str, Any]:
+    """A rule as an OCI spec has it (linux.resources.devices)."""
+    out: dict[str, Any] = {"allow": rule.allow, "type": rule.type, "access": rule.access}
+    out.update({k: v for k, v in (("major", rule.major), ("minor", rule.minor)) if v >= 0})
+    return out
 
 
 # docker's default device rules: nothing but mknod, then the usual nodes.

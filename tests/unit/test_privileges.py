@@ -283,3 +283,12 @@ def test_cli_privileges() -> None:
     assert default.devices[0].type == "a" and not default.devices[0].allow
     assert [(d.allow, d.type) for d in privileged.devices] == [(True, "a")]
     assert list(oci.Privileges(cap_drop=("ALL",)).capabilities().bounding) == []
+
+
+@pytest.mark.parametrize("user", [{"uid": 2**33}, {"uid": -1}, {"gid": 2**32 - 1},
+                                  {"additionalGids": ["wheel"]}, {"uid": True}])
+def test_user_ids_out_of_range_are_invalid_argument(tmp_path: Path,
+                                                     user: dict[str, Any]) -> None:
+    """Before: protobuf's ValueError reached containerd as an internal error."""
+    with pytest.raises(ttrpc.InvalidArgument, match="user"):
+        oci.load_bundle(_bundle(tmp_path, {"process": {"args": ["sh"], "user": user}}))
