@@ -10,6 +10,10 @@ OCI whiteouts: `.wh.NAME` removes NAME from the layers below (kept here as
 overlayfs's whiteout, a 0/0 character device), `.wh..wh..opq` marks its
 directory opaque (overlayfs's trusted.overlay.opaque=y).  The layer
 directories are then stacked by overlayfs as its lower layers.
+
+Owners, set-id bits and device nodes are kept as the image has them, as
+containerd and runc keep them: inside the VM they are the guest's business.
+On the host they sit in a store only root may enter (paths.private).
 """
 
 from __future__ import annotations
