@@ -48,10 +48,11 @@ class BridgeConfig:
     name: str = "microvm0"
     subnet: str = "10.89.0.0/16"
     mtu: int = 1500
+    icc: bool = True
 
     @classmethod
     def of(cls, config: Config) -> BridgeConfig:
-        return cls(config.bridge_name, config.bridge_subnet)
+        return cls(config.bridge_name, config.bridge_subnet, icc=config.bridge_icc)
 
     @property
     def network(self) -> ipaddress.IPv4Network:
@@ -267,6 +268,10 @@ def attach(cfg: BridgeConfig, owner_name: str) -> Attachment:
                      peer={"ifname": "eth0", "net_ns_fd": fd})
             index = ipr.link_lookup(ifname=host_veth)[0]
             ipr.link("set", index=index, master=bridge, mtu=cfg.mtu, state="up")
+            if not cfg.icc:
+                # An isolated port forwards only to ports that are not: the
+                # bridge itself (the gateway, NAT), never another container.
+                ipr.brport("set", index=index, isolated=1)
 
         netlink.run(outside)
         att = Attachment(cfg, fd, ip, host_veth)

@@ -60,6 +60,9 @@ class Config:
     network: str = "bridge"
     bridge_name: str = "microvm0"
     bridge_subnet: str = "10.89.0.0/16"
+    # docker's --icc: containers on the bridge reach each other (true), or
+    # only the gateway and the outside (false: isolated bridge ports).
+    bridge_icc: bool = True
     source: str = field(default="defaults", compare=False, repr=False)
 
     def validate(self) -> None:

@@ -84,6 +84,34 @@ def test_two_containers_on_the_bridge_and_etc_files(cli: Microvm, node: str) -> 
     assert lines[-1] == "alpha"
 
 
+def test_icc_false_isolates_containers_from_each_other(microvm: Microvm, node: str,
+                                                       tmp_path: Path) -> None:
+    """docker's --icc=false (bridge_icc: false): a container cannot reach
+    another on the bridge; the gateway side (published ports) still can.
+    With the default, the test above reaches the other container."""
+    m = Microvm(microvm.log_dir, write_config(tmp_path / "icc.yaml", microvm.log_dir,
+                                              network="bridge", bridge_icc=False)).in_netns(node)
+    port = free_port()
+    try:
+        r = m.run("run", "-d", "--name", "kt-iso", "-p", f"127.0.0.1:{port}:80", "busybox",
+                  "sh", "-c", "mkdir -p /www && echo isolated > /www/index.html && "
+                  "exec httpd -f -p 80 -h /www")
+        assert r.returncode == 0, r.stderr
+        assert fetch(node, f"http://127.0.0.1:{port}/") == "isolated\n"
+        ip = next(line.split()[0] for line in m.run("network", "ls").stdout.splitlines()
+                  if line.startswith("10.89."))
+        b = m.run("run", "--rm", "busybox", "sh", "-c",
+                  f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {ip} 80 || echo unreachable")
+        assert b.returncode == 0, b.stderr
+        assert b.stdout.split()[-1:] == ["unreachable"], b.stdout
+    finally:
+        m.run("rm", "-f", "kt-iso")
+    deadline = time.monotonic() + 10
+    while [n for n in links(node) if n != "lo"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert [n for n in links(node) if n != "lo"] == []
+
+
 UDP_ECHO = r"""
 #include <netinet/in.h>
 #include <stdlib.h>
