@@ -112,12 +112,16 @@ class Cri:
         return self.pb.NamespaceOption(pid=self.pb.POD if share_pid else self.pb.CONTAINER)
 
     def container(self, pod: str, name: str, *cmd: str, mounts: tuple[Any, ...] = (),
-                  memory: int = 0) -> str:
+                  memory: int = 0, security: Any = None) -> str:
+        """security: a LinuxContainerSecurityContext (its namespace options
+        are set here)."""
         # kubelet copies the pod's namespace options into each container's.
         options = self._configs[pod].linux.security_context.namespace_options
+        context = security or self.pb.LinuxContainerSecurityContext()
+        context.namespace_options.CopyFrom(options)
         linux = self.pb.LinuxContainerConfig(
             resources=self.pb.LinuxContainerResources(memory_limit_in_bytes=memory),
-            security_context=self.pb.LinuxContainerSecurityContext(namespace_options=options))
+            security_context=context)
         config = self.pb.ContainerConfig(
             metadata=self.pb.ContainerMetadata(name=name), image=self.pb.ImageSpec(
                 image=APP_IMAGE), command=list(cmd), log_path=f"{name}.log",

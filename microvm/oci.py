@@ -194,7 +194,7 @@ def device_rules(entries: list[Any]) -> list[agent_pb2.DeviceRule]:
             raise ttrpc.InvalidArgument(f"OCI spec: {where}type must be a, c or b and access "
                                         "letters of rwm")
         out.append(rule)
-    return out
+    return out + _rules(RUNC_ALLOWED_DEVICES) if out else []
 
 
 def _paths(linux_: dict[str, Any], key: str) -> list[str]:
@@ -319,9 +319,7 @@ class Privileges:
         if self.privileged:
             return [agent_pb2.DeviceRule(allow=True, type="a", major=-1, minor=-1,
                                          access="rwm")]
-        return [agent_pb2.DeviceRule(allow=allow, type=t, major=major, minor=minor,
-                                     access=access)
-                for allow, t, major, minor, access in DEFAULT_DEVICES]
+        return _rules(DEFAULT_DEVICES)
 
 
 def device_json(rule: agent_pb2.DeviceRule) -> dict[str, Any]:
@@ -331,11 +329,18 @@ def device_json(rule: agent_pb2.DeviceRule) -> dict[str, Any]:
     return out
 
 
-# docker's default device rules: nothing but mknod, then the usual nodes.
-DEFAULT_DEVICES = (
-    (False, "a", -1, -1, "rwm"), (True, "c", -1, -1, "m"), (True, "b", -1, -1, "m"),
+# What runc allows after a spec's own device rules, whatever they say:
+# mknod of anything, and the nodes every container's /dev has.
+RUNC_ALLOWED_DEVICES = (
+    (True, "c", -1, -1, "m"), (True, "b", -1, -1, "m"),
     (True, "c", 1, 3, "rwm"), (True, "c", 1, 5, "rwm"), (True, "c", 1, 7, "rwm"),
     (True, "c", 1, 8, "rwm"), (True, "c", 1, 9, "rwm"), (True, "c", 5, 0, "rwm"),
-    (True, "c", 5, 1, "rwm"), (True, "c", 5, 2, "rwm"), (True, "c", 136, -1, "rwm"),
-    (True, "c", 10, 200, "rwm"),
+    (True, "c", 5, 2, "rwm"), (True, "c", 136, -1, "rwm"), (True, "c", 10, 200, "rwm"),
 )
+# docker's default: no device but those.
+DEFAULT_DEVICES = ((False, "a", -1, -1, "rwm"), *RUNC_ALLOWED_DEVICES)
+
+
+def _rules(rows: tuple[tuple[bool, str, int, int, str], ...]) -> list[agent_pb2.DeviceRule]:
+    return [agent_pb2.DeviceRule(allow=allow, type=t, major=major, minor=minor, access=access)
+            for allow, t, major, minor, access in rows]

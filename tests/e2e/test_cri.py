@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from microvm import cristack, hostcgroup
+from microvm import cristack, hostcgroup, oci
 from microvm.cristack import CGROUP_PARENT, Cri
 from tests.conftest import helper_processes, network_leftovers
 from tests.netns import CNI_BIN, fetch, links, namespace
@@ -204,3 +204,31 @@ def test_volumes_oom_and_pod_stats(cri: Cri, tmp_path: Path) -> None:
     finally:
         cri.remove_pod(pod)
     _nothing_left(cri)
+
+
+@pytest.mark.parametrize("handler", ["kata-py", "runc"])
+def test_security_context_is_applied_as_under_runc(cri: Cri, handler: str) -> None:
+    """kubelet's securityContext: RuntimeDefault seccomp, added and dropped
+    capabilities, the default masked and read-only paths."""
+    pod = cri.run_pod(f"sec-{handler}", handler=handler)
+    try:
+        security = cri.pb.LinuxContainerSecurityContext(
+            seccomp=cri.pb.SecurityProfile(profile_type=cri.pb.SecurityProfile.RuntimeDefault),
+            capabilities=cri.pb.Capability(add_capabilities=["NET_ADMIN"],
+                                           drop_capabilities=["CHOWN"]),
+            # kubelet sends its default lists (docker's) unless procMount is Unmasked.
+            masked_paths=list(oci.DEFAULT_MASKED_PATHS),
+            readonly_paths=list(oci.DEFAULT_READONLY_PATHS))
+        cid = cri.container(pod, "c", "sleep", "3600", security=security)
+        r = cri.exec(cid, "sh", "-c",
+                     "grep -E '^(CapEff|Seccomp):' /proc/self/status; "
+                     "wc -c < /proc/timer_list; "
+                     "echo x > /proc/sys/kernel/domainname 2>/dev/null || echo sys-ro")
+        assert r.exit_code == 0, r.stderr
+        assert len(r.stdout.decode().splitlines()) == 4, r.stdout
+        caps, seccomp, timer_list, sys_ro = [
+            line.split(":\t")[-1] for line in r.stdout.decode().splitlines()]
+        want = (0xa80425fb | 1 << 12) & ~1  # docker's set, + NET_ADMIN, - CHOWN
+        assert (int(caps, 16), seccomp, timer_list, sys_ro) == (want, "2", "0", "sys-ro")
+    finally:
+        cri.remove_pod(pod)

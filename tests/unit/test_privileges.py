@@ -270,7 +270,7 @@ def test_device_rules_from_the_spec(tmp_path: Path) -> None:
         {"allow": False, "access": "rwm"}, {"allow": True, "type": "c", "major": 1,
                                             "minor": 3, "access": "rw"}]}}}))
     assert [(d.allow, d.type, d.major, d.minor, d.access) for d in spec.devices] == [
-        (False, "a", -1, -1, "rwm"), (True, "c", 1, 3, "rw")]
+        (False, "a", -1, -1, "rwm"), (True, "c", 1, 3, "rw"), *oci.RUNC_ALLOWED_DEVICES]
     for bad in ({"allow": True, "type": "x"}, {"allow": True, "access": "rwx"}, "c 1:3 rwm"):
         with pytest.raises(ttrpc.InvalidArgument, match="devices"):
             oci.load_bundle(_bundle(tmp_path, {"linux": {"resources": {"devices": [bad]}}}))
