@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from . import accel as accel_mod
-from . import qemuuser
+from . import linux, qemuuser
 from .config import Config
 from .errors import KataError
 from .sandbox import vhost_vsock_usable
@@ -95,6 +95,19 @@ def run_checks(cfg: Config) -> int:
     _line(iok, "guest image",
           f"{image} ({image.stat().st_size / 2**20:.1f} MiB)" if iok else f"{image} not built",
           "scripts/quickstart (python -m guest.build_image)")
+    mount_api = linux.mount_api_usable()
+    fatal |= not mount_api
+    _line(mount_api, "mount api",
+          "open_tree, mount_setattr: shares read-only from the start" if mount_api
+          else f"this kernel ({os.uname().release}) lacks mount_setattr",
+          "Linux 5.12 or newer (read-only shares depend on it)")
+    try:
+        import pyseccomp  # noqa: F401 - loads libseccomp
+        seccomp_ok, seccomp_why = True, "libseccomp: OCI seccomp profiles are compiled"
+    except (ImportError, OSError, RuntimeError) as e:
+        seccomp_ok, seccomp_why = False, f"libseccomp not loadable ({e})"
+    fatal |= not seccomp_ok
+    _line(seccomp_ok, "seccomp", seccomp_why, "apt-get install libseccomp2")
     root = os.geteuid() == 0
     fatal |= not root
     _line(root, "privileges", "root" if root else "not root", "run as root")

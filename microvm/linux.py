@@ -121,6 +121,13 @@ def bind_readonly(source: str, target: str) -> None:
         os.close(fd)
 
 
+def mount_api_usable() -> bool:
+    """Whether bind_readonly can work here (open_tree, mount_setattr: 5.12)."""
+    ret = _libc.syscall(ctypes.c_long(_SYS_MOUNT_SETATTR), ctypes.c_long(-1), b"",
+                        ctypes.c_long(0), None, ctypes.c_long(0))
+    return not (ret < 0 and ctypes.get_errno() == 38)  # ENOSYS
+
+
 def link_fd(fd: int, path: str) -> None:
     """Give an O_TMPFILE file a name (linkat with AT_EMPTY_PATH: root's right)."""
     _check(_libc.linkat(fd, b"", _AT_FDCWD, _b(path), _AT_EMPTY_PATH), f"link {path}")
