@@ -49,7 +49,8 @@ _NEW_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]{1,63}")
 
 
 def root() -> Path:
-    return paths.LIB / "containers"
+    # Root's alone, as the image store: upper layers and logs live here.
+    return paths.private("containers")
 
 
 @dataclass
