@@ -164,20 +164,30 @@ def new_netns() -> int:
 
 
 def _nat(cfg: BridgeConfig, add: bool) -> None:
-    """MASQUERADE for the subnet's traffic that leaves through another link."""
+    """MASQUERADE for the subnet's traffic that leaves through another link;
+    with icc off, no routing from the bridge back onto it either (isolated
+    ports alone leave that way open: a container routing another's address
+    via the gateway).  Removal takes both, whatever the config says now."""
     if shutil.which("iptables") is None:
         if add:
             log.warning("iptables not found: containers get no NAT to the outside")
         return
-    rule = ["POSTROUTING", "-s", cfg.subnet, "!", "-o", cfg.name, "-j", "MASQUERADE",
-            "-m", "comment", "--comment", NAT_COMMENT]
-    present = subprocess.run(["iptables", "-w", "-t", "nat", "-C", *rule],
-                             capture_output=True).returncode == 0
-    if add != present:
-        p = subprocess.run(["iptables", "-w", "-t", "nat", "-A" if add else "-D", *rule],
-                           capture_output=True, text=True)
-        if p.returncode != 0:
-            log.warning("iptables: %s", p.stderr.strip())
+    comment = ["-m", "comment", "--comment", NAT_COMMENT]
+    rules = [("nat", ["POSTROUTING", "-s", cfg.subnet, "!", "-o", cfg.name,
+                      "-j", "MASQUERADE", *comment])]
+    if not add or not cfg.icc:
+        rules.append(("filter", ["FORWARD", "-i", cfg.name, "-o", cfg.name, "-j", "DROP",
+                                 *comment]))
+    for table, rule in rules:
+        present = subprocess.run(["iptables", "-w", "-t", table, "-C", *rule],
+                                 capture_output=True).returncode == 0
+        if add != present:
+            p = subprocess.run(["iptables", "-w", "-t", table, "-I" if table == "filter"
+                                else "-A", *rule] if add else
+                               ["iptables", "-w", "-t", table, "-D", *rule],
+                               capture_output=True, text=True)
+            if p.returncode != 0:
+                log.warning("iptables: %s", p.stderr.strip())
 
 
 def ensure_bridge(ipr: IPRoute, cfg: BridgeConfig) -> int:
