@@ -18,7 +18,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from guest import cgroups, container, network
+from guest import adopt, cgroups, container, network
 from microvm import capabilities, linux
 from microvm.protocol import AGENT_SERVICE, PROTOCOL_VERSION, agent_pb2, ttrpc
 
@@ -603,6 +603,21 @@ class Agent:
             os.set_blocking(r, False)
             output = f.read(65536) or b""
         return code, output.decode(errors="replace")
+
+    async def AdoptSandbox(self, req: agent_pb2.AdoptRequest,
+                           ctx: ttrpc.CallContext) -> agent_pb2.Empty:
+        try:
+            if req.entropy:
+                adopt.reseed(req.entropy)
+            if req.realtime:
+                adopt.set_clock(req.realtime)
+            if req.hostname:
+                adopt.set_hostname(req.hostname)
+            if req.mount_share:
+                adopt.mount_share()
+        except OSError as e:
+            raise ttrpc.FailedPrecondition(f"adopting the VM: {e}") from None
+        return agent_pb2.Empty()
 
     async def ConfigureNetwork(self, req: agent_pb2.NetworkConfig,
                                ctx: ttrpc.CallContext) -> agent_pb2.Empty:

@@ -47,7 +47,8 @@ AGENT_FILES = [
     "microvm/protocol/__init__.py",
     "microvm/protocol/ttrpc.py", "microvm/protocol/ttrpc_pb2.py",
     "microvm/protocol/agent_pb2.py", "guest/__init__.py", "guest/init.py",
-    "guest/agent.py", "guest/container.py", "guest/cgroups.py", "guest/network.py",
+    "guest/agent.py", "guest/adopt.py", "guest/container.py", "guest/cgroups.py",
+    "guest/network.py",
 ]
 TRACE = "guest/imagetrace.py"
 PYTHON = "/usr/bin/python3.11"

@@ -70,8 +70,10 @@ def make_root_pivotable() -> None:
     os.chdir("/")
 
 
-def mount_shared() -> None:
+def mount_shared(settings: dict[str, str]) -> None:
     os.makedirs(container.SHARED_ROOT, exist_ok=True)
+    if settings.get("kata_py.share") == "9p":
+        return  # a template: its clones mount it (AdoptSandbox); it must not
     try:
         linux.mount(SHARED_FS_TAG, container.SHARED_ROOT, "virtiofs", linux.MS_NOSUID)
     except OSError as e:
@@ -130,7 +132,7 @@ def main(started: float | None = None) -> None:
             stream=sys.stderr, format="kata-py-agent: %(levelname)s %(message)s",
             level=logging.DEBUG if settings.get("kata_py.debug") == "1" else logging.WARNING)
         make_root_pivotable()
-        mount_shared()
+        mount_shared(settings)
         network.loopback_up()  # every container has localhost, networked or not
         cgroups.setup()
         asyncio.run(main_async(started, settings))

@@ -47,6 +47,30 @@ def interfaces_by_mac(sys_net: str = "/sys/class/net") -> dict[str, str]:
     return found
 
 
+def _ifindex(name: str, sys_net: str = "/sys/class/net") -> int:
+    try:
+        with open(f"{sys_net}/{name}/ifindex") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1 << 30
+
+
+def adopt_macs(req: agent_pb2.NetworkConfig, names: dict[str, str],
+               order: dict[str, int]) -> list[list[str]]:
+    """A VM cloned from a template has the template's MACs: give the
+    interfaces nobody asked for, in device order, the MACs nobody has.
+    Updates names; returns the `ip link set ... address` invocations."""
+    wanted = [itf.mac.lower() for itf in req.interfaces]
+    missing = [mac for mac in wanted if mac not in names]
+    spare = sorted((n for mac, n in names.items() if mac not in wanted and n != "lo"
+                    and mac != "00:00:00:00:00:00"), key=lambda n: order.get(n, 1 << 30))
+    out = []
+    for mac, name in zip(missing, spare, strict=False):
+        out.append([*req.ip_command, "link", "set", "dev", name, "address", mac])
+        names[mac] = name
+    return out
+
+
 def commands(req: agent_pb2.NetworkConfig, names: dict[str, str]) -> list[list[str]]:
     """The `ip` invocations, in an order the kernel accepts: links up with
     their addresses, then routes without a gateway, then those through one."""
@@ -96,7 +120,8 @@ async def configure(req: agent_pb2.NetworkConfig, run: Runner) -> None:
         raise NetworkError("no ip command given")
     names = interfaces_by_mac()
     _no_dad(list(names.values()))
-    for argv in commands(req, names):
+    renames = adopt_macs(req, names, {n: _ifindex(n) for n in names.values()})
+    for argv in renames + commands(req, names):
         code, output = await run(argv)
         if code != 0:
             raise NetworkError(f"{' '.join(argv[1:])}: {output.strip() or f'exit {code}'}")

@@ -18,9 +18,10 @@ class AgentClient:
         self._client = client
 
     @classmethod
-    async def over_socket(cls, sock: socket.socket) -> AgentClient:
+    async def over_socket(cls, sock: socket.socket, first_stream: int = 1) -> AgentClient:
+        """first_stream: a clone's agent remembers its template's last stream."""
         reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 23)
-        return cls(ttrpc.Client(reader, writer))
+        return cls(ttrpc.Client(reader, writer, first_stream=first_stream))
 
     @classmethod
     async def over_vsock(cls, cid: int, deadline: float) -> AgentClient:
@@ -48,3 +49,7 @@ class AgentClient:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+    @property
+    def next_stream(self) -> int:
+        return self._client.next_stream

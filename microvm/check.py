@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from . import accel as accel_mod
-from . import linux, qemuuser
+from . import linux, qemuuser, template
 from .config import Config
 from .errors import KataError
 from .sandbox import vhost_vsock_usable
@@ -108,6 +108,10 @@ def run_checks(cfg: Config) -> int:
         seccomp_ok, seccomp_why = False, f"libseccomp not loadable ({e})"
     fatal |= not seccomp_ok
     _line(seccomp_ok, "seccomp", seccomp_why, "apt-get install libseccomp2")
+    transport = "vsock" if cfg.transport == "vsock" or (
+        cfg.transport == "auto" and vsock) else "serial"
+    ok_t, why_t = template.check(cfg, transport)
+    _line(ok_t, "templates", why_t, "template: true, transport: serial or auto")
     root = os.geteuid() == 0
     fatal |= not root
     _line(root, "privileges", "root" if root else "not root", "run as root")

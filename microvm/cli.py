@@ -127,6 +127,8 @@ def _check_run_flags(hostname: str, name: str | None, detach: bool) -> None:
 @click.option("--kernel", metavar="PATH", help="Guest kernel (bzImage).")
 @click.option("--accel", type=click.Choice(config_mod.ACCELS), help="Accelerator.")
 @click.option("--read-only", is_flag=True, help="Mount the root file system read-only.")
+@click.option("--no-template", is_flag=True,
+              help="Boot the VM's own kernel rather than clone a booted template.")
 @click.option("--privileged", is_flag=True,
               help="Every capability, every device, no masked paths (inside the VM only).")
 @click.option("--cap-add", multiple=True, metavar="CAP", help="Add a capability (or ALL).")
@@ -147,8 +149,8 @@ def _check_run_flags(hostname: str, name: str | None, detach: bool) -> None:
 def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ...],
         workdir: str | None, user: str | None, entrypoint: str | None, hostname: str,
         pull_policy: str, cpus: int | None, memory: int | None, kernel: str | None,
-        accel: str | None, read_only: bool, privileged: bool, cap_add: tuple[str, ...],
-        cap_drop: tuple[str, ...], detach: bool, name: str | None,
+        accel: str | None, read_only: bool, no_template: bool, privileged: bool,
+        cap_add: tuple[str, ...], cap_drop: tuple[str, ...], detach: bool, name: str | None,
         network: str | None, publish: tuple[str, ...], volume: tuple[str, ...],
         rootfs_name: str, command: tuple[str, ...]) -> None:
     """Run COMMAND in a new container, in its own VM.
@@ -164,6 +166,8 @@ def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ..
         cfg.kernel = kernel
     if accel is not None:
         cfg.accel = accel
+    if no_template:
+        cfg.template = False
     cfg.source = "command line"
     cfg.validate()
     _check_run_flags(hostname, name, detach)
@@ -218,9 +222,10 @@ def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ..
         rows=rows, cols=cols, stdin=interactive, capabilities=capabilities)
     if detach:
         from . import detached
-        if cpus is not None or memory is not None or kernel is not None or accel is not None:
-            raise KataError("--cpus, --memory, --kernel and --accel are not yet supported with "
-                            "-d (set them in the config file)")
+        if cpus is not None or memory is not None or kernel is not None or accel is not None \
+                or no_template:
+            raise KataError("--cpus, --memory, --kernel, --accel and --no-template are not yet "
+                            "supported with -d (set them in the config file)")
         process.stdin = False
         click.echo(asyncio.run(detached.run_detached(
             name, root, process, hostname or secrets.token_hex(6), read_only,
@@ -472,7 +477,7 @@ def system_group() -> None:
 
 @system_group.command("df")
 def system_df() -> None:
-    """Disk used by images and detached containers."""
+    """Disk used by images, detached containers and VM templates."""
     from . import system
     click.echo(f"{'TYPE':<14}{'TOTAL':>6}{'ACTIVE':>8}{'SIZE':>12}{'RECLAIMABLE':>14}")
     for u in asyncio.run(system.df()):

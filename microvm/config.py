@@ -49,6 +49,9 @@ class Config:
     virtiofsd: str = "/usr/lib/qemu/virtiofsd"
     # A static busybox, shared read-only into networked sandboxes for `ip`.
     busybox: str = "/bin/busybox"
+    # Start every sandbox as a clone of a booted VM (microvm/template.py);
+    # false: every sandbox boots its own kernel.
+    template: bool = True
     # Seconds.  TCG boots take a few seconds; KVM well under one.
     boot_timeout: float = 60.0
     shutdown_timeout: float = 10.0

@@ -88,6 +88,13 @@ class VMSpec:
     free_page_reporting: bool = True
     nics: list[Nic] = field(default_factory=list)
     netns: str = ""                # the network namespace QEMU runs in ("": ours)
+    # VM templates (microvm/template.py): guest RAM from this file (a
+    # /proc/self/fd path) instead of a memfd, shared with the file (the
+    # template writes it) or copy-on-write (a clone reads it).
+    memory_file: str = ""
+    memory_shared: bool = True
+    incoming: bool = False         # wait for migrate-incoming (a clone)
+    ninep_fd: int = -1             # a socket to virtfs-proxy-helper (9p)
 
     @property
     def block_root(self) -> bool:
@@ -107,7 +114,9 @@ def command_line(qemu: str, spec: VMSpec) -> list[str]:
         # No ACPI (faster boot), no option ROMs; memory from a shareable memfd
         # because vhost-user (virtiofsd) maps guest memory.
         "-M", "microvm,acpi=off,x-option-roms=off,memory-backend=mem",
-        "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
+        "-object", (f"memory-backend-file,id=mem,size={mem},mem-path={_opt(spec.memory_file)},"
+                    f"share={'on' if spec.memory_shared else 'off'}" if spec.memory_file
+                    else f"memory-backend-memfd,id=mem,size={mem},share=on"),
         "-m", mem, "-smp", str(spec.vcpus),
         "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         # virtiofsd refuses legacy virtio-mmio devices.
@@ -156,16 +165,28 @@ def command_line(qemu: str, spec: VMSpec) -> list[str]:
                  "-device", f"virtserialport,chardev=agent,name={SERIAL_PORT_NAME}"]
     for i, nic in enumerate(spec.nics):
         # The tap is already open (the parent opened it in the sandbox's
-        # network namespace); vhost-net would need /dev/vhost-net.
+        # network namespace); vhost-net would need /dev/vhost-net.  A
+        # template's NIC has no tap: a hub port with nothing on it.
         fds = ":".join(map(str, nic.fds))
         multi = len(nic.fds) > 1
-        argv += ["-netdev", f"tap,id=net{i},{'fds' if multi else 'fd'}={fds},vhost=off",
+        backend = (f"tap,id=net{i},{'fds' if multi else 'fd'}={fds},vhost=off"
+                   if nic.fds else f"hubport,id=net{i},hubid={i}")
+        argv += ["-netdev", backend,
                  "-device", f"virtio-net-device,netdev=net{i},mac={nic.mac},"
                             f"host_mtu={nic.mtu}" + (",mq=on" if multi else "")]
     if spec.virtiofs_fd >= 0:
         argv += ["-chardev", f"socket,id=vfs,fd={spec.virtiofs_fd}",
                  "-device", f"vhost-user-fs-device,chardev=vfs,tag={SHARED_FS_TAG},"
                             "queue-size=1024"]
+    if spec.ninep_fd >= 0:
+        # The proxy backend: a root helper does the file operations, QEMU
+        # stays unprivileged (as virtiofsd does for virtio-fs); unlike
+        # vhost-user-fs, virtio-9p can migrate while the guest has not
+        # mounted it, so templates use it.
+        argv += ["-fsdev", f"proxy,id=fs0,sock_fd={spec.ninep_fd}",
+                 "-device", f"virtio-9p-device,fsdev=fs0,mount_tag={SHARED_FS_TAG}"]
+    if spec.incoming:
+        argv += ["-incoming", "defer"]
     return argv
 
 
@@ -286,6 +307,36 @@ class Machine:
 
     async def system_powerdown(self) -> None:
         await self.execute("system_powerdown")
+
+    async def _migrate_until_done(self, what: str) -> None:
+        while True:
+            info = await self.execute("query-migrate")
+            status = info.get("status")
+            if status == "completed":
+                return
+            if status in ("failed", "cancelled"):
+                raise VMError(f"{what} failed: {info.get('error-desc', status)}")
+            await asyncio.sleep(0.005)
+
+    async def save_state(self, fd: int) -> None:
+        """Stop the guest and write its device state to fd; guest RAM is
+        the shared memory file, left as it is (x-ignore-shared)."""
+        await self.execute("stop")
+        await self.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "x-ignore-shared", "state": True}]})
+        self.qmp.send_fd_scm(fd)
+        await self.execute("getfd", {"fdname": "state"})
+        await self.execute("migrate", {"uri": "fd:state"})
+        await self._migrate_until_done("saving the template")
+
+    async def restore_state(self, qemu_fd: int) -> None:
+        """A clone (spec.incoming): load the state from QEMU's fd qemu_fd
+        (inherited), then run."""
+        await self.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": "x-ignore-shared", "state": True}]})
+        await self.execute("migrate-incoming", {"uri": f"fd:{qemu_fd}"})
+        await self._migrate_until_done("restoring the template")
+        await self.execute("cont")  # the template was saved stopped
 
     @property
     def running(self) -> bool:

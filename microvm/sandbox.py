@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import random
@@ -27,6 +28,7 @@ from .agent_client import AgentClient
 from .config import Config
 from .errors import CommandNotExecutable, CommandNotFound, KataError, VMError
 from .network import NetworkSpec, etc_files, write_etc
+from .ninep import ProxyHelper
 from .protocol import GUEST_SHARED_ROOT, PROTOCOL_VERSION, agent_pb2, ttrpc
 from .qemu import Machine, Nic, VMSpec, host_tsc_khz, tail
 from .virtiofsd import Virtiofsd
@@ -92,6 +94,7 @@ class Sandbox:
         self.machine: Machine | None = None
         self.agent: AgentClient | None = None
         self.details: agent_pb2.GuestDetails | None = None
+        self.creds: qemuuser.Credentials | None = None
         self.containers: dict[str, ContainerState] = {}
         self.timings = Timings()
         self._stack = contextlib.AsyncExitStack()
@@ -132,22 +135,7 @@ class Sandbox:
         linux.mount(str(self.shared), str(self.shared), None, linux.MS_BIND)
         self._stack.callback(_umount, self.shared)
         linux.mount(None, str(self.shared), None, linux.MS_SHARED)
-
-        creds = qemuuser.resolve(self.config.qemu_user, self.accel.accel)
-        vfs = Virtiofsd(self.config.virtiofsd, self.shared, self.dir / "vfs.sock",
-                        self.log_dir / "virtiofsd.log", self.config.log_level == "debug")
-        vfs_qemu_end = vfs.start()
-        self._stack.push_async_callback(vfs.stop)
-        # QEMU's fds: closed here once QEMU has its copies, or by the stack
-        # if anything fails before.
-        passed: list[int] = []
-
-        def close_passed() -> None:
-            while passed:
-                os.close(passed.pop())
-
-        self._stack.callback(close_passed)
-        passed.append(vfs_qemu_end.detach())
+        self.creds = qemuuser.resolve(self.config.qemu_user, self.accel.accel)
 
         spec = VMSpec(
             name=f"kata-py-{self.id[:12]}", kernel=self.config.kernel,
@@ -155,9 +143,8 @@ class Sandbox:
             vcpus=self.config.vcpus, accel=self.accel.accel,
             kernel_params=self.config.kernel_params.split()
             + (["kata_py.debug=1"] if self.config.log_level == "debug" else []),
-            transport=self.transport, virtiofs_fd=passed[0],
+            transport=self.transport,
             tsc_khz=host_tsc_khz() if self.accel.accel == "tcg" else 0)
-        extra_fds = [*passed]
         netns = await self._network_namespace()
         if netns:
             from . import tcfilter
@@ -166,43 +153,16 @@ class Sandbox:
             self._stack.callback(tcfilter.teardown, self.network)
             for itf in self.network.interfaces:
                 spec.nics.append(Nic(itf.mac, list(itf.tap_fds), itf.mtu))
-                extra_fds += itf.tap_fds
             spec.netns = netns
-        serial_ours = None
-        if self.transport == "serial":
-            serial_ours, serial_theirs = socket.socketpair()
-            spec.serial_fd = serial_theirs.fileno()
-            extra_fds.append(serial_theirs.fileno())
-        else:
-            spec.vsock_cid = random.randint(3, 0xFFFFFFFE)
-            try:
-                spec.vsock_fd = os.open("/dev/vhost-vsock", os.O_RDWR | os.O_CLOEXEC)
-            except OSError as e:
-                raise VMError(f"cannot open /dev/vhost-vsock: {e.strerror} "
-                              "(modprobe vhost_vsock, or transport: serial)") from None
-            passed.append(spec.vsock_fd)
-            extra_fds.append(spec.vsock_fd)
-        machine = Machine(self.config.qemu, spec, self.console_log, self.log_dir / "qemu.log",
-                          creds)
-        self.machine = machine
-        self._stack.push_async_callback(machine.shutdown)
         try:
-            await machine.launch(extra_fds)
+            booted = await self._boot_from_template(spec)
+            if not booted:
+                await self._boot_cold(spec)
         finally:
-            close_passed()
-            if serial_ours is not None:
-                serial_theirs.close()
             if self.network is not None:
                 self.network.close_fds()  # QEMU holds the taps now
-        self.timings.launched = time.monotonic()
-
+        assert self.agent is not None
         deadline = asyncio.get_running_loop().time() + self.config.boot_timeout
-        if serial_ours is not None:
-            self.agent = await AgentClient.over_socket(serial_ours)
-        else:
-            self.agent = await self._race(AgentClient.over_vsock(spec.vsock_cid, deadline),
-                                          deadline)
-        self._stack.push_async_callback(self.agent.aclose)
         self.details = await self._race(
             self.agent.call("GetGuestDetails", agent_pb2.GuestDetailsRequest()), deadline)
         if self.details.protocol_version != PROTOCOL_VERSION:
@@ -218,6 +178,110 @@ class Sandbox:
         self.timings.guest = {"agent_started": self.details.agent_started,
                               "agent_ready": self.details.agent_ready}
         log.debug("sandbox %s ready in %.2fs", self.id, self.timings.ready - self.timings.start)
+
+    async def _launch(self, spec: VMSpec, stack: contextlib.AsyncExitStack,
+                      passed: list[int]) -> socket.socket | None:
+        """QEMU with the fds in passed (closed here once QEMU has its
+        copies) and the agent's channel; returns our end of the serial port."""
+        extra_fds = [*passed, *(fd for nic in spec.nics for fd in nic.fds)]
+        serial_ours = serial_theirs = None
+        try:
+            if self.transport == "serial":
+                serial_ours, serial_theirs = socket.socketpair()
+                spec.serial_fd = serial_theirs.fileno()
+                extra_fds.append(serial_theirs.fileno())
+            else:
+                spec.vsock_cid = random.randint(3, 0xFFFFFFFE)
+                try:
+                    spec.vsock_fd = os.open("/dev/vhost-vsock", os.O_RDWR | os.O_CLOEXEC)
+                except OSError as e:
+                    raise VMError(f"cannot open /dev/vhost-vsock: {e.strerror} "
+                                  "(modprobe vhost_vsock, or transport: serial)") from None
+                passed.append(spec.vsock_fd)
+                extra_fds.append(spec.vsock_fd)
+            machine = Machine(self.config.qemu, spec, self.console_log,
+                              self.log_dir / "qemu.log", self.creds)
+            self.machine = machine
+            stack.push_async_callback(machine.shutdown)
+            await machine.launch(extra_fds)
+        except BaseException:
+            if serial_ours is not None:
+                serial_ours.close()
+            raise
+        finally:
+            while passed:
+                os.close(passed.pop())
+            if serial_theirs is not None:
+                serial_theirs.close()
+        self.timings.launched = time.monotonic()
+        return serial_ours
+
+    async def _connect(self, serial_ours: socket.socket | None, spec: VMSpec,
+                       stack: contextlib.AsyncExitStack, first_stream: int = 1) -> None:
+        deadline = asyncio.get_running_loop().time() + self.config.boot_timeout
+        if serial_ours is not None:
+            self.agent = await AgentClient.over_socket(serial_ours, first_stream)
+        else:
+            self.agent = await self._race(AgentClient.over_vsock(spec.vsock_cid, deadline),
+                                          deadline)
+        stack.push_async_callback(self.agent.aclose)
+
+    async def _boot_cold(self, spec: VMSpec) -> None:
+        """Boot the guest kernel and the agent, sharing over virtio-fs."""
+        vfs = Virtiofsd(self.config.virtiofsd, self.shared, self.dir / "vfs.sock",
+                        self.log_dir / "virtiofsd.log", self.config.log_level == "debug")
+        vfs_qemu_end = vfs.start()
+        self._stack.push_async_callback(vfs.stop)
+        spec.virtiofs_fd = vfs_qemu_end.detach()
+        serial = await self._launch(spec, self._stack, [spec.virtiofs_fd])
+        await self._connect(serial, spec, self._stack)
+
+    async def _boot_from_template(self, spec: VMSpec) -> bool:
+        """Restore a clone of this configuration's template (made now if
+        there is none): False, with a debug line, where none can serve."""
+        from . import template
+        nics = len(spec.nics)
+        why = template.usable(self.config, self.transport, nics)
+        tmpl = None
+        if not why:
+            k = template.key(self.config, self.accel.accel, nics, spec.tsc_khz)
+            tmpl = template.find(k, self.config.memory_mib)
+            if tmpl is None:
+                tmpl = await template.build(self.config, self.accel.accel, k, nics, self.creds,
+                                            self.log_dir)
+                why = "" if tmpl else "another start is making the template"
+        if tmpl is None:
+            log.debug("sandbox %s boots cold: %s", self.id, why)
+            return False
+        stack = contextlib.AsyncExitStack()
+        try:
+            helper = ProxyHelper(self.shared, self.log_dir / "9p.log")
+            qemu_end = helper.start()
+            stack.push_async_callback(helper.stop)
+            spec.ninep_fd = qemu_end.detach()
+            mem = os.open(tmpl.mem, os.O_RDONLY | os.O_CLOEXEC)
+            state = os.open(tmpl.state, os.O_RDONLY | os.O_CLOEXEC)
+            clone = dataclasses.replace(
+                spec, memory_file=f"/proc/self/fd/{mem}", memory_shared=False, incoming=True,
+                kernel_params=[*spec.kernel_params, template.KERNEL_PARAM])
+            serial = await self._launch(clone, stack, [spec.ninep_fd, mem, state])
+            assert self.machine is not None
+            await asyncio.wait_for(self.machine.restore_state(state), self.config.boot_timeout)
+            await self._connect(serial, clone, stack, tmpl.next_stream_id)
+            assert self.agent is not None
+            await self._race(self.agent.call("AdoptSandbox", agent_pb2.AdoptRequest(
+                entropy=template.entropy(), realtime=time.time(), mount_share=True)),
+                asyncio.get_running_loop().time() + self.config.boot_timeout)
+        except Exception as e:  # noqa: BLE001 - any failure: this start boots cold
+            await stack.aclose()
+            self.agent = None
+            self.machine = None
+            spec.ninep_fd = -1
+            tmpl.discard(f"its clone failed: {e}")
+            log.debug("sandbox %s boots cold: the template did not restore", self.id)
+            return False
+        self._stack.push_async_callback(stack.aclose)
+        return True
 
     async def _network_namespace(self) -> str | None:
         """The namespace to plumb, made first for bridge mode; published

@@ -7,7 +7,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import detached, images
+from . import detached, images, template
 
 RUNNING = ("running", "paused", "created")
 
@@ -55,6 +55,10 @@ async def df() -> list[Usage]:
         Usage("Containers", len(containers), sum(s in RUNNING for _, s in containers),
               sum(sizes.values()),
               sum(sizes[m.name] for m, s in containers if s not in RUNNING)),
+        # RAM files on tmpfs: running clones map them, yet removing one only
+        # makes the next start build it again.
+        Usage("Templates", len(templates := template.list_templates()), 0,
+              sum(size for _, size in templates), sum(size for _, size in templates)),
     ]
 
 
@@ -85,4 +89,7 @@ async def prune(all_images: bool) -> tuple[list[str], int]:
                     removed.append(f"image {img.ref}")
         images._collect()
     freed = before - du(images.store_root()) - du(detached.root())
+    kept = sum(size for _, size in template.list_templates())
+    removed += template.prune()
+    freed += kept - sum(size for _, size in template.list_templates())
     return removed, max(freed, 0)

@@ -25,7 +25,7 @@ ARTIFACTS = REPO / "test-artifacts"
 VENV_BIN = Path(sys.executable).parent
 MICROVM = str(VENV_BIN / "microvm")
 RUN_DIR = Path("/run/kata-py/vm")
-HELPERS = ("qemu-system", "virtiofsd")
+HELPERS = ("qemu-system", "virtiofsd", "virtfs-proxy-helper")
 
 
 def pytest_configure(config: pytest.Config) -> None:

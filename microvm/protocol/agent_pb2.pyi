@@ -342,3 +342,15 @@ class ResizeTtyRequest(_message.Message):
     rows: int
     cols: int
     def __init__(self, process: _Optional[_Union[ProcessRef, _Mapping]] = ..., rows: _Optional[int] = ..., cols: _Optional[int] = ...) -> None: ...
+
+class AdoptRequest(_message.Message):
+    __slots__ = ("entropy", "realtime", "hostname", "mount_share")
+    ENTROPY_FIELD_NUMBER: _ClassVar[int]
+    REALTIME_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    MOUNT_SHARE_FIELD_NUMBER: _ClassVar[int]
+    entropy: bytes
+    realtime: float
+    hostname: str
+    mount_share: bool
+    def __init__(self, entropy: _Optional[bytes] = ..., realtime: _Optional[float] = ..., hostname: _Optional[str] = ..., mount_share: _Optional[bool] = ...) -> None: ...

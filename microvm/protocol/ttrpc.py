@@ -457,13 +457,17 @@ class Client:
     """A ttrpc client on one connection; calls may run concurrently."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                 metadata: dict[str, str] | None = None) -> None:
+                 metadata: dict[str, str] | None = None, first_stream: int = 1) -> None:
         self._conn = _Connection(reader, writer)
-        self._next_id = 1
+        self._next_id = first_stream | 1  # client streams are odd
         self._pending: dict[int, asyncio.Future[ttrpc_pb2.Response]] = {}
         self._metadata = [ttrpc_pb2.KeyValue(key=k, value=v) for k, v in (metadata or {}).items()]
         self._closed: BaseException | None = None
         self._reader_task = asyncio.create_task(self._read_loop())
+
+    @property
+    def next_stream(self) -> int:
+        return self._next_id
 
     async def _read_loop(self) -> None:
         err: BaseException = ConnectionError("ttrpc connection closed")
