@@ -136,7 +136,8 @@ def compare_images(cfg: config.Config, choice: accel.Choice, n: int
     started: dict[str, list[float]] = {k: [] for k in images}
     for _ in range(n):
         for name, image in images.items():
-            c = dataclasses.replace(cfg, guest_image=str(image))
+            # Boots, not clones: the formats differ in how the guest boots.
+            c = dataclasses.replace(cfg, guest_image=str(image), template=False)
             steps = asyncio.run(breakdown(c, choice))
             boots[name].append(steps["boot (host: QEMU up -> agent ready)"])
             started[name].append(steps["guest: kernel start -> /init runs"])
@@ -197,6 +198,10 @@ def main() -> None:
         # No network, as the runc case: the bridge costs are measured apart.
         cases["microvm run --rm busybox true"] = lambda: timed(
             [microvm, "run", "--rm", "--network", "none", "busybox", "--", "true"])
+        # A cold boot of the guest's own kernel: what templates save.
+        cases["microvm run --no-template"] = lambda: timed(
+            [microvm, "run", "--rm", "--network", "none", "--no-template", "busybox", "--",
+             "true"])
         # What docker's defaults cost (capabilities, masked paths, device
         # rules in the guest): --privileged skips them.
         cases["microvm run --privileged"] = lambda: timed(
@@ -223,17 +228,21 @@ def main() -> None:
         from . import bench_containerd
         through_containerd = bench_containerd.run(args.n, lambda: timed(floor_))
     steps = asyncio.run(breakdown(cfg, choice))
+    cold_steps = asyncio.run(breakdown(dataclasses.replace(cfg, template=False), choice))
     images = compare_images(cfg, choice, max(3, args.n // 2))
     print(f"accelerator: {choice.accel} ({choice.reason}); n={args.n}")
     print(f"{'':<34}{'median':>9}{'min':>9}{'max':>9}")
     for name, st in stats.items():
         print(f"{name:<34}{st['median']:>8.3f}s{st['min']:>8.3f}s{st['max']:>8.3f}s")
     priv_m = stats["microvm run --privileged"]["median"]
+    cold_m = stats["microvm run --no-template"]["median"]
     print(f"ratio run/floor: {run_m / floor_m:.2f}    ratio run/runc: {run_m / runc_m:.1f}"
           f"    ratio run/run --privileged: {run_m / priv_m:.3f}")
-    print("one sandbox, step by step:")
+    print(f"ratio cold run/floor: {cold_m / floor_m:.2f}    ratio run/cold run: "
+          f"{run_m / cold_m:.2f}")
+    print(f"one sandbox, step by step:{'clone':>26}{'cold':>9}")
     for name, secs in steps.items():
-        print(f"  {name:<40}{secs:>8.3f}s")
+        print(f"  {name:<40}{secs:>8.3f}s{cold_steps[name]:>8.3f}s")
     print("guest image formats (boot: QEMU up -> agent ready; medians):")
     for name, st in images.items():
         print(f"  {name:<14}{st['size_mib']:>7.1f} MiB  boot {st['boot']:>6.3f}s  "
@@ -247,8 +256,10 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(
             {"accel": choice.accel, "n": args.n, "stats": stats,
              "ratios": {"run/floor": run_m / floor_m, "run/runc": run_m / runc_m,
-                        "run/run --privileged": run_m / priv_m},
-             "breakdown": steps, "images": images, "containerd": through_containerd,
+                        "run/run --privileged": run_m / priv_m,
+                        "cold run/floor": cold_m / floor_m, "run/cold run": run_m / cold_m},
+             "breakdown": steps, "breakdown_cold": cold_steps, "images": images,
+             "containerd": through_containerd,
              **extra},
             indent=1) + "\n")
 

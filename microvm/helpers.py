@@ -49,6 +49,16 @@ def spawn(argv: Sequence[str], *, pass_fds: Sequence[int] = (), stdout: int | No
         preexec_fn=lambda: _child_setup(netns_fd, creds))
 
 
+def spawn_logged(argv: Sequence[str], log_path: os.PathLike[str] | str,
+                 pass_fds: Sequence[int] = ()) -> subprocess.Popen[bytes]:
+    """spawn() with stdout and stderr appended to log_path (0600)."""
+    out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    try:
+        return spawn(argv, pass_fds=pass_fds, stdout=out, stderr=out)
+    finally:
+        os.close(out)
+
+
 async def wait(proc: subprocess.Popen[bytes], timeout: float | None) -> int | None:
     """The exit code, or None if the process still runs after timeout seconds."""
     loop = asyncio.get_running_loop()

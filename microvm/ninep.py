@@ -36,14 +36,9 @@ class ProxyHelper:
             raise VMError(f"{self.binary} not found (apt-get install qemu-system-x86)")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            out = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
-                          0o600)
-            try:
-                self.proc = helpers.spawn(
-                    [self.binary, "-n", "-p", str(self.source), "-f", str(theirs.fileno())],
-                    pass_fds=[theirs.fileno()], stdout=out, stderr=out)
-            finally:
-                os.close(out)
+            self.proc = helpers.spawn_logged(
+                [self.binary, "-n", "-p", str(self.source), "-f", str(theirs.fileno())],
+                self.log_path, [theirs.fileno()])
         except OSError as e:
             ours.close()
             raise VMError(f"cannot start {self.binary}: {e.strerror}") from None

@@ -52,13 +52,8 @@ class Virtiofsd:
             listener.listen(1)
             client.connect(str(self.socket_path))
             self.socket_path.unlink()
-            out = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
-                          0o600)
-            try:
-                self.proc = helpers.spawn(self.argv(listener.fileno()),
-                                          pass_fds=[listener.fileno()], stdout=out, stderr=out)
-            finally:
-                os.close(out)
+            self.proc = helpers.spawn_logged(self.argv(listener.fileno()), self.log_path,
+                                             [listener.fileno()])
         except OSError as e:
             client.close()
             self.socket_path.unlink(missing_ok=True)

@@ -171,6 +171,21 @@ def node() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def templates_of_odd_configs_removed() -> Iterator[None]:
+    """Tests boot odd configurations (debug, 300 MiB...), each with a VM
+    template of its own; the session removes those it made, keeping the
+    default ones setup made."""
+    from microvm import template
+    before = {k for k, _ in template.list_templates()}
+    yield
+    for k in {k for k, _ in template.list_templates()} - before:
+        with template.build_lock(k) as mine:
+            if mine:
+                shutil.rmtree(template.root() / k, ignore_errors=True)
+                (template.root() / f"{k}.lock").unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
 def no_test_namespaces_left() -> Iterator[None]:
     """The namespaces tests make are theirs to remove."""
     yield

@@ -169,12 +169,7 @@ async def read_frame(reader: asyncio.StreamReader) -> Frame | None:
             f"connection closed inside a frame header ({len(e.partial)} bytes)") from None
     length, stream_id, type_, flags = HEADER.unpack(header)
     if length > MAX_MESSAGE:
-        remaining = length
-        while remaining:
-            chunk = await reader.read(min(remaining, 1 << 16))
-            if not chunk:
-                raise ProtocolError("connection closed inside an oversized frame")
-            remaining -= len(chunk)
+        await _discard(reader, length, "an oversized")
         raise FrameTooLarge(stream_id, length)
     try:
         data = await reader.readexactly(length)
@@ -230,13 +225,13 @@ class _Throttle:
         self._quiet = 0
 
 
-async def _discard(reader: asyncio.StreamReader, length: int) -> None:
+async def _discard(reader: asyncio.StreamReader, length: int, which: str = "a refused") -> None:
     """Skip a frame's data without holding it."""
     remaining = length
     while remaining:
         chunk = await reader.read(min(remaining, 1 << 16))
         if not chunk:
-            raise ProtocolError("connection closed inside a refused frame")
+            raise ProtocolError(f"connection closed inside {which} frame")
         remaining -= len(chunk)
 
 
