@@ -32,6 +32,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -311,6 +312,8 @@ def warm() -> list[str]:
             if find(k, cfg.memory_mib) is None:
                 creds = qemuuser.resolve(cfg.qemu_user, choice.accel)
                 if asyncio.run(build(cfg, choice.accel, k, nics, creds, Path(logs))) is None:
-                    raise RuntimeError(f"template {k} could not be made; see a run with --debug")
+                    # Starts still work, cold; a run with --debug says why.
+                    print(f"warning: VM template {k} could not be made", file=sys.stderr)
+                    continue
             made.append(k)
     return made
