@@ -62,9 +62,11 @@ def _nothing_left(cri: Cri) -> None:
 def test_pod_of_two_containers_in_one_vm(cri: Cri) -> None:
     pod = cri.run_pod("web")
     try:
+        # Braces: `a && b & c` backgrounds all of `a && b`, so httpd could
+        # start before /www exists (seen once a clone's start got faster).
         web = cri.container(pod, "web", "sh", "-c",
                             "mkdir -p /www && echo pod-web > /www/index.html && "
-                            "nc -ll -p 7000 -e echo from-web & exec httpd -f -p 8080 -h /www")
+                            "{ nc -ll -p 7000 -e echo from-web & exec httpd -f -p 8080 -h /www; }")
         side = cri.container(pod, "side", "sleep", "3600")
         # One VM: both see the same guest boot id and kernel, not the node's.
         boots = {cri.exec(c, "cat", "/proc/sys/kernel/random/boot_id").stdout for c in
