@@ -68,11 +68,43 @@ def _file_id(path: str) -> str:
     return f"{os.path.realpath(path)}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
 
 
+def _inputs(cfg: Config) -> list[str]:
+    return [shutil.which(cfg.qemu) or cfg.qemu, cfg.kernel, cfg.guest_image]
+
+
+def _stale(inputs: dict[str, str]) -> bool:
+    """Whether a file a template was made from has been replaced since."""
+    for path, made_from in inputs.items():
+        try:
+            if _file_id(path) != made_from:
+                return True
+        except OSError:
+            return True
+    return False
+
+
+def sweep() -> list[str]:
+    """Remove the templates whose QEMU, kernel or image was replaced: no
+    start can use them again (a running clone keeps its mapping)."""
+    removed = []
+    for d in sorted(root().iterdir()):
+        try:
+            inputs = json.loads((d / "meta.json").read_text()).get("inputs", {})
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(inputs, dict) and _stale(inputs):
+            with build_lock(d.name) as mine:
+                if mine:
+                    shutil.rmtree(d, ignore_errors=True)
+                    (root() / f"{d.name}.lock").unlink(missing_ok=True)
+                    removed.append(d.name)
+    return removed
+
+
 def key(cfg: Config, accel: str, nics: int, tsc_khz: int) -> str:
     """What a template and its clones must share, as one short digest."""
-    qemu = shutil.which(cfg.qemu) or cfg.qemu
-    parts = [f"protocol {PROTOCOL_VERSION}", _file_id(qemu), _file_id(cfg.kernel),
-             _file_id(cfg.guest_image), accel, str(cfg.vcpus), str(cfg.memory_mib),
+    parts = [f"protocol {PROTOCOL_VERSION}", *map(_file_id, _inputs(cfg)),
+             accel, str(cfg.vcpus), str(cfg.memory_mib),
              f"nics {nics}", cfg.transport, cfg.kernel_params, cfg.log_level == "debug",
              str(tsc_khz)]
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:20]
@@ -163,12 +195,18 @@ def memory_file(path: Path, memory_mib: int) -> int:
     return fd
 
 
-def commit(build: Path, k: str, next_stream_id: int) -> None:
+def commit(build: Path, k: str, next_stream_id: int, cfg: Config) -> None:
+    """Put a built template in place, and sweep away those made from files
+    that have been replaced since (each setup that installs a new kernel or
+    image would otherwise leave one more RAM file on tmpfs)."""
     (build / "meta.json").write_text(json.dumps(
-        {"key": k, "next_stream_id": next_stream_id, "created": time.time()}))
+        {"key": k, "next_stream_id": next_stream_id, "created": time.time(),
+         "inputs": {path: _file_id(path) for path in _inputs(cfg)}}))
     dest = root() / k
     shutil.rmtree(dest, ignore_errors=True)
     build.rename(dest)
+    for gone in sweep():
+        log.debug("template %s removed: made from files since replaced", gone)
 
 
 def entropy() -> bytes:
@@ -284,7 +322,7 @@ async def build(cfg: Config, accel: str, k: str, nics: int, creds: Credentials |
                 await machine.shutdown()
             await helper.stop()
         shutil.rmtree(build_dir / "empty", ignore_errors=True)
-        commit(build_dir, k, next_stream)
+        commit(build_dir, k, next_stream, cfg)
         log.debug("template %s made in %.2fs", k, time.monotonic() - t0)
         return find(k, cfg.memory_mib)
 

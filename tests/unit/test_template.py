@@ -121,3 +121,20 @@ def test_clone_interfaces_take_the_macs_asked_for() -> None:
     # A cold boot's guest already has them: nothing to do.
     assert network.adopt_macs(req, {"02:aa:00:00:00:01": "eth0", "02:aa:00:00:00:02": "eth1"},
                               {}) == []
+
+
+def test_templates_of_replaced_files_are_swept(run_dir: Path, tmp_path: Path) -> None:
+    """Each setup that installs a new guest image makes a new template: the
+    old one, which no start can use again, must not stay on tmpfs."""
+    kernel, image = tmp_path / "vmlinuz", tmp_path / "initrd.cpio"
+    kernel.write_bytes(b"k")
+    image.write_bytes(b"i")
+    cfg = Config(kernel=str(kernel), guest_image=str(image), qemu="/bin/true")
+    old = template.key(cfg, "tcg", 0, 0)
+    template.commit(template.staging(old), old, 3, cfg)
+    assert [k for k, _ in template.list_templates()] == [old]
+    (tmp_path / "new").write_bytes(b"i2")
+    (tmp_path / "new").rename(image)  # setup installs a new image
+    new = template.key(cfg, "tcg", 0, 0)
+    template.commit(template.staging(new), new, 3, cfg)
+    assert [k for k, _ in template.list_templates()] == [new]
