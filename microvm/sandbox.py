@@ -249,22 +249,23 @@ class Sandbox:
             if tmpl is None:
                 tmpl = await template.build(self.config, self.accel.accel, k, nics, self.creds,
                                             self.log_dir)
-                why = "" if tmpl else "another start is making the template"
+                why = "" if tmpl else "no template (another start is making it, or it failed)"
         if tmpl is None:
             log.debug("sandbox %s boots cold: %s", self.id, why)
             return False
         stack = contextlib.AsyncExitStack()
+        passed: list[int] = []  # QEMU's fds: _launch closes them, or the except below
         try:
             helper = ProxyHelper(self.shared, self.log_dir / "9p.log")
             qemu_end = helper.start()
             stack.push_async_callback(helper.stop)
-            spec.ninep_fd = qemu_end.detach()
-            mem = os.open(tmpl.mem, os.O_RDONLY | os.O_CLOEXEC)
-            state = os.open(tmpl.state, os.O_RDONLY | os.O_CLOEXEC)
+            passed.append(qemu_end.detach())
+            passed.append(mem := os.open(tmpl.mem, os.O_RDONLY | os.O_CLOEXEC))
+            passed.append(state := os.open(tmpl.state, os.O_RDONLY | os.O_CLOEXEC))
             clone = dataclasses.replace(
                 spec, memory_file=f"/proc/self/fd/{mem}", memory_shared=False, incoming=True,
-                kernel_params=[*spec.kernel_params, template.KERNEL_PARAM])
-            serial = await self._launch(clone, stack, [spec.ninep_fd, mem, state])
+                ninep_fd=passed[0], kernel_params=[*spec.kernel_params, template.KERNEL_PARAM])
+            serial = await self._launch(clone, stack, passed)
             assert self.machine is not None
             await asyncio.wait_for(self.machine.restore_state(state), self.config.boot_timeout)
             await self._connect(serial, clone, stack, tmpl.next_stream_id)
@@ -273,10 +274,11 @@ class Sandbox:
                 entropy=template.entropy(), realtime=time.time(), mount_share=True)),
                 asyncio.get_running_loop().time() + self.config.boot_timeout)
         except Exception as e:  # noqa: BLE001 - any failure: this start boots cold
+            while passed:
+                os.close(passed.pop())
             await stack.aclose()
             self.agent = None
             self.machine = None
-            spec.ninep_fd = -1
             tmpl.discard(f"its clone failed: {e}")
             log.debug("sandbox %s boots cold: the template did not restore", self.id)
             return False
