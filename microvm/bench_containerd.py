@@ -2,7 +2,7 @@
 
   ctr run --rm   kata-py vs io.containerd.runc.v2 (and the bare-QEMU floor)
   exec           `ctr task exec ... true` round trip on a running container
-  memory         PSS of QEMU + virtiofsd + the shim for one running pod
+  memory         PSS of QEMU, its file-sharing helper and the shim for one pod
 """
 
 from __future__ import annotations
@@ -139,5 +139,6 @@ def report(r: dict[str, object]) -> None:
           f"runc {ex['runc']:.3f}s")
     mem = r["memory"]
     assert isinstance(mem, dict)
-    print(f"memory per pod (PSS of shim + QEMU + virtiofsd, {mem['processes']} processes): "
+    print(f"memory per pod (PSS of the shim, QEMU and its file-sharing helper, "
+          f"{mem['processes']} processes): "
           f"{mem['pss_kib_total'] / 1024:.1f} MiB (shim {mem['pss_kib_shim'] / 1024:.1f} MiB)")

@@ -316,10 +316,7 @@ class Privileges:
 
     @property
     def devices(self) -> list[agent_pb2.DeviceRule]:
-        if self.privileged:
-            return [agent_pb2.DeviceRule(allow=True, type="a", major=-1, minor=-1,
-                                         access="rwm")]
-        return _rules(DEFAULT_DEVICES)
+        return _rules(((True, "a", -1, -1, "rwm"),) if self.privileged else DEFAULT_DEVICES)
 
 
 def device_json(rule: agent_pb2.DeviceRule) -> dict[str, Any]:
