@@ -47,6 +47,11 @@ BASE_KERNEL_PARAMS = [
 TCG_KERNEL_PARAMS = ["tsc=reliable", "no_timer_check", "nolapic_timer", "noreplace-smp"]
 
 
+# Part of every VM template's key: a template saved on another board layout
+# cannot be restored.
+MACHINE = "microvm,acpi=off,rtc=off,x-option-roms=off,memory-backend=mem"
+
+
 def host_tsc_khz(cpuinfo: str = "/proc/cpuinfo") -> int:
     """The host's TSC rate, which a TCG guest's TSC runs at; 0 if unknown."""
     try:
@@ -112,8 +117,12 @@ def command_line(qemu: str, spec: VMSpec) -> list[str]:
     argv = [
         qemu, "-name", spec.name,
         # No ACPI (faster boot), no option ROMs; memory from a shareable memfd
-        # because vhost-user (virtiofsd) maps guest memory.
-        "-M", "microvm,acpi=off,x-option-roms=off,memory-backend=mem",
+        # because vhost-user (virtiofsd) maps guest memory.  No RTC: without
+        # ACPI, microvm's eight virtio-mmio transports take IRQs 12 down to 5,
+        # and the fifth device would fight the RTC for IRQ 8 (whichever
+        # driver comes second fails to probe: 9p did, so every networked
+        # clone fell back to a cold boot).  The agent sets the clock instead.
+        "-M", MACHINE,
         "-object", (f"memory-backend-file,id=mem,size={mem},mem-path={_opt(spec.memory_file)},"
                     f"share={'on' if spec.memory_shared else 'off'}" if spec.memory_file
                     else f"memory-backend-memfd,id=mem,size={mem},share=on"),

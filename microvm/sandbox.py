@@ -235,6 +235,17 @@ class Sandbox:
         spec.virtiofs_fd = vfs_qemu_end.detach()
         serial = await self._launch(spec, self._stack, [spec.virtiofs_fd])
         await self._connect(serial, spec, self._stack)
+        await self._adopt(mount_share=False)
+
+    async def _adopt(self, mount_share: bool) -> None:
+        """Make the guest this sandbox's own before any container starts:
+        fresh randomness and the host's clock (a clone's are the template's;
+        a cold boot has no RTC to read), and for a clone its share."""
+        from . import template
+        assert self.agent is not None
+        await self._race(self.agent.call("AdoptSandbox", agent_pb2.AdoptRequest(
+            entropy=template.entropy(), realtime=time.time(), mount_share=mount_share)),
+            asyncio.get_running_loop().time() + self.config.boot_timeout)
 
     async def _boot_from_template(self, spec: VMSpec) -> bool:
         """Restore a clone of this configuration's template (made now if
@@ -269,10 +280,7 @@ class Sandbox:
             assert self.machine is not None
             await asyncio.wait_for(self.machine.restore_state(state), self.config.boot_timeout)
             await self._connect(serial, clone, stack, tmpl.next_stream_id)
-            assert self.agent is not None
-            await self._race(self.agent.call("AdoptSandbox", agent_pb2.AdoptRequest(
-                entropy=template.entropy(), realtime=time.time(), mount_share=True)),
-                asyncio.get_running_loop().time() + self.config.boot_timeout)
+            await self._adopt(mount_share=True)
         except Exception as e:  # noqa: BLE001 - any failure: this start boots cold
             while passed:
                 os.close(passed.pop())

@@ -103,7 +103,8 @@ def sweep() -> list[str]:
 
 def key(cfg: Config, accel: str, nics: int, tsc_khz: int) -> str:
     """What a template and its clones must share, as one short digest."""
-    parts = [f"protocol {PROTOCOL_VERSION}", *map(_file_id, _inputs(cfg)),
+    from .qemu import MACHINE
+    parts = [f"protocol {PROTOCOL_VERSION}", MACHINE, *map(_file_id, _inputs(cfg)),
              accel, str(cfg.vcpus), str(cfg.memory_mib),
              f"nics {nics}", cfg.transport, cfg.kernel_params, cfg.log_level == "debug",
              str(tsc_khz)]
