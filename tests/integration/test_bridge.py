@@ -253,5 +253,5 @@ def test_networked_runs_are_clones_each_with_its_own_address(cli: Microvm) -> No
     # The first may have made the template; the others are its clones.
     assert runs[1][0] == runs[2][0], "networked runs booted cold"
     assert runs[1][1] != runs[2][1]
-    for boot_id, mac, addr, *_ in runs:
+    for _boot_id, mac, addr, *_ in runs:
         assert mac != "02:6b:70:00:00:00" and " 10.89." in addr, (mac, addr)
