@@ -31,7 +31,7 @@ from pathlib import Path
 
 from . import accel, config, mountns, paths, rootfs
 from .protocol import agent_pb2
-from .qemu import BASE_KERNEL_PARAMS, TCG_KERNEL_PARAMS, host_tsc_khz
+from .qemu import BASE_KERNEL_PARAMS, MACHINE, TCG_KERNEL_PARAMS, host_tsc_khz
 
 FLOOR_INIT = "#!/bin/busybox sh\n/bin/busybox reboot -f\n"
 
@@ -62,7 +62,7 @@ def floor_argv(cfg: config.Config, acc: str) -> list[str]:
     mem = f"{cfg.memory_mib}M"
     tcg_params = [*TCG_KERNEL_PARAMS, f"tsc_early_khz={host_tsc_khz()}"] if acc == "tcg" else []
     return [
-        cfg.qemu, "-M", "microvm,acpi=off,x-option-roms=off,memory-backend=mem",
+        cfg.qemu, "-M", MACHINE,
         "-object", f"memory-backend-memfd,id=mem,size={mem},share=on", "-m", mem,
         "-smp", str(cfg.vcpus), "-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
         "-accel", acc, *(["-cpu", "max"] if acc == "tcg" else []),
@@ -162,7 +162,11 @@ def main() -> None:
                     help="skip the network figures (tap vs runc's veth, bridge start-up)")
     ap.add_argument("--no-cri", action="store_true",
                     help="skip pod start-up through CRI (kata-py vs runc) and pod memory")
-    ap.add_argument("--only", choices=["images", "network", "cri"],
+    ap.add_argument("--no-fs", action="store_true",
+                    help="skip file sharing (a clone's virtio-9p vs a cold boot's virtio-fs)")
+    ap.add_argument("--no-density", action="store_true",
+                    help="skip memory per container with 20 detached containers up at once")
+    ap.add_argument("--only", choices=["images", "network", "cri", "fs", "density", "tcg"],
                     help="run only this part (with its reference)")
     args = ap.parse_args()
     cfg = config.load()
@@ -178,6 +182,10 @@ def main() -> None:
         "images": ("bench_images", not args.no_images and all(
             map(shutil.which, ("docker-registry", "skopeo", "umoci"))),
             (args.n, lambda: timed(floor_), microvm)),
+        "fs": ("bench_fs", not args.no_fs, (max(3, args.n // 2), microvm)),
+        "density": ("bench_density", not args.no_density, (microvm,)),
+        # Under KVM there is no translation cache to size.
+        "tcg": ("bench_tcg", not args.no_density and choice.accel == "tcg", (microvm,)),
     }
     extra: dict[str, object] = {}
     for name, (module, enabled, run_args) in parts.items():

@@ -42,6 +42,9 @@ class Config:
     vcpus: int = 1
     memory_mib: int = 512
     accel: str = "auto"
+    # TCG only: QEMU's translation cache per VM in MiB (-accel tcg,tb-size=);
+    # 0: QEMU's own (1 GiB, filled lazily).  scripts/bench measures it.
+    tcg_tb_mib: int = 0
     transport: str = "auto"
     qemu: str = "qemu-system-x86_64"
     # Whom QEMU runs as: dynamic (a uid of its own per VM), root, or a user.
@@ -94,6 +97,9 @@ class Config:
                               "an IPv4 network (ADDRESS/PREFIX)") from None
         if net.prefixlen > 29:
             raise ConfigError(f"{where}: bridge_subnet {self.bridge_subnet} is too small")
+        if not 0 <= self.tcg_tb_mib <= 4096:
+            raise ConfigError(f"{where}: tcg_tb_mib must be between 0 (QEMU's default) and "
+                              f"4096, not {self.tcg_tb_mib}")
         for key in ("boot_timeout", "shutdown_timeout"):
             if not getattr(self, key) > 0:  # also refuses NaN
                 raise ConfigError(f"{where}: {key} must be positive")

@@ -49,7 +49,7 @@ TCG_KERNEL_PARAMS = ["tsc=reliable", "no_timer_check", "nolapic_timer", "norepla
 
 # Part of every VM template's key: a template saved on another board layout
 # cannot be restored.
-MACHINE = "microvm,acpi=off,rtc=off,x-option-roms=off,memory-backend=mem"
+MACHINE = "microvm,acpi=off,x-option-roms=off,memory-backend=mem"
 
 
 def host_tsc_khz(cpuinfo: str = "/proc/cpuinfo") -> int:
@@ -89,6 +89,7 @@ class VMSpec:
     vsock_fd: int = -1             # /dev/vhost-vsock, opened by the owner
     virtiofs_fd: int = -1          # a socket connected to virtiofsd
     tsc_khz: int = 0               # host TSC rate, given to TCG guests
+    tb_mib: int = 0                # TCG translation cache (0: QEMU's default)
     sandbox: bool = True           # QEMU's seccomp filter
     free_page_reporting: bool = True
     nics: list[Nic] = field(default_factory=list)
@@ -117,11 +118,9 @@ def command_line(qemu: str, spec: VMSpec) -> list[str]:
     argv = [
         qemu, "-name", spec.name,
         # No ACPI (faster boot), no option ROMs; memory from a shareable memfd
-        # because vhost-user (virtiofsd) maps guest memory.  No RTC: without
-        # ACPI, microvm's eight virtio-mmio transports take IRQs 12 down to 5,
-        # and the fifth device would fight the RTC for IRQ 8 (whichever
-        # driver comes second fails to probe: 9p did, so every networked
-        # clone fell back to a cold boot).  The agent sets the clock instead.
+        # because vhost-user (virtiofsd) maps guest memory.  The RTC stays (the
+        # kernel reads the time from it once); the guest has no driver for it
+        # (kernels/kata-py.config says why).
         "-M", MACHINE,
         "-object", (f"memory-backend-file,id=mem,size={mem},mem-path={_opt(spec.memory_file)},"
                     f"share={'on' if spec.memory_shared else 'off'}" if spec.memory_file
@@ -136,7 +135,9 @@ def command_line(qemu: str, spec: VMSpec) -> list[str]:
         argv += ["-accel", "kvm", "-cpu", "host"]
     else:
         # max: x86-64-v2 and up for the containers' programs, at no boot cost.
-        argv += ["-accel", "tcg,thread=multi" if spec.vcpus > 1 else "tcg", "-cpu", "max"]
+        tcg = "tcg" + (",thread=multi" if spec.vcpus > 1 else "") + (
+            f",tb-size={spec.tb_mib}" if spec.tb_mib else "")
+        argv += ["-accel", tcg, "-cpu", "max"]
         params += TCG_KERNEL_PARAMS
         if spec.tsc_khz:
             params.append(f"tsc_early_khz={spec.tsc_khz}")

@@ -144,7 +144,8 @@ class Sandbox:
             kernel_params=self.config.kernel_params.split()
             + (["kata_py.debug=1"] if self.config.log_level == "debug" else []),
             transport=self.transport,
-            tsc_khz=host_tsc_khz() if self.accel.accel == "tcg" else 0)
+            tsc_khz=host_tsc_khz() if self.accel.accel == "tcg" else 0,
+            tb_mib=self.config.tcg_tb_mib)
         netns = await self._network_namespace()
         if netns:
             from . import tcfilter
@@ -239,12 +240,13 @@ class Sandbox:
 
     async def _adopt(self, mount_share: bool) -> None:
         """Make the guest this sandbox's own before any container starts:
-        fresh randomness and the host's clock (a clone's are the template's;
-        a cold boot has no RTC to read), and for a clone its share."""
+        fresh randomness, the host's clock and the VM's own host name (a
+        clone's are the template's), and for a clone its share."""
         from . import template
         assert self.agent is not None
         await self._race(self.agent.call("AdoptSandbox", agent_pb2.AdoptRequest(
-            entropy=template.entropy(), realtime=time.time(), mount_share=mount_share)),
+            entropy=template.entropy(), realtime=time.time(), hostname=self.id[:12],
+            mount_share=mount_share)),
             asyncio.get_running_loop().time() + self.config.boot_timeout)
 
     async def _boot_from_template(self, spec: VMSpec) -> bool:

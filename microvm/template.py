@@ -288,7 +288,7 @@ async def build(cfg: Config, accel: str, k: str, nics: int, creds: Credentials |
                 kernel_params=cfg.kernel_params.split() + [KERNEL_PARAM] + (
                     ["kata_py.debug=1"] if cfg.log_level == "debug" else []),
                 transport="serial", serial_fd=serial_theirs.fileno(),
-                tsc_khz=host_tsc_khz() if accel == "tcg" else 0,
+                tsc_khz=host_tsc_khz() if accel == "tcg" else 0, tb_mib=cfg.tcg_tb_mib,
                 memory_file=f"/proc/self/fd/{mem}", memory_shared=True,
                 ninep_fd=ninep.fileno(),
                 nics=[Nic(TEMPLATE_MAC.format(i), []) for i in range(nics)])

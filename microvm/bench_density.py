@@ -1,0 +1,114 @@
+"""Density: many idle containers at once, and what each costs in memory.
+
+  microvm run -d busybox sleep   COUNT containers started one after another
+                                 (clones), each then answering `exec`
+  PSS per container              the shim and everything below it (QEMU,
+                                 the file-sharing helper), by process
+  cold                           one `--no-template` container beside them,
+                                 the same way
+
+PSS splits pages shared between clones (the template's RAM file, QEMU's
+text) among them, so it is the figure that adds up to the machine's use.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import subprocess
+import time
+from collections import defaultdict
+
+from .bench_containerd import pod_pids, pss_kib
+
+COUNT = 20
+SETTLE = 5.0  # seconds idle before measuring: the guests' start-up work done
+SHIM = "containerd-shim-kata-py-v2"
+
+
+def shims() -> dict[str, int]:
+    """Running detached shims by container name (their -id argument)."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if argv and argv[0].endswith(SHIM) and "-id" in argv:
+            found[argv[argv.index("-id") + 1]] = int(pid)
+    return found
+
+
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
+def pss_by_process(shim: int) -> dict[str, float]:
+    """MiB by process name for one container's tree."""
+    by: dict[str, float] = defaultdict(float)
+    for pid in pod_pids(shim):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            by[_comm(pid)] += pss_kib(pid) / 1024
+    return dict(by)
+
+
+def timed_cli(microvm: str, *argv: str) -> float:
+    t0 = time.perf_counter()
+    subprocess.run([microvm, *argv], check=True, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.PIPE)
+    return time.perf_counter() - t0
+
+
+def run(microvm: str, count: int = COUNT) -> dict[str, object]:
+    prefix = f"kb-dens{os.getpid()}-"
+    names = [f"{prefix}{i}" for i in range(count)]
+    cold = f"{prefix}cold"
+    started: list[str] = []
+    try:
+        t0 = time.perf_counter()
+        starts = []
+        for n in names:
+            starts.append(timed_cli(microvm, "run", "-d", "--network", "none", "--name", n,
+                               "busybox", "sleep", "3600"))
+            started.append(n)
+        all_started = time.perf_counter() - t0
+        timed_cli(microvm, "run", "-d", "--network", "none", "--no-template", "--name", cold,
+             "busybox", "sleep", "3600")
+        started.append(cold)
+        execs = [timed_cli(microvm, "exec", n, "true") for n in started]
+        time.sleep(SETTLE)
+        running = shims()
+        per = [pss_by_process(running[n]) for n in names if n in running]
+        cold_pss = pss_by_process(running[cold]) if cold in running else {}
+    finally:
+        for n in started:
+            subprocess.run([microvm, "rm", "-f", n], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, check=False)
+    totals = [sum(p.values()) for p in per]
+    parts = sorted({k for p in per for k in p})
+    return {
+        "count": count, "answered_exec": len(execs), "measured": len(per),
+        "start_all_seconds": all_started, "start_median": statistics.median(starts),
+        "exec_median": statistics.median(execs[:count]),
+        "pss_mib_median": statistics.median(totals) if totals else 0.0,
+        "pss_mib_by_process": {k: statistics.median(p.get(k, 0.0) for p in per)
+                               for k in parts},
+        "cold_pss_mib": sum(cold_pss.values()), "cold_pss_mib_by_process": cold_pss,
+    }
+
+
+def report(r: dict[str, object]) -> None:
+    by = ", ".join(f"{k} {v:.1f}" for k, v in r["pss_mib_by_process"].items())  # type: ignore[attr-defined]
+    cold = ", ".join(f"{k} {v:.1f}" for k, v in r["cold_pss_mib_by_process"].items())  # type: ignore[attr-defined]
+    print(f"{r['count']} detached containers at once (clones; started in "
+          f"{r['start_all_seconds']:.1f}s, median start {r['start_median']:.3f}s, "
+          f"median exec {r['exec_median']:.3f}s):")
+    print(f"  PSS per container {r['pss_mib_median']:.1f} MiB ({by})")
+    print(f"  one cold container beside them {r['cold_pss_mib']:.1f} MiB ({cold})")
+
