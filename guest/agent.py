@@ -29,6 +29,8 @@ log = logging.getLogger("agent")
 OUTPUT_BUFFER = 256 * 1024
 READ_CHUNK = 64 * 1024
 STOP_GRACE = 0.05
+# The end of a tool's output kept for its error message.
+TOOL_OUTPUT_KEPT = 65536
 OOM_POLL = 0.25
 
 
@@ -248,8 +250,11 @@ class Agent:
         self.ready_at = 0.0
         self.containers: dict[str, Container] = {}
         self._by_pid: dict[int, Process] = {}
-        # Exits seen before the pid was known to us (a child can die fast).
-        self._early_exits: dict[int, tuple[int, float]] = {}
+        # Exits seen before the pid was known to us (a child can die fast),
+        # with when they were seen (monotonic): an entry older than a
+        # process's fork is a recycled pid's, not its own.
+        self._early_exits: dict[int, tuple[tuple[int, float], float]] = {}
+        # Children whose exit only a waiter wants (tools, set-up children).
         self._tools: dict[int, asyncio.Future[tuple[int, float]]] = {}
         self._loop = asyncio.get_running_loop()
         self._loop.add_signal_handler(signal.SIGCHLD, self._reap)
@@ -275,15 +280,34 @@ class Agent:
                 continue
             proc = self._by_pid.pop(pid, None)
             if proc is None:
-                self._early_exits[pid] = result
+                self._early_exits[pid] = (result, time.monotonic())
                 continue
             if not proc.exec_id and proc.container_id in self.containers:
                 self._check_oom(proc.container_id)
             if not proc.exited.done():
                 proc.exited.set_result(result)
 
-    def _track(self, proc: Process) -> None:
-        early = self._early_exits.pop(proc.pid, None)
+    def _early_exit(self, pid: int, forked_after: float) -> tuple[int, float] | None:
+        """pid's exit if _reap saw it before we knew the pid, and it was
+        this process's (seen after forked_after, a monotonic time)."""
+        early = self._early_exits.pop(pid, None)
+        if early is None or early[1] < forked_after:
+            return None
+        return early[0]
+
+    def _waiter(self, pid: int, forked_after: float) -> asyncio.Future[tuple[int, float]]:
+        """A future for the exit of a child only we wait for (not a
+        container's process)."""
+        done: asyncio.Future[tuple[int, float]] = self._loop.create_future()
+        early = self._early_exit(pid, forked_after)
+        if early is not None:
+            done.set_result(early)
+        else:
+            self._tools[pid] = done
+        return done
+
+    def _track(self, proc: Process, forked_after: float) -> None:
+        early = self._early_exit(proc.pid, forked_after)
         if early is not None:
             proc.exited.set_result(early)
         else:
@@ -307,6 +331,7 @@ class Agent:
             ours += [stdout_r, stderr_r]
             theirs += [stdout_w, stderr_w]
         stdio = container.Stdio(stdin_r, stdout_w, stderr_w)
+        forked_at = time.monotonic()
         pid = os.fork()
         if pid == 0:
             code = 125
@@ -347,7 +372,13 @@ class Agent:
             if proc_pid:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(proc_pid, signal.SIGKILL)
+                self._waiter(proc_pid, forked_at)  # its exit is nobody's
             raise
+        finally:
+            # Child A forks the process and exits; nobody reports its exit,
+            # but it must not wait in _early_exits for ever.
+            if pid != proc_pid:
+                self._waiter(pid, forked_at)
         if tty is not None:
             stdin = InputStream(os.dup(tty) if p.stdin else None)
             stdout, stderr = OutputStream(tty), OutputStream(None)
@@ -357,7 +388,7 @@ class Agent:
         proc = Process(container_id, exec_id, proc_pid, stdin, stdout, stderr,
                        os.dup(tty) if tty is not None else None,
                        self._loop.create_future(), parent_sock)
-        self._track(proc)
+        self._track(proc, forked_at)
         return proc
 
     def _container(self, cid: str) -> Container:
@@ -582,6 +613,7 @@ class Agent:
         """Run one of the agent's own helpers (not a container's); its exit
         status and output.  _reap, the one waiter, hands the status over."""
         r, w = os.pipe()
+        forked_at = time.monotonic()
         try:
             pid = os.posix_spawn(argv[0], argv, {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
                                  file_actions=[(os.POSIX_SPAWN_DUP2, w, 1),
@@ -592,16 +624,19 @@ class Agent:
         finally:
             os.close(w)
         # Registered before the loop runs _reap again: no exit is missed.
-        done: asyncio.Future[tuple[int, float]] = self._loop.create_future()
-        early = self._early_exits.pop(pid, None)
-        if early is not None:
-            done.set_result(early)
-        else:
-            self._tools[pid] = done
+        done = self._waiter(pid, forked_at)
+        # Read while it runs: a tool that writes more than a pipe holds
+        # would otherwise never exit.
+        reader = asyncio.StreamReader()
+        transport, _ = await self._loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(r, "rb", buffering=0))
+        try:
+            output = b""
+            while chunk := await reader.read(65536):
+                output = (output + chunk)[-TOOL_OUTPUT_KEPT:]
+        finally:
+            transport.close()
         code, _ = await done
-        with os.fdopen(r, "rb") as f:
-            os.set_blocking(r, False)
-            output = f.read(65536) or b""
         return code, output.decode(errors="replace")
 
     async def AdoptSandbox(self, req: agent_pb2.AdoptRequest,

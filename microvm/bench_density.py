@@ -17,6 +17,7 @@ import contextlib
 import os
 import statistics
 import subprocess
+import tempfile
 import time
 from collections import defaultdict
 
@@ -36,7 +37,8 @@ def shims() -> dict[str, int]:
                 argv = f.read().decode(errors="replace").split("\0")
         except OSError:
             continue
-        if argv and argv[0].endswith(SHIM) and "-id" in argv:
+        # The shim is a Python script: its name is argv[0] or argv[1].
+        if any(a.endswith(SHIM) for a in argv[:2]) and "-id" in argv:
             found[argv[argv.index("-id") + 1]] = int(pid)
     return found
 
@@ -60,8 +62,10 @@ def pss_by_process(shim: int) -> dict[str, float]:
 
 def timed_cli(microvm: str, *argv: str) -> float:
     t0 = time.perf_counter()
-    subprocess.run([microvm, *argv], check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.PIPE)
+    r = subprocess.run([microvm, *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       text=True)
+    if r.returncode:
+        raise RuntimeError(f"microvm {' '.join(argv)}: exit {r.returncode}: {r.stderr.strip()}")
     return time.perf_counter() - t0
 
 
@@ -78,8 +82,12 @@ def run(microvm: str, count: int = COUNT) -> dict[str, object]:
                                "busybox", "sleep", "3600"))
             started.append(n)
         all_started = time.perf_counter() - t0
-        timed_cli(microvm, "run", "-d", "--network", "none", "--no-template", "--name", cold,
-             "busybox", "sleep", "3600")
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml") as cfg:
+            # Detached mode takes --no-template from the config.
+            cfg.write("template: false\n")
+            cfg.flush()
+            timed_cli(microvm, "--config", cfg.name, "run", "-d", "--network", "none",
+                      "--name", cold, "busybox", "sleep", "3600")
         started.append(cold)
         execs = [timed_cli(microvm, "exec", n, "true") for n in started]
         time.sleep(SETTLE)

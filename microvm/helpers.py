@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from . import linux
 from .qemuuser import Credentials
@@ -57,6 +57,39 @@ def spawn_logged(argv: Sequence[str], log_path: os.PathLike[str] | str,
         return spawn(argv, pass_fds=pass_fds, stdout=out, stderr=out)
     finally:
         os.close(out)
+
+
+def on_exit(proc: subprocess.Popen[bytes], callback: Callable[[], None]) -> Callable[[], None]:
+    """Run callback in the loop as soon as proc exits (a pidfd, no polling);
+    returns what cancels that."""
+    loop = asyncio.get_running_loop()
+    try:
+        fd = os.pidfd_open(proc.pid)
+    except ProcessLookupError:  # already reaped
+        loop.call_soon(callback)
+        return lambda: None
+    open_ = [True]
+
+    def cancel() -> None:
+        if open_[0]:
+            open_[0] = False
+            loop.remove_reader(fd)
+            os.close(fd)
+
+    def exited() -> None:
+        cancel()
+        callback()
+
+    loop.add_reader(fd, exited)
+    return cancel
+
+
+def describe_exit(proc: subprocess.Popen[bytes]) -> str:
+    """'died (signal 9)' or 'exited (status 1)', for a process that ended."""
+    code = proc.poll()
+    if code is None:
+        return "is running"
+    return f"died (signal {-code})" if code < 0 else f"exited (status {code})"
 
 
 async def wait(proc: subprocess.Popen[bytes], timeout: float | None) -> int | None:

@@ -15,6 +15,7 @@ import os
 import random
 import shutil
 import socket
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from google.protobuf.message import Message
 
 from . import accel as accel_mod
-from . import linux, ports, qemuuser
+from . import helpers, linux, ports, qemuuser
 from .agent_client import AgentClient
 from .config import Config
 from .errors import CommandNotExecutable, CommandNotFound, KataError, VMError
@@ -97,6 +98,9 @@ class Sandbox:
         self.creds: qemuuser.Credentials | None = None
         self.containers: dict[str, ContainerState] = {}
         self.timings = Timings()
+        # Why the VM is gone, once a watcher saw QEMU or a helper end.
+        self.death = ""
+        self._stopping = False
         self._stack = contextlib.AsyncExitStack()
 
     @property
@@ -205,6 +209,8 @@ class Sandbox:
             self.machine = machine
             stack.push_async_callback(machine.shutdown)
             await machine.launch(extra_fds)
+            assert machine.proc is not None
+            self._watch_process(machine.proc, "QEMU", stack)
         except BaseException:
             if serial_ours is not None:
                 serial_ours.close()
@@ -216,6 +222,40 @@ class Sandbox:
                 serial_theirs.close()
         self.timings.launched = time.monotonic()
         return serial_ours
+
+    def _watch_process(self, proc: subprocess.Popen[bytes], name: str,
+                       stack: contextlib.AsyncExitStack) -> None:
+        """QEMU's or a helper's end is this sandbox's: seen at once (a pidfd),
+        it kills QEMU, so every call waiting on the agent fails with it."""
+        def ended() -> None:
+            qemu = self.machine.proc if self.machine is not None else None
+            if name != "QEMU" and qemu is not None and qemu.poll() is not None:
+                proc_, name_ = qemu, "QEMU"  # a helper ends when QEMU does
+            else:
+                proc_, name_ = proc, name
+            if name_ == "QEMU" and proc_.poll() == 0:
+                self._died("the VM exited")
+            else:
+                self._died(f"{name_} {helpers.describe_exit(proc_)}")
+        stack.callback(helpers.on_exit(proc, ended))
+
+    def _died(self, reason: str) -> None:
+        if self._stopping or self.death:
+            return
+        # A panic is the guest kernel's doing: its own words say more.
+        self.death = panic_message(self.console_log) or reason
+        log.debug("sandbox %s: %s", self.id, self.death)
+        if self.machine is not None and self.machine.proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self.machine.proc.kill()
+
+    async def _gone(self) -> str:
+        """Why the agent's channel closed: what the watchers saw, once QEMU
+        has ended (it does within a second of its channel closing)."""
+        if not self.death and self.machine is not None and self.machine.proc is not None:
+            await self.machine.wait(1.0)
+            await asyncio.sleep(0)  # the pidfd's callback runs
+        return self.death or self._with_console("lost the connection to the agent")
 
     async def _connect(self, serial_ours: socket.socket | None, spec: VMSpec,
                        stack: contextlib.AsyncExitStack, first_stream: int = 1) -> None:
@@ -233,6 +273,8 @@ class Sandbox:
                         self.log_dir / "virtiofsd.log", self.config.log_level == "debug")
         vfs_qemu_end = vfs.start()
         self._stack.push_async_callback(vfs.stop)
+        assert vfs.proc is not None
+        self._watch_process(vfs.proc, "virtiofsd", self._stack)
         spec.virtiofs_fd = vfs_qemu_end.detach()
         serial = await self._launch(spec, self._stack, [spec.virtiofs_fd])
         await self._connect(serial, spec, self._stack)
@@ -272,6 +314,8 @@ class Sandbox:
             helper = ProxyHelper(self.shared, self.log_dir / "9p.log")
             qemu_end = helper.start()
             stack.push_async_callback(helper.stop)
+            assert helper.proc is not None
+            self._watch_process(helper.proc, "virtfs-proxy-helper", stack)
             passed.append(qemu_end.detach())
             passed.append(mem := os.open(tmpl.mem, os.O_RDONLY | os.O_CLOEXEC))
             passed.append(state := os.open(tmpl.state, os.O_RDONLY | os.O_CLOEXEC))
@@ -289,6 +333,7 @@ class Sandbox:
             await stack.aclose()
             self.agent = None
             self.machine = None
+            self.death = ""  # the clone's end, not this sandbox's
             tmpl.discard(f"its clone failed: {e}")
             log.debug("sandbox %s boots cold: the template did not restore", self.id)
             return False
@@ -352,8 +397,12 @@ class Sandbox:
         task.cancel()
         with contextlib.suppress(BaseException):
             await task
-        if task in done:
+        if task in done or exited in done:
             await self.machine.wait(2)
+            await asyncio.sleep(0)  # the watchers' callbacks run
+        if self.death and not self.death.startswith("the VM exited"):
+            raise VMError(self.death)  # a helper's or the kernel's: it says it all
+        if task in done:
             why = "the VM closed the agent's channel during boot"
         elif exited in done:
             why = f"the VM exited during boot (QEMU status {self.machine.proc.poll()})"  # type: ignore[union-attr]
@@ -377,7 +426,7 @@ class Sandbox:
 
     def _agent(self) -> AgentClient:
         if self.agent is None or self.agent.closed:
-            raise VMError(self._with_console("the VM is gone"))
+            raise VMError(self.death or self._with_console("the VM is gone"))
         return self.agent
 
     async def create_container(self, cid: str, rootfs: Path | list[Path],
@@ -468,7 +517,7 @@ class Sandbox:
         except ttrpc.RpcError as e:
             raise KataError(e.message) from None
         except ConnectionError:
-            raise VMError(self._with_console("lost the connection to the agent")) from None
+            raise VMError(await self._gone()) from None
 
     async def start_container(self, cid: str) -> None:
         await self._call("StartContainer", agent_pb2.ContainerRequest(container_id=cid))
@@ -578,6 +627,7 @@ class Sandbox:
 
     async def stop(self) -> None:
         """Power the guest off, then tear down everything; never raises."""
+        self._stopping = True  # from here on, ends are ours
         try:
             if self.agent is not None and not self.agent.closed and self.machine is not None \
                     and self.machine.running:

@@ -61,6 +61,9 @@ class Proc:
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     pumps: list[asyncio.Task[None]] = field(default_factory=list)
     stdin_task: asyncio.Task[None] | None = None
+    # Waits for the exit and reports it; held here, as the loop holds a
+    # task only weakly.
+    watcher: asyncio.Task[None] | None = None
     fds: list[int] = field(default_factory=list)
     logger: subprocess.Popen[bytes] | None = None
 
@@ -257,7 +260,7 @@ class TaskService:
         try:
             status = await sb.wait(p.cid, p.exec_id)
         except Exception as e:  # the VM died: the process is gone with it
-            log.warning("waiting for %s/%s: %s", p.cid, p.exec_id, e)
+            log.warning("%s/%s ended with the VM: %s", p.cid, p.exec_id, e)
             status = 255
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.gather(*p.pumps, return_exceptions=True), 5)
@@ -411,7 +414,7 @@ class TaskService:
                 container_id=req.id, exec_id=req.exec_id, pid=p.pid))
         else:
             self._publish("/tasks/start", events_pb2.TaskStart(container_id=req.id, pid=p.pid))
-        asyncio.create_task(self._watch(p))
+        p.watcher = asyncio.create_task(self._watch(p))
         return task_pb2.StartResponse(pid=p.pid)
 
     async def State(self, req: task_pb2.StateRequest,
@@ -451,7 +454,7 @@ class TaskService:
         if req.exec_id in c.execs:
             raise ttrpc.AlreadyExists(f"id {req.exec_id}: already exists")
         if c.init.status == task_pb2.STOPPED:
-            raise ttrpc.FailedPrecondition("container is stopped")
+            raise ttrpc.FailedPrecondition("container is stopped" + self._death())
         try:
             obj = json.loads(req.spec.value) if req.spec.value else None
         except ValueError:
@@ -542,8 +545,13 @@ class TaskService:
     async def _running_init(self, cid: str) -> Proc:
         p = self._container(cid).init
         if p.status == task_pb2.STOPPED:
-            raise ttrpc.FailedPrecondition(f"container {cid} is stopped")
+            raise ttrpc.FailedPrecondition(f"container {cid} is stopped" + self._death())
         return p
+
+    def _death(self) -> str:
+        """': <why the VM is gone>' once it is, else ''."""
+        sb = self.sandbox
+        return f": {sb.death}" if sb is not None and sb.death else ""
 
     async def Pause(self, req: task_pb2.PauseRequest, ctx: ttrpc.CallContext) -> empty_pb2.Empty:
         p = await self._running_init(req.id)

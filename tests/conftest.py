@@ -75,9 +75,31 @@ def helper_processes() -> list[str]:
             and "Z" not in line.split(None, 2)[1]]
 
 
-def kata_mounts() -> list[str]:
-    with open("/proc/self/mounts") as f:
-        return [line for line in f if "kata-py" in line or "virtiofs" in line]
+def _ours(mountinfo_line: str) -> bool:
+    fields = mountinfo_line.split()
+    return fields[4].startswith(str(RUN_DIR)) or "kata-py-shared" in mountinfo_line \
+        or " - virtiofs " in mountinfo_line
+
+
+def kata_mounts(proc: Path = Path("/proc")) -> list[str]:
+    """Our mounts in every mount namespace of every process, not only this
+    one's: each owner keeps /run/kata-py/vm on a tmpfs of its own namespace,
+    so a surviving owner's mounts are visible only through its own pid."""
+    seen: set[str] = set()
+    found = []
+    for pid in filter(str.isdigit, os.listdir(proc)):
+        try:
+            ns = os.readlink(proc / pid / "ns" / "mnt")
+            if ns in seen:
+                continue
+            seen.add(ns)
+            lines = (proc / pid / "mountinfo").read_text().splitlines()
+            comm = (proc / pid / "comm").read_text().strip()
+        except OSError:  # gone meanwhile
+            continue
+        found += [f"{line.split()[4]} (namespace of {comm}[{pid}])" for line in lines
+                  if _ours(line)]
+    return found
 
 
 def network_leftovers() -> list[str]:

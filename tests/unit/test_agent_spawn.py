@@ -52,3 +52,47 @@ def test_pid_and_ready_in_either_order(child: object) -> None:
 def test_a_child_that_says_nothing_is_an_error() -> None:
     with pytest.raises(ttrpc.FailedPrecondition, match="without a word"):
         _spawn(_silent)
+
+
+def _forks_the_process(sock: socket.socket, spec: object, stdio: object) -> int:
+    # As container.run_init: child A forks the container's process, which
+    # reports, and exits itself at once.
+    if os.fork() == 0:
+        container.send(sock, {"pid": os.getpid()})
+        container.send(sock, {"ready": True})
+        os._exit(0)
+    return 0
+
+
+def test_no_exit_is_kept_for_ever() -> None:
+    """Child A's exit was nobody's: one entry stayed in _early_exits per
+    create or exec, and after pid wrap-around a new process with that pid
+    would have been reported as exited at once."""
+    async def go() -> dict[int, object]:
+        agent = Agent(0.0)
+        for _ in range(5):
+            await agent._spawn("c", "", agent_pb2.Process(args=["true"]), _forks_the_process)
+        await asyncio.sleep(0.2)  # child A has exited and been reaped
+        agent._reap()
+        return agent._early_exits
+
+    assert asyncio.run(go()) == {}
+
+
+def test_a_recycled_pid_is_not_reported_exited() -> None:
+    async def go() -> bool:
+        agent = Agent(0.0)
+        agent._early_exits[4242] = ((0, 0.0), 1.0)  # an exit seen long ago
+        return agent._early_exit(4242, forked_after=2.0) is None
+
+    assert asyncio.run(go())
+
+
+def test_a_tool_with_more_output_than_a_pipe_holds_finishes() -> None:
+    async def go() -> tuple[int, str]:
+        agent = Agent(0.0)
+        return await asyncio.wait_for(agent.run_tool(
+            ["/bin/sh", "-c", "head -c 200000 /dev/zero | tr '\\0' x; echo end"]), 20)
+
+    code, out = asyncio.run(go())
+    assert code == 0 and out.endswith("xend\n") and len(out) <= 65536

@@ -1,0 +1,89 @@
+"""Fault injection on real VMs: a helper SIGKILLed while its container runs
+is noticed at once, named in one line, and nothing of the sandbox is left.
+
+The leak check after each test (the `microvm` fixture) looks at processes,
+mounts in every mount namespace and the run directory.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Microvm, write_config
+
+pytestmark = pytest.mark.vm
+
+# The helper each kind of start has: a clone shares over 9p, a cold boot
+# over virtio-fs.
+VICTIMS = [
+    pytest.param((), "qemu-system-x86_64 -name kata-py-", "QEMU died (signal 9)", id="qemu"),
+    pytest.param((), "virtfs-proxy-helper -n -p /run/kata-py/vm/",
+                 "virtfs-proxy-helper died (signal 9)", id="9p-helper"),
+    pytest.param(("--no-template",), "virtiofsd --fd=", "virtiofsd ", id="virtiofsd"),
+]
+
+
+def _pid(pattern: str, timeout: float = 60) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = subprocess.run(["pgrep", "-o", "-f", pattern], capture_output=True, text=True)
+        if r.returncode == 0:
+            return int(r.stdout.split()[0])
+        time.sleep(0.05)
+    raise AssertionError(f"no process matches {pattern!r}")
+
+
+def _running(m: Microvm, name: str) -> None:
+    deadline = time.monotonic() + 60
+    while "running" not in m.run("ps", "-a").stdout:
+        assert time.monotonic() < deadline, f"{name} never ran"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize(("flags", "victim", "said"), VICTIMS)
+def test_a_helper_killed_under_a_foreground_run(microvm: Microvm, flags: tuple[str, ...],
+                                                victim: str, said: str) -> None:
+    p = microvm.popen("run", "--rm", *flags, "busybox", "sh", "-c", "echo up; sleep 120",
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None
+    assert p.stdout.readline() == b"up\n"
+    os.kill(_pid(victim), signal.SIGKILL)
+    t0 = time.monotonic()
+    _, err = p.communicate(timeout=30)
+    took = time.monotonic() - t0
+    lines = [line for line in err.decode().splitlines() if "TCG" not in line]
+    assert p.returncode == 125, err
+    assert len(lines) == 1 and said in lines[0], lines
+    assert "console" not in lines[0] and "genirq" not in lines[0]
+    assert took < 2, f"noticed after {took:.1f}s"
+
+
+@pytest.mark.parametrize(("flags", "victim", "said"), VICTIMS)
+def test_a_helper_killed_under_a_detached_container(microvm: Microvm, flags: tuple[str, ...],
+                                                    victim: str, said: str,
+                                                    tmp_path: Path) -> None:
+    if flags:  # detached mode takes --no-template from the config
+        microvm = Microvm(microvm.log_dir, write_config(tmp_path / "cold.yaml",
+                                                        microvm.log_dir, template=False))
+    r = microvm.run("run", "-d", "--name", "kt-fault", "busybox", "sleep", "300")
+    assert r.returncode == 0, r.stderr
+    try:
+        _running(microvm, "kt-fault")
+        os.kill(_pid(victim), signal.SIGKILL)
+        deadline = time.monotonic() + 2
+        while "exited (255)" not in (ps := microvm.run("ps", "-a").stdout):
+            assert time.monotonic() < deadline, f"still: {ps}"
+            time.sleep(0.1)
+        e = microvm.run("exec", "kt-fault", "true")
+        assert e.returncode != 0 and said in e.stderr, e.stderr
+    finally:
+        t0 = time.monotonic()
+        rm = microvm.run("rm", "-f", "kt-fault")
+        assert rm.returncode == 0, rm.stderr
+        assert time.monotonic() - t0 < 5
