@@ -68,15 +68,15 @@ def test_no_exit_is_kept_for_ever() -> None:
     """Child A's exit was nobody's: one entry stayed in _early_exits per
     create or exec, and after pid wrap-around a new process with that pid
     would have been reported as exited at once."""
-    async def go() -> dict[int, object]:
+    async def go() -> list[int]:
         agent = Agent(0.0)
         for _ in range(5):
             await agent._spawn("c", "", agent_pb2.Process(args=["true"]), _forks_the_process)
         await asyncio.sleep(0.2)  # child A has exited and been reaped
         agent._reap()
-        return agent._early_exits
+        return list(agent._early_exits)
 
-    assert asyncio.run(go()) == {}
+    assert asyncio.run(go()) == []
 
 
 def test_a_recycled_pid_is_not_reported_exited() -> None:
