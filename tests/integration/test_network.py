@@ -62,6 +62,13 @@ def test_cni_pod_reachable_with_its_own_address(microvm: Microvm, pod: Pod) -> N
         assert f"default via {pod.gateway} dev eth0" in routes
         # TCP from the node side; the container sees the node's bridge address.
         assert client(fetch(pod.node, f"http://{pod.ip}:8080/cgi-bin/ip")) == pod.gateway
+        # The node's bridge address must have passed duplicate address
+        # detection, or the node answers from its link-local one (a clone
+        # starts faster than DAD takes).
+        deadline = time.monotonic() + 10
+        while "tentative" in sh("ip", "-6", "addr", "show", ns=pod.node).stdout:
+            assert time.monotonic() < deadline, "the node's IPv6 address stayed tentative"
+            time.sleep(0.1)
         assert client(fetch(pod.node, f"http://[{pod.ip6}]:8080/cgi-bin/ip")).startswith(
             "fd00:88::")
         ping = sh("busybox", "ping", "-c", "2", "-W", "5", pod.ip, ns=pod.node, check=False)
@@ -135,7 +142,8 @@ def test_debug_log_is_ours_not_the_libraries(microvm: Microvm, pod: Pod) -> None
     r = microvm.run("--debug", "run", "--rm", "--network", f"ns:{pod.netns}", "busybox", "true")
     assert r.returncode == 0, r.stderr
     lines = r.error_lines
-    for step in ("starting /usr/lib/qemu/virtiofsd", f"plumbed {pod.netns}",
+    # The file-sharing helper: virtiofsd (cold boot) or virtfs-proxy-helper (a clone).
+    for step in ("starting /usr/lib/qemu/virt", f"plumbed {pod.netns}",
                  "starting qemu-system", "guest network configured in", "ready in"):
         assert any(step in line for line in lines), (step, r.stderr)
     assert not [line for line in lines if "SOCK_DGRAM" in line or "await data" in line
