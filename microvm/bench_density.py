@@ -25,7 +25,6 @@ from .bench_containerd import pod_pids, pss_kib
 
 COUNT = 20
 SETTLE = 5.0  # seconds idle before measuring: the guests' start-up work done
-SHIM = "containerd-shim-kata-py-v2"
 
 
 def shims() -> dict[str, int]:
@@ -37,8 +36,8 @@ def shims() -> dict[str, int]:
                 argv = f.read().decode(errors="replace").split("\0")
         except OSError:
             continue
-        # The shim is a Python script: its name is argv[0] or argv[1].
-        if any(a.endswith(SHIM) for a in argv[:2]) and "-id" in argv:
+        # The serving shim is `python -m microvm.shim ... -id ID`.
+        if "microvm.shim" in argv[:3] and "-id" in argv:
             found[argv[argv.index("-id") + 1]] = int(pid)
     return found
 
