@@ -372,7 +372,7 @@ def ps_cmd(show_all: bool) -> None:
     rows = asyncio.run(detached.list_all())
     click.echo(f"{'NAME':<16}{'STATUS':<14}{'CREATED':<21}{'ROOTFS':<28}COMMAND")
     for meta, status, code in rows:
-        if not show_all and status not in ("running", "paused", "created"):
+        if not show_all and status not in ("running", "paused", "created", "creating"):
             continue
         shown = f"exited ({code})" if status == "exited" else status
         created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(meta.created))

@@ -112,9 +112,9 @@ class Cri:
         return self.pb.NamespaceOption(pid=self.pb.POD if share_pid else self.pb.CONTAINER)
 
     def container(self, pod: str, name: str, *cmd: str, mounts: tuple[Any, ...] = (),
-                  memory: int = 0, security: Any = None) -> str:
+                  memory: int = 0, security: Any = None, start: bool = True) -> str:
         """security: a LinuxContainerSecurityContext (its namespace options
-        are set here)."""
+        are set here); start=False: created only."""
         # kubelet copies the pod's namespace options into each container's.
         options = self._configs[pod].linux.security_context.namespace_options
         context = security or self.pb.LinuxContainerSecurityContext()
@@ -129,7 +129,8 @@ class Cri:
         cid = self.rt.CreateContainer(self.pb.CreateContainerRequest(
             pod_sandbox_id=pod, config=config, sandbox_config=self._configs[pod]),
             timeout=120).container_id
-        self.rt.StartContainer(self.pb.StartContainerRequest(container_id=cid), timeout=120)
+        if start:
+            self.rt.StartContainer(self.pb.StartContainerRequest(container_id=cid), timeout=120)
         return str(cid)
 
     def exec(self, cid: str, *cmd: str, timeout: int = 30) -> Any:

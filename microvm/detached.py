@@ -85,6 +85,10 @@ def _shown(name: str) -> str:
     return repr(name if len(name) <= 64 else name[:64] + "...")
 
 
+# How long rm waits for a shim to finish after Shutdown.
+SHIM_EXIT_WAIT = 5.0
+
+
 def _shim_binary() -> str:
     here = Path(sys.executable).with_name("containerd-shim-kata-py-v2")
     return str(here) if here.exists() else "containerd-shim-kata-py-v2"
@@ -213,11 +217,17 @@ async def run_detached(name: str | None, rootfs: Path | list[Path], process: age
 
 
 async def state(name: str) -> tuple[str, int, int]:
-    """(status, pid, exit status); status "gone" when the shim is not there."""
+    """(status, pid, exit status); status "gone" when the shim is not there,
+    "creating" while it is but its VM and task are still being made."""
     try:
         async with _client(name) as client:
-            s = await _call(client, "State", task_pb2.StateRequest(id=name),
-                            task_pb2.StateResponse, timeout=5)
+            try:
+                s = await client.call(SERVICE, "State", task_pb2.StateRequest(id=name),
+                                      task_pb2.StateResponse, 5)
+            except ttrpc.NotFound:
+                return "creating", 0, 0
+            except (ttrpc.RpcError, ConnectionError, TimeoutError):
+                return "gone", 0, 0
             return STATES.get(s.status, "unknown"), s.pid, s.exit_status
     except KataError:
         return "gone", 0, 0
@@ -261,7 +271,7 @@ async def remove(name: str, force: bool) -> None:
     if not d.exists():
         raise KataError(f"no such container: {name}")
     status, _, _ = await state(name)
-    if status in ("running", "paused") and not force:
+    if status in ("running", "paused", "creating") and not force:
         raise KataError(f"container {name} is {status}: stop it first or use rm -f")
     if status != "gone":
         async with _client(name) as client:
@@ -278,10 +288,22 @@ async def remove(name: str, force: bool) -> None:
             with contextlib.suppress(KataError, ConnectionError):
                 await _call(client, "Shutdown", task_pb2.ShutdownRequest(id=name),
                             task_pb2.StateResponse, timeout=10)
-    # As containerd does after every task: the shim's own clean-up action.
+        await _shim_gone(d, SHIM_EXIT_WAIT)  # it answered: it ends by itself
+    # As containerd does after every task: the shim's own clean-up action
+    # (which also ends a shim that would not).
     subprocess.run([_shim_binary(), "-namespace", NAMESPACE, "-id", name, "-bundle", str(d),
                     "delete"], cwd=d, capture_output=True, timeout=10)
     shutil.rmtree(d, ignore_errors=True)
+
+
+async def _shim_gone(d: Path, timeout: float) -> None:
+    """Until the shim has powered its VM off and removed its socket (the
+    last thing it does): rm returns only once nothing of it runs."""
+    with contextlib.suppress(OSError):
+        sock = Path((d / "address").read_text().strip().removeprefix("unix://"))
+        deadline = asyncio.get_running_loop().time() + timeout
+        while sock.exists() and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
 
 
 async def exec_process(name: str, process: agent_pb2.Process, interactive: bool) -> int:
@@ -383,7 +405,7 @@ async def logs(name: str, follow: bool) -> None:
         if not follow:
             return
         status, _, _ = await state(name)
-        if status not in ("running", "paused", "created"):
+        if status not in ("running", "paused", "created", "creating"):
             # One last read for what came before the exit.
             follow = False
             continue

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from . import detached, images, template
 
-RUNNING = ("running", "paused", "created")
+RUNNING = ("running", "paused", "created", "creating")
 
 
 def du(path: Path) -> int:

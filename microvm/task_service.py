@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from google.protobuf import empty_pb2
 
-from . import accel, hostcgroup, linux, metrics, mountns, network, oci
+from . import accel, helpers, hostcgroup, linux, metrics, mountns, network, oci
 from . import config as config_mod
 from .attach import pump_input, pump_output
 from .errors import KataError
@@ -159,6 +159,7 @@ class TaskService:
         self._boot_lock = asyncio.Lock()
         self._cgroups: hostcgroup.Joined | None = None
         self._oom_task: asyncio.Task[None] | None = None
+        self._stopping: set[asyncio.Task[None]] = set()  # loggers being stopped
 
     # -- helpers -------------------------------------------------------------
 
@@ -288,13 +289,11 @@ class TaskService:
         p.fds.clear()
         if p.logger is not None:
             # It saw EOF on both pipes; SIGTERM is containerd's "stop" too.
-            with contextlib.suppress(ProcessLookupError):
-                p.logger.terminate()
-            try:
-                p.logger.wait(timeout=2)
-            except subprocess.TimeoutExpired:
-                p.logger.kill()
-                p.logger.wait()
+            # Waited for off the loop's back: a slow logger must not freeze
+            # every other container of the pod.
+            task = asyncio.create_task(helpers.stop(p.logger, "logger", grace=2))
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
             p.logger = None
 
     def _mount_rootfs(self, bundle: Path, mounts: list[task_pb2.Mount]) -> None:
@@ -370,6 +369,9 @@ class TaskService:
             if spec.resources not in (b"", b"{}"):
                 await sb.update(metrics.update_request(req.id, spec.resources))
             await self._start_io(p)
+            # Watched from now: a created container can be killed before it
+            # starts (containerd's delete of one), and its Wait must return.
+            p.watcher = asyncio.create_task(self._watch(p))
         except BaseException as e:
             self.containers.pop(req.id, None)
             self._close_io(p)
@@ -408,13 +410,14 @@ class TaskService:
                 await sb.start_container(req.id)
         except KataError as e:
             raise ttrpc.FailedPrecondition(str(e)) from None
-        p.status = task_pb2.RUNNING
+        if p.status == task_pb2.CREATED:  # it may have ended already
+            p.status = task_pb2.RUNNING
         if req.exec_id:
             self._publish("/tasks/exec-started", events_pb2.TaskExecStarted(
                 container_id=req.id, exec_id=req.exec_id, pid=p.pid))
+            p.watcher = asyncio.create_task(self._watch(p))
         else:
             self._publish("/tasks/start", events_pb2.TaskStart(container_id=req.id, pid=p.pid))
-        p.watcher = asyncio.create_task(self._watch(p))
         return task_pb2.StartResponse(pid=p.pid)
 
     async def State(self, req: task_pb2.StateRequest,
@@ -608,6 +611,8 @@ class TaskService:
         if self.sandbox is not None:
             await self.sandbox.stop()
             self.sandbox = None
+        if self._stopping:
+            await asyncio.gather(*self._stopping, return_exceptions=True)
         if self._cgroups is not None:
             self._cgroups.leave()
             self._cgroups = None

@@ -116,6 +116,21 @@ def _namespaces(cri: Cri, cid: str) -> dict[str, str]:
     return {**dict(line.split(" ", 1) for line in lines[:-1]), "pid1": lines[-1]}
 
 
+def test_a_created_container_is_removed_at_once(cri: Cri) -> None:
+    """kubelet removes a container it created but never started (the pod
+    went away first).  The shim now watches a container's process from
+    Create, so a kill before Start ends a Wait at once (`microvm rm -f`
+    waited out its 15 s there)."""
+    pod = cri.run_pod("created")
+    try:
+        cid = cri.container(pod, "never", "sleep", "3600", start=False)
+        t0 = time.monotonic()
+        cri.rt.RemoveContainer(cri.pb.RemoveContainerRequest(container_id=cid), timeout=60)
+        assert time.monotonic() - t0 < 5
+    finally:
+        cri.remove_pod(pod)
+
+
 def test_pod_containers_share_ipc_and_uts_as_under_runc(cri: Cri) -> None:
     """Without shareProcessNamespace: the pause container's IPC and UTS, pid
     and mount namespaces of their own.  /dev/shm is the pod's."""

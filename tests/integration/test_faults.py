@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Microvm, write_config
+from tests.conftest import Microvm, helper_processes, reap_orphans, write_config
 
 pytestmark = pytest.mark.vm
 
@@ -87,3 +87,29 @@ def test_a_helper_killed_under_a_detached_container(microvm: Microvm, flags: tup
         rm = microvm.run("rm", "-f", "kt-fault")
         assert rm.returncode == 0, rm.stderr
         assert time.monotonic() - t0 < 5
+
+
+def test_rm_returns_once_nothing_of_the_container_runs(microvm: Microvm) -> None:
+    """The shim lived on 1.3 s after `rm -f` returned, powering its VM off."""
+    r = microvm.run("run", "-d", "--name", "kt-gone", "busybox", "sleep", "300")
+    assert r.returncode == 0, r.stderr
+    assert microvm.run("rm", "-f", "kt-gone").returncode == 0
+    reap_orphans()
+    assert helper_processes() == []
+    shims = subprocess.run(["pgrep", "-f", "microvm.shim .*-id kt-gone"], capture_output=True)
+    assert shims.returncode == 1, shims.stdout
+
+
+def test_ps_never_says_gone_while_a_container_is_made(microvm: Microvm) -> None:
+    p = microvm.popen("run", "-d", "--name", "kt-making", "busybox", "sleep", "300",
+                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen = []
+    try:
+        while p.poll() is None:
+            for line in microvm.run("ps", "-a").stdout.splitlines()[1:]:
+                if line.startswith("kt-making "):
+                    seen.append(line.split()[1])
+        assert p.returncode == 0, p.stderr.read() if p.stderr else ""
+        assert "gone" not in seen, seen
+    finally:
+        microvm.run("rm", "-f", "kt-making")
