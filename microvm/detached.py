@@ -33,7 +33,7 @@ from google.protobuf import any_pb2, json_format
 from google.protobuf.message import Message
 
 from . import oci, paths
-from .errors import CommandNotExecutable, CommandNotFound, KataError
+from .errors import CommandNotExecutable, CommandNotFound, KataError, VMError
 from .network import NetworkSpec, to_annotations
 from .protocol import agent_pb2, task_pb2, ttrpc
 from .volumes import Volume
@@ -115,6 +115,8 @@ async def _call(client: ttrpc.Client, method: str, req: Message, resp: type[Mess
                 timeout: float | None = 30) -> Any:
     try:
         return await client.call(SERVICE, method, req, resp, timeout)
+    except ConnectionError:
+        raise KataError("the container's shim is gone (killed?); its VM went with it") from None
     except ttrpc.RpcError as e:
         # The shim reports exec failures as runc's does, in words; docker's
         # CLI reads the same words for its 127 and 126.
@@ -371,7 +373,18 @@ async def exec_process(name: str, process: agent_pb2.Process, interactive: bool)
             os.close(fd)
         if feeder is None and in_fd >= 0:
             os.close(in_fd)
+        death = _death(name)
+        if death:  # the process ended with its VM: say why, as run does
+            raise VMError(death)
         return int(w.exit_status)
+
+
+def _death(name: str) -> str:
+    """Why the container's VM is gone, as its shim wrote it ("" if it is not)."""
+    try:
+        return (_dir(name) / paths.BUNDLE_DEATH).read_text().strip()[:500]
+    except OSError:
+        return ""
 
 
 async def _quiet(aw: Any) -> None:

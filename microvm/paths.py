@@ -55,3 +55,7 @@ def _mode(path: Path, mode: int) -> Path:
     except OSError as e:
         raise KataError(f"{path}: {e.strerror} (kata-py keeps its store as root)") from None
     return path
+
+# Beside a container's bundle: why its VM is gone, written by the shim when
+# it sees that (containerd's events have no field for it), read by the CLI.
+BUNDLE_DEATH = "vm-death"

@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 
 from google.protobuf import empty_pb2
 
-from . import accel, helpers, hostcgroup, linux, metrics, mountns, network, oci
+from . import accel, helpers, hostcgroup, linux, metrics, mountns, network, oci, paths
 from . import config as config_mod
 from .attach import pump_input, pump_output
 from .errors import KataError
@@ -263,6 +263,7 @@ class TaskService:
         except Exception as e:  # the VM died: the process is gone with it
             log.warning("%s/%s ended with the VM: %s", p.cid, p.exec_id, e)
             status = 255
+            self._record_death(p.cid)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.gather(*p.pumps, return_exceptions=True), 5)
         self._close_io(p)
@@ -550,6 +551,14 @@ class TaskService:
         if p.status == task_pb2.STOPPED:
             raise ttrpc.FailedPrecondition(f"container {cid} is stopped" + self._death())
         return p
+
+    def _record_death(self, cid: str) -> None:
+        """The reason, beside the container's bundle, for a CLI whose
+        process ended with the VM (containerd's events have no field)."""
+        c = self.containers.get(cid)
+        if c is not None and self.sandbox is not None and self.sandbox.death:
+            with contextlib.suppress(OSError):
+                (Path(c.bundle) / paths.BUNDLE_DEATH).write_text(self.sandbox.death + "\n")
 
     def _death(self) -> str:
         """': <why the VM is gone>' once it is, else ''."""

@@ -113,3 +113,40 @@ def test_ps_never_says_gone_while_a_container_is_made(microvm: Microvm) -> None:
         assert "gone" not in seen, seen
     finally:
         microvm.run("rm", "-f", "kt-making")
+
+
+@pytest.mark.parametrize(("victim", "said"), [
+    ("qemu-system-x86_64 -name kata-py-", "QEMU died (signal 9)"),
+    ("microvm.shim .*-id kt-exec", "the container's shim is gone"),
+])
+def test_death_during_exec_is_one_line(microvm: Microvm, victim: str, said: str) -> None:
+    """Was: exit 255 and no word (QEMU), or 'internal error: ConnectionError'
+    (the shim)."""
+    assert microvm.run("run", "-d", "--name", "kt-exec", "busybox", "sleep", "300").returncode == 0
+    try:
+        p = microvm.popen("exec", "kt-exec", "sh", "-c", "echo up; sleep 120",
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert p.stdout is not None and p.stdout.readline() == b"up\n"
+        os.kill(_pid(victim), signal.SIGKILL)
+        _, err = p.communicate(timeout=30)
+        lines = err.decode().splitlines()
+        assert p.returncode == 125 and len(lines) == 1 and said in lines[0], lines
+    finally:
+        assert microvm.run("rm", "-f", "kt-exec").returncode == 0
+
+
+def test_a_detached_guest_panic_is_told(microvm: Microvm) -> None:
+    """Was: exec gave exit 255 and no message."""
+    r = microvm.run("run", "-d", "--privileged", "--name", "kt-panic", "busybox", "sleep", "300")
+    assert r.returncode == 0, r.stderr
+    try:
+        microvm.run("exec", "kt-panic", "sh", "-c", "echo c > /proc/sysrq-trigger")
+        deadline = time.monotonic() + 10
+        while "exited" not in microvm.run("ps", "-a").stdout:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        e = microvm.run("exec", "kt-panic", "true")
+        assert e.returncode != 0 and "guest kernel panicked: sysrq triggered crash" in e.stderr, \
+            e.stderr
+    finally:
+        assert microvm.run("rm", "-f", "kt-panic").returncode == 0
