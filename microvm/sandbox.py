@@ -347,6 +347,9 @@ class Sandbox:
         if spec.mode == "none":
             return None
         from . import bridge, tcfilter
+        # What killed owners left (their plumbing claims) goes with the next
+        # sandbox to touch the network, not only with a prune.
+        await asyncio.to_thread(tcfilter.prune_claims)
         if spec.mode == "ns":
             return tcfilter.usable_netns(spec.path)
         listeners = ports.bind(list(spec.ports))

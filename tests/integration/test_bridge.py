@@ -255,3 +255,21 @@ def test_networked_runs_are_clones_each_with_its_own_address(cli: Microvm) -> No
     assert runs[1][1] != runs[2][1]
     for _boot_id, mac, addr, *_ in runs:
         assert mac != "02:6b:70:00:00:00" and " 10.89." in addr, (mac, addr)
+
+
+def test_the_next_run_reclaims_what_a_killed_cli_left(cli: Microvm, node: str) -> None:
+    """No prune needed: the next command that uses the bridge takes the
+    dead owner's lease, and when it ends, the bridge and NAT rule go too."""
+    p = cli.popen("run", "--rm", "busybox", "sh", "-c", WEB,
+                  stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None and p.stdout.readline() == b"serving\n"
+    p.send_signal(signal.SIGKILL)
+    p.communicate(timeout=30)
+    assert_no_leaks(network=False)
+    assert "stale" in cli.run("network", "ls").stdout
+    r = cli.run("run", "--rm", "busybox", "true")
+    assert r.returncode == 0, r.stderr
+    ls = cli.run("network", "ls").stdout
+    assert "ADDRESS" not in ls, ls  # no lease, stale or live
+    assert "microvm0" not in links(node)
+    assert "MASQUERADE" not in sh("iptables", "-t", "nat", "-S", "POSTROUTING", ns=node).stdout
