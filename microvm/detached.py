@@ -15,11 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import secrets
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -37,6 +40,8 @@ from .errors import CommandNotExecutable, CommandNotFound, KataError, VMError
 from .network import NetworkSpec, to_annotations
 from .protocol import agent_pb2, task_pb2, ttrpc
 from .volumes import Volume
+
+log = logging.getLogger(__name__)
 
 SERVICE = "containerd.task.v2.Task"
 NAMESPACE = "microvm"
@@ -85,8 +90,10 @@ def _shown(name: str) -> str:
     return repr(name if len(name) <= 64 else name[:64] + "...")
 
 
-# How long rm waits for a shim to finish after Shutdown.
-SHIM_EXIT_WAIT = 5.0
+SHIM_START_TIMEOUT = 30.0
+# How long rm gives a shim to end its container and VM before it kills it
+# (rm must be done within 5 s, whatever the shim or its VM do).
+SHIM_POLITE = 3.0
 
 
 def _shim_binary() -> str:
@@ -188,7 +195,8 @@ async def run_detached(name: str | None, rootfs: Path | list[Path], process: age
         (d / "meta.json").write_text(json.dumps(asdict(meta)))
         start = subprocess.run(
             [_shim_binary(), "-namespace", NAMESPACE, "-address", str(paths.RUN / "microvm"),
-             "-id", name, "start"], cwd=d, capture_output=True, text=True, timeout=30)
+             "-id", name, "start"], cwd=d, capture_output=True, text=True,
+            timeout=SHIM_START_TIMEOUT)
         if start.returncode != 0:
             raise KataError(f"shim start failed: {start.stdout.strip() or start.stderr.strip()}")
         if read_only and len(lowers) == 1:
@@ -221,11 +229,20 @@ async def run_detached(name: str | None, rootfs: Path | list[Path], process: age
 async def state(name: str) -> tuple[str, int, int]:
     """(status, pid, exit status); status "gone" when the shim is not there,
     "creating" while it is but its VM and task are still being made."""
+    d = _dir(name)
+    if not (d / "address").exists():
+        # run -d writes the bundle first, then starts the shim, which
+        # writes its address: until then the container is being made
+        # (unless that run -d died long ago).
+        with contextlib.suppress(OSError):
+            if time.time() - (d / "meta.json").stat().st_mtime < SHIM_START_TIMEOUT:
+                return "creating", 0, 0
+        return "gone", 0, 0
     try:
         async with _client(name) as client:
             try:
                 s = await client.call(SERVICE, "State", task_pb2.StateRequest(id=name),
-                                      task_pb2.StateResponse, 5)
+                                      task_pb2.StateResponse, 2)
             except ttrpc.NotFound:
                 return "creating", 0, 0
             except (ttrpc.RpcError, ConnectionError, TimeoutError):
@@ -275,37 +292,81 @@ async def remove(name: str, force: bool) -> None:
     status, _, _ = await state(name)
     if status in ("running", "paused", "creating") and not force:
         raise KataError(f"container {name} is {status}: stop it first or use rm -f")
-    if status != "gone":
-        async with _client(name) as client:
-            if status in ("running", "paused", "created"):
-                with contextlib.suppress(KataError):
-                    await _call(client, "Kill", task_pb2.KillRequest(id=name, signal=9, all=True),
-                                task_pb2.StateResponse)
-                with contextlib.suppress(KataError):
-                    await _call(client, "Wait", task_pb2.WaitRequest(id=name),
-                                task_pb2.WaitResponse, timeout=15)
-            with contextlib.suppress(KataError, ConnectionError):
-                await _call(client, "Delete", task_pb2.DeleteRequest(id=name),
-                            task_pb2.DeleteResponse)
-            with contextlib.suppress(KataError, ConnectionError):
-                await _call(client, "Shutdown", task_pb2.ShutdownRequest(id=name),
-                            task_pb2.StateResponse, timeout=10)
-        await _shim_gone(d, SHIM_EXIT_WAIT)  # it answered: it ends by itself
+    shim = _shim_pid(d)
+    if status == "gone" and shim:
+        await _kill_and_wait(shim)  # it holds its socket but does not answer
+    elif status != "gone":
+        try:
+            await asyncio.wait_for(_remove_politely(name, status, d), SHIM_POLITE)
+        except (TimeoutError, KataError):
+            # A stuck shim, or a shim stuck on its VM: never a reason to keep
+            # either.  Its helpers die with it (PR_SET_PDEATHSIG).
+            if shim:
+                log.debug("container %s: its shim (pid %d) did not finish; killing it",
+                          name, shim)
+                await _kill_and_wait(shim)
     # As containerd does after every task: the shim's own clean-up action
-    # (which also ends a shim that would not).
+    # (the network plumbing and cgroup a killed shim left).
     subprocess.run([_shim_binary(), "-namespace", NAMESPACE, "-id", name, "-bundle", str(d),
                     "delete"], cwd=d, capture_output=True, timeout=10)
     shutil.rmtree(d, ignore_errors=True)
 
 
-async def _shim_gone(d: Path, timeout: float) -> None:
+async def _remove_politely(name: str, status: str, d: Path) -> None:
+    async with _client(name) as client:
+        if status in ("running", "paused", "created", "creating"):
+            with contextlib.suppress(KataError):
+                await _call(client, "Kill", task_pb2.KillRequest(id=name, signal=9, all=True),
+                            task_pb2.StateResponse)
+            with contextlib.suppress(KataError):
+                await _call(client, "Wait", task_pb2.WaitRequest(id=name),
+                            task_pb2.WaitResponse)
+        with contextlib.suppress(KataError):
+            await _call(client, "Delete", task_pb2.DeleteRequest(id=name),
+                        task_pb2.DeleteResponse)
+        with contextlib.suppress(KataError):
+            await _call(client, "Shutdown", task_pb2.ShutdownRequest(id=name),
+                        task_pb2.StateResponse)
+    if not await _shim_gone(d, SHIM_POLITE):  # it answered: it ends by itself
+        raise KataError("the shim did not finish")
+
+
+def _shim_pid(d: Path) -> int:
+    """The shim's pid, from its socket's peer credentials (a stopped shim's
+    kernel still accepts the connection); 0 if there is none."""
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(1)
+        s.connect((d / "address").read_text().strip().removeprefix("unix://"))
+        pid, _, _ = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                     struct.calcsize("3i")))
+        return int(pid)
+    return 0
+
+
+async def _kill_and_wait(pid: int, timeout: float = 2.0) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    deadline = asyncio.get_running_loop().time() + timeout
+    while os.path.exists(f"/proc/{pid}") and asyncio.get_running_loop().time() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[-1].split()[0] == "Z":
+                break  # dead; its parent (init) reaps it
+        await asyncio.sleep(0.02)
+
+
+async def _shim_gone(d: Path, timeout: float) -> bool:
     """Until the shim has powered its VM off and removed its socket (the
     last thing it does): rm returns only once nothing of it runs."""
-    with contextlib.suppress(OSError):
+    try:
         sock = Path((d / "address").read_text().strip().removeprefix("unix://"))
-        deadline = asyncio.get_running_loop().time() + timeout
-        while sock.exists() and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.02)
+    except OSError:
+        return True
+    deadline = asyncio.get_running_loop().time() + timeout
+    while sock.exists():
+        if asyncio.get_running_loop().time() >= deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
 
 
 async def exec_process(name: str, process: agent_pb2.Process, interactive: bool) -> int:

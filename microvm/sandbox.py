@@ -155,7 +155,8 @@ class Sandbox:
             from . import tcfilter
             # Undone after QEMU is gone (the exit stack runs in reverse).
             self.network = await asyncio.to_thread(tcfilter.plumb, netns, self.config.vcpus)
-            self._stack.callback(tcfilter.teardown, self.network)
+            # Off the loop (netlink, thread joins): it serves other containers.
+            self._stack.push_async_callback(asyncio.to_thread, tcfilter.teardown, self.network)
             for itf in self.network.interfaces:
                 spec.nics.append(Nic(itf.mac, list(itf.tap_fds), itf.mtu))
             spec.netns = netns
@@ -357,7 +358,7 @@ class Sandbox:
         self._stack.push_async_callback(self.proxy.close)
         cfg = bridge.BridgeConfig.of(self.config)
         self.bridge = await asyncio.to_thread(bridge.attach, cfg, self.id)
-        self._stack.callback(self.bridge.close)
+        self._stack.push_async_callback(asyncio.to_thread, self.bridge.close)  # iptables
         return self.bridge.netns_path
 
     async def _configure_network(self, net: tcfilter.Network) -> None:
@@ -584,7 +585,8 @@ class Sandbox:
         try:
             await self._call("RemoveContainer", agent_pb2.ContainerRequest(container_id=cid))
         finally:
-            self._unmount_container(state)
+            # rm -r of an upper layer can take seconds: not on the loop.
+            await asyncio.to_thread(self._unmount_container, state)
 
     def _share_volumes(self, state: ContainerState,
                        volumes: list[Volume] | tuple[Volume, ...]) -> list[agent_pb2.Mount]:

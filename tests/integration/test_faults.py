@@ -150,3 +150,18 @@ def test_a_detached_guest_panic_is_told(microvm: Microvm) -> None:
             e.stderr
     finally:
         assert microvm.run("rm", "-f", "kt-panic").returncode == 0
+
+
+@pytest.mark.parametrize("stuck", ["qemu-system-x86_64 -name kata-py-",
+                                   "microvm.shim .*-id kt-stuck"])
+def test_rm_f_of_a_stuck_vm_or_shim_takes_under_5s(microvm: Microvm, stuck: str) -> None:
+    """SIGSTOP stands for a hung VM (an agent that never answers) or a hung
+    shim.  Was: 54 s and 9 s, and the shim and QEMU were left running."""
+    assert microvm.run("run", "-d", "--name", "kt-stuck", "busybox", "sleep", "300").returncode == 0
+    os.kill(_pid(stuck), signal.SIGSTOP)
+    t0 = time.monotonic()
+    r = microvm.run("rm", "-f", "kt-stuck")
+    took = time.monotonic() - t0
+    assert r.returncode == 0, r.stderr
+    assert took < 5, f"rm -f took {took:.1f}s"
+    assert "kt-stuck" not in microvm.run("ps", "-a").stdout
