@@ -166,7 +166,8 @@ def main() -> None:
                     help="skip file sharing (a clone's virtio-9p vs a cold boot's virtio-fs)")
     ap.add_argument("--no-density", action="store_true",
                     help="skip memory per container with 20 detached containers up at once")
-    ap.add_argument("--only", choices=["images", "network", "cri", "fs", "density", "tcg"],
+    ap.add_argument("--only", choices=["images", "network", "cri", "fs", "density", "tcg",
+                                       "soak"],
                     help="run only this part (with its reference)")
     args = ap.parse_args()
     cfg = config.load()
@@ -186,6 +187,8 @@ def main() -> None:
         "density": ("bench_density", not args.no_density, (microvm,)),
         # Under KVM there is no translation cache to size.
         "tcg": ("bench_tcg", not args.no_density and choice.accel == "tcg", (microvm,)),
+        # 200 lifecycles through one shim: only when asked for (--only soak).
+        "soak": ("bench_soak", args.only == "soak", ()),
     }
     extra: dict[str, object] = {}
     for name, (module, enabled, run_args) in parts.items():

@@ -558,3 +558,23 @@ def test_privileged_container_cannot_write_a_read_only_share(ctd: Containerd, tm
     if not template:
         assert p.returncode == 0 and p.stdout.split()[-1] == "refused-too", p.stdout
     assert (tmp_path / "ro" / "key").read_text() == "host\n"
+
+
+@pytest.mark.parametrize("victim", ["qemu-system-x86_64 -name kata-py-",
+                                    "virtfs-proxy-helper -n -p /run/kata-py/vm/"])
+def test_a_helper_killed_under_ctr_stops_the_task_at_once(ctd: Containerd, victim: str) -> None:
+    """containerd hears TaskExit within a second or two, and a plain delete
+    cleans everything (the fixture's check)."""
+    assert run(ctd, "t-helper", "sleep", "1000", flags=("-d",)).returncode == 0
+    try:
+        pid = int(subprocess.run(["pgrep", "-o", "-f", victim], capture_output=True,
+                                 text=True, check=True).stdout.split()[0])
+        with events(ctd) as seen:
+            os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 3
+            while "STOPPED" not in ctd.ctr("task", "ls").stdout:
+                assert time.monotonic() < deadline, ctd.ctr("task", "ls").stdout
+                time.sleep(0.1)
+        assert any("/tasks/exit" in line for line in seen), seen
+    finally:
+        force_remove(ctd, "t-helper")

@@ -249,3 +249,22 @@ def test_security_context_is_applied_as_under_runc(cri: Cri, handler: str) -> No
         assert (int(caps, 16), seccomp, timer_list, sys_ro) == (want, "2", "0", "sys-ro")
     finally:
         cri.remove_pod(pod)
+
+
+def test_a_pod_whose_vm_is_killed_exits_and_is_removed(cri: Cri) -> None:
+    """SIGKILL of the pod's QEMU: its containers show EXITED within a few
+    seconds, and removing the pod leaves nothing."""
+    pod = cri.run_pod("doomed")
+    try:
+        cid = cri.container(pod, "c", "sleep", "3600")
+        qemu = [int(line.split()[0]) for line in helper_processes() if "qemu-system" in line]
+        assert len(qemu) == 1
+        os.kill(qemu[0], 9)
+        deadline = time.monotonic() + 5
+        while cri.rt.ContainerStatus(cri.pb.ContainerStatusRequest(container_id=cid)) \
+                .status.state != cri.pb.CONTAINER_EXITED:
+            assert time.monotonic() < deadline, "the container still looks alive"
+            time.sleep(0.1)
+    finally:
+        cri.remove_pod(pod)
+    _nothing_left(cri)

@@ -64,19 +64,32 @@ def _forks_the_process(sock: socket.socket, spec: object, stdio: object) -> int:
     return 0
 
 
-def test_no_exit_is_kept_for_ever() -> None:
+def test_no_exit_is_kept_for_ever(monkeypatch: pytest.MonkeyPatch) -> None:
     """Child A's exit was nobody's: one entry stayed in _early_exits per
     create or exec, and after pid wrap-around a new process with that pid
     would have been reported as exited at once."""
+    children_a: list[int] = []
+    fork = os.fork
+
+    def recording_fork() -> int:
+        pid = fork()
+        if pid:
+            children_a.append(pid)
+        return pid
+
+    monkeypatch.setattr(os, "fork", recording_fork)
+
     async def go() -> list[int]:
         agent = Agent(0.0)
         for _ in range(5):
             await agent._spawn("c", "", agent_pb2.Process(args=["true"]), _forks_the_process)
         await asyncio.sleep(0.2)  # child A has exited and been reaped
         agent._reap()
-        return list(agent._early_exits)
+        # (The test process may reap others' orphans too: it is a subreaper.)
+        return [pid for pid in agent._early_exits if pid in children_a[:5]]
 
     assert asyncio.run(go()) == []
+    assert len(children_a) >= 5
 
 
 def test_a_recycled_pid_is_not_reported_exited() -> None:
