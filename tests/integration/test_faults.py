@@ -7,6 +7,7 @@ mounts in every mount namespace and the run directory.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -165,3 +166,76 @@ def test_rm_f_of_a_stuck_vm_or_shim_takes_under_5s(microvm: Microvm, stuck: str)
     assert r.returncode == 0, r.stderr
     assert took < 5, f"rm -f took {took:.1f}s"
     assert "kt-stuck" not in microvm.run("ps", "-a").stdout
+
+
+# -- the matrix: each process killed at boot, and during rm ------------------------
+
+COLD_VICTIMS = {  # a cold boot (virtio-fs), whose boot lasts long enough to hit
+    "qemu": ("qemu-system-x86_64 -name kata-py-", "QEMU died (signal 9)"),
+    "virtiofsd": ("virtiofsd --fd=", "virtiofsd "),
+}
+
+
+def _cold(microvm: Microvm, tmp_path: Path) -> Microvm:
+    return Microvm(microvm.log_dir, write_config(tmp_path / "cold.yaml", microvm.log_dir,
+                                                 template=False))
+
+
+@pytest.mark.parametrize("victim", [*COLD_VICTIMS, "cli"])
+def test_a_kill_during_a_foreground_boot(microvm: Microvm, tmp_path: Path, victim: str) -> None:
+    m = _cold(microvm, tmp_path)
+    p = m.popen("run", "--rm", "busybox", "true", stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE)
+    _pid("qemu-system-x86_64 -name kata-py-")  # booting
+    if victim == "cli":
+        p.kill()
+        p.communicate(timeout=30)
+        return  # the fixture: nothing of it left
+    pattern, said = COLD_VICTIMS[victim]
+    os.kill(_pid(pattern), signal.SIGKILL)
+    _, err = p.communicate(timeout=30)
+    lines = [line for line in err.decode().splitlines() if "TCG" not in line]
+    assert p.returncode == 125 and len(lines) == 1 and said in lines[0], lines
+
+
+@pytest.mark.parametrize("victim", [*COLD_VICTIMS, "shim", "cli"])
+def test_a_kill_during_a_detached_boot(microvm: Microvm, tmp_path: Path, victim: str) -> None:
+    m = _cold(microvm, tmp_path)
+    p = m.popen("run", "-d", "--name", "kt-dboot", "busybox", "sleep", "300",
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        _pid("qemu-system-x86_64 -name kata-py-")
+        if victim == "cli":
+            p.kill()
+        else:
+            pattern = COLD_VICTIMS[victim][0] if victim in COLD_VICTIMS \
+                else "microvm.shim .*-id kt-dboot"
+            os.kill(_pid(pattern), signal.SIGKILL)
+        _, err = p.communicate(timeout=30)
+        if victim != "cli":
+            lines = [line for line in err.decode().splitlines() if "TCG" not in line]
+            assert p.returncode == 125 and len(lines) == 1, lines
+    finally:
+        # A killed CLI leaves its container to rm (as docker's would).
+        m.run("rm", "-f", "kt-dboot")
+    assert "kt-dboot" not in m.run("ps", "-a").stdout
+
+
+@pytest.mark.parametrize("victim", ["qemu", "9p-helper", "shim", "cli"])
+def test_a_kill_during_rm(microvm: Microvm, victim: str) -> None:
+    assert microvm.run("run", "-d", "--name", "kt-drm", "busybox", "sleep", "300").returncode == 0
+    patterns = {"qemu": "qemu-system-x86_64 -name kata-py-",
+                "9p-helper": "virtfs-proxy-helper -n -p /run/kata-py/vm/",
+                "shim": "microvm.shim .*-id kt-drm"}
+    target = _pid(patterns[victim]) if victim != "cli" else 0
+    rm = microvm.popen("rm", "-f", "kt-drm", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(0.2)  # inside rm's calls
+    if victim == "cli":
+        rm.kill()
+    else:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(target, signal.SIGKILL)
+    rm.communicate(timeout=30)
+    # Whatever rm got to, a second one finishes the job.
+    microvm.run("rm", "-f", "kt-drm")
+    assert "kt-drm" not in microvm.run("ps", "-a").stdout
