@@ -115,10 +115,7 @@ async def stop(proc: subprocess.Popen[bytes], name: str, grace: float = 2.0) -> 
         proc.send_signal(signal.SIGTERM)
     if await wait(proc, grace) is None:
         log.warning("%s (pid %d) ignored SIGTERM; killing it", name, proc.pid)
-        kill(proc)
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        await wait(proc, None)  # reaped without holding the loop
 
-
-def kill(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        proc.kill()
-    proc.wait()

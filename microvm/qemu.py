@@ -369,7 +369,9 @@ class Machine:
 
     async def kill(self) -> None:
         if self.proc is not None:
-            helpers.kill(self.proc)
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
+            await helpers.wait(self.proc, None)  # reaped without holding the loop
         if self._event_task is not None:
             self._event_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
