@@ -88,19 +88,22 @@ class Cri:
         self.rt = api[1].RuntimeServiceStub(self.channel)
         self.logs = ctd.root / "pod-logs"
 
-    def run_pod(self, name: str, handler: str = HANDLER, share_pid: bool = False) -> str:
-        """share_pid: a pod with shareProcessNamespace."""
+    def run_pod(self, name: str, handler: str = HANDLER, share_pid: bool = False,
+                host: tuple[str, ...] = ()) -> str:
+        """share_pid: a pod with shareProcessNamespace; host: the namespaces
+        it shares with the node ("network", "ipc": hostNetwork, hostIPC)."""
         logs = self.logs / name
         logs.mkdir(parents=True, exist_ok=True)
         config = self.pb.PodSandboxConfig(
             metadata=self.pb.PodSandboxMetadata(name=name, uid=f"uid-{name}",
                                                 namespace="default", attempt=0),
-            hostname=name, log_directory=str(logs),
+            # As kubelet: a hostNetwork pod has the node's UTS namespace too.
+            hostname="" if "network" in host else name, log_directory=str(logs),
             # As kubelet's cgroupfs driver names a pod's cgroup.
             linux=self.pb.LinuxPodSandboxConfig(
                 cgroup_parent=f"/{CGROUP_PARENT}/pod-{name}",
                 security_context=self.pb.LinuxSandboxSecurityContext(
-                    namespace_options=self._namespaces(share_pid))))
+                    namespace_options=self._namespaces(share_pid, host))))
         r = self.rt.RunPodSandbox(self.pb.RunPodSandboxRequest(config=config,
                                                                runtime_handler=handler),
                                   timeout=180)
@@ -108,8 +111,11 @@ class Cri:
         self._configs[r.pod_sandbox_id] = config
         return str(r.pod_sandbox_id)
 
-    def _namespaces(self, share_pid: bool) -> Any:
-        return self.pb.NamespaceOption(pid=self.pb.POD if share_pid else self.pb.CONTAINER)
+    def _namespaces(self, share_pid: bool, host: tuple[str, ...] = ()) -> Any:
+        return self.pb.NamespaceOption(
+            pid=self.pb.POD if share_pid else self.pb.CONTAINER,
+            network=self.pb.NODE if "network" in host else self.pb.POD,
+            ipc=self.pb.NODE if "ipc" in host else self.pb.POD)
 
     def container(self, pod: str, name: str, *cmd: str, mounts: tuple[Any, ...] = (),
                   memory: int = 0, security: Any = None, start: bool = True) -> str:

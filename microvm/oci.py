@@ -59,6 +59,9 @@ class Spec:
     # linux.namespaces of these types ("ipc", "uts", "pid") name an existing
     # one to join: in a pod, the pause container's.
     joined_namespaces: tuple[str, ...] = ()
+    # Every linux.namespaces type listed (new or joined): one missing is
+    # shared with the host (a CRI pod's hostNetwork, hostIPC, hostPID).
+    namespace_types: frozenset[str] = frozenset()
     # The mounts the VM must be given (binds, tmpfs); proc, /dev etc. it makes.
     volumes: list[Volume] = field(default_factory=list)
     # linux.cgroupsPath: for the pod's first container, the host cgroup the
@@ -168,6 +171,7 @@ def load_bundle(bundle: Path) -> Spec:
     return Spec(
         volumes=volumes, cgroups_path=_get(linux_, "cgroupsPath", str, "linux.", ""),
         netns=network_namespace(namespaces), joined_namespaces=joined_namespaces(namespaces),
+        namespace_types=frozenset(_namespace_paths(namespaces)),
         process=proc, hostname=_get(data, "hostname", str, "", ""),
         root_path=_get(root, "path", str, "root.", "rootfs"),
         root_readonly=_get(root, "readonly", bool, "root.", False),
@@ -341,3 +345,24 @@ DEFAULT_DEVICES = ((False, "a", -1, -1, "rwm"), *RUNC_ALLOWED_DEVICES)
 def _rules(rows: tuple[tuple[bool, str, int, int, str], ...]) -> list[agent_pb2.DeviceRule]:
     return [agent_pb2.DeviceRule(allow=allow, type=t, major=major, minor=minor, access=access)
             for allow, t, major, minor, access in rows]
+
+
+# What a VM cannot share with the node, by the namespace a CRI pod's sandbox
+# leaves out of its spec to share the node's.
+HOST_NAMESPACES = {
+    "network": "hostNetwork: the pod's VM has a network of its own; its listeners "
+               "cannot be on the node's",
+    "ipc": "hostIPC: the pod's VM has its own kernel, whose IPC cannot be the node's",
+}
+CRI_CONTAINER_TYPE = "io.kubernetes.cri.container-type"
+
+
+def host_namespace_refusal(spec: Spec) -> str:
+    """Why kata-py refuses this pod sandbox ("" if it does not): one line
+    naming the pod field, as Kata refuses hostNetwork."""
+    if spec.annotations.get(CRI_CONTAINER_TYPE) != "sandbox":
+        return ""
+    for kind, why in HOST_NAMESPACES.items():
+        if kind not in spec.namespace_types:
+            return f"kata-py cannot run a pod with {why} (use another RuntimeClass for it)"
+    return ""

@@ -332,6 +332,9 @@ class TaskService:
             raise ttrpc.Unimplemented("checkpoint restore is not supported by kata-py")
         bundle = Path(req.bundle)
         spec = oci.load_bundle(bundle)
+        # Before the VM boots: what a VM cannot share with the node.
+        if refusal := oci.host_namespace_refusal(spec):
+            raise ttrpc.InvalidArgument(refusal)
         # Before the VM boots: it would reach sethostname() and /etc/hosts.
         if spec.hostname and (problem := network.hostname_problem(spec.hostname)):
             raise ttrpc.InvalidArgument(f"OCI spec: hostname: {problem}")

@@ -268,3 +268,23 @@ def test_a_pod_whose_vm_is_killed_exits_and_is_removed(cri: Cri) -> None:
     finally:
         cri.remove_pod(pod)
     _nothing_left(cri)
+
+
+@pytest.mark.parametrize("host", ["network", "ipc"])
+@pytest.mark.parametrize("handler", ["kata-py", "runc"])
+def test_host_namespaces_are_refused_by_name(cri: Cri, handler: str, host: str) -> None:
+    """hostNetwork and hostIPC: a pod's VM cannot share the node's, so
+    kata-py refuses the pod in one line naming the field (as Kata refuses
+    hostNetwork); runc shares them, as it should: here they differ."""
+    field = {"network": "hostNetwork", "ipc": "hostIPC"}[host]
+    if handler == "runc":
+        pod = cri.run_pod(f"host-{host}-runc", handler="runc", host=(host,))
+        cri.remove_pod(pod)
+        return
+    with pytest.raises(grpc.RpcError) as e:
+        cri.run_pod(f"host-{host}", host=(host,))
+    details = e.value.details()  # type: ignore[attr-defined]
+    assert f"kata-py cannot run a pod with {field}" in details, details
+    for pod in cri.pods():  # containerd keeps a NOTREADY record of a failed pod
+        cri.remove_pod(pod)
+    _nothing_left(cri)
