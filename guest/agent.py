@@ -447,7 +447,7 @@ class Agent:
                                      req.rootfs.shared_path, req.rootfs.readonly, req.hostname,
                                      _mounts(req.mounts), share_pid, shared,
                                      _absolute(req.masked_paths),
-                                     _absolute(req.readonly_paths))
+                                     _absolute(req.readonly_paths), dict(req.sysctls))
         except BaseException:
             await cgroups.remove(req.container_id)
             raise

@@ -237,6 +237,26 @@ def setup_rootfs(shared_path: str, readonly: bool, hostname: str,
     mask_paths(masked or [], readonly_paths or [])
 
 
+def apply_sysctls(sysctls: dict[str, str], proc_sys: str = "/proc/sys") -> None:
+    """OCI linux.sysctl, as runc writes it: namespaced settings (net.*,
+    kernel.shm*, kernel.msg*...) land in this process's namespaces, the
+    rest in the guest kernel, which is the pod's alone.  The host checked
+    the names (no '/', no '..')."""
+    for key, value in sysctls.items():
+        path = os.path.join(proc_sys, *key.split("."))
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)  # never made: only set
+            try:
+                os.write(fd, value.encode())
+            finally:
+                os.close(fd)
+        except FileNotFoundError:
+            raise ChildError(ERR_OTHER, f"sysctl {key}: the guest kernel has no such "
+                             "setting") from None
+        except OSError as e:
+            raise ChildError(ERR_OTHER, f"sysctl {key}={value}: {e.strerror}") from None
+
+
 def _env_path(env: list[str]) -> str:
     for kv in env:
         if kv.startswith("PATH="):
@@ -407,7 +427,8 @@ def run_container_init(sock: socket.socket, spec: ProcessSpec, stdio: Stdio, cgr
                        shared_path: str, readonly: bool, hostname: str,
                        mounts: list[MountSpec], share_pid: int = 0,
                        shared: tuple[str, ...] = (), masked: list[str] | None = None,
-                       readonly_paths: list[str] | None = None) -> int:
+                       readonly_paths: list[str] | None = None,
+                       sysctls: dict[str, str] | None = None) -> int:
     """New namespaces and root; the container's pid 1 waits for StartContainer.
 
     shared: namespaces joined from process share_pid (a pod's pause) instead.
@@ -425,6 +446,8 @@ def run_container_init(sock: socket.socket, spec: ProcessSpec, stdio: Stdio, cgr
         linux.unshare(new)
 
     def child() -> None:
+        # In the container's namespaces, before /proc/sys is masked read-only.
+        apply_sysctls(sysctls or {})
         # The pod's hostname is the pause container's, set when it was made.
         setup_rootfs(shared_path, readonly, "" if "uts" in shared else hostname, mounts,
                      masked, readonly_paths)

@@ -89,7 +89,7 @@ class Cri:
         self.logs = ctd.root / "pod-logs"
 
     def run_pod(self, name: str, handler: str = HANDLER, share_pid: bool = False,
-                host: tuple[str, ...] = ()) -> str:
+                host: tuple[str, ...] = (), sysctls: dict[str, str] | None = None) -> str:
         """share_pid: a pod with shareProcessNamespace; host: the namespaces
         it shares with the node ("network", "ipc": hostNetwork, hostIPC)."""
         logs = self.logs / name
@@ -101,7 +101,7 @@ class Cri:
             hostname="" if "network" in host else name, log_directory=str(logs),
             # As kubelet's cgroupfs driver names a pod's cgroup.
             linux=self.pb.LinuxPodSandboxConfig(
-                cgroup_parent=f"/{CGROUP_PARENT}/pod-{name}",
+                cgroup_parent=f"/{CGROUP_PARENT}/pod-{name}", sysctls=sysctls or {},
                 security_context=self.pb.LinuxSandboxSecurityContext(
                     namespace_options=self._namespaces(share_pid, host))))
         r = self.rt.RunPodSandbox(self.pb.RunPodSandboxRequest(config=config,

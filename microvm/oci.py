@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,8 @@ class Spec:
     # Every linux.namespaces type listed (new or joined): one missing is
     # shared with the host (a CRI pod's hostNetwork, hostIPC, hostPID).
     namespace_types: frozenset[str] = frozenset()
+    # linux.sysctl, checked (sysctls()).
+    sysctls: dict[str, str] = field(default_factory=dict)
     # The mounts the VM must be given (binds, tmpfs); proc, /dev etc. it makes.
     volumes: list[Volume] = field(default_factory=list)
     # linux.cgroupsPath: for the pod's first container, the host cgroup the
@@ -172,6 +175,7 @@ def load_bundle(bundle: Path) -> Spec:
         volumes=volumes, cgroups_path=_get(linux_, "cgroupsPath", str, "linux.", ""),
         netns=network_namespace(namespaces), joined_namespaces=joined_namespaces(namespaces),
         namespace_types=frozenset(_namespace_paths(namespaces)),
+        sysctls=sysctls(_get(linux_, "sysctl", dict, "linux.", {})),
         process=proc, hostname=_get(data, "hostname", str, "", ""),
         root_path=_get(root, "path", str, "root.", "rootfs"),
         root_readonly=_get(root, "readonly", bool, "root.", False),
@@ -366,3 +370,21 @@ def host_namespace_refusal(spec: Spec) -> str:
         if kind not in spec.namespace_types:
             return f"kata-py cannot run a pod with {why} (use another RuntimeClass for it)"
     return ""
+
+
+_SYSCTL = re.compile(r"[a-z0-9_]+(\.[a-zA-Z0-9_-]+)+")
+
+
+def sysctls(raw: dict[Any, Any]) -> dict[str, str]:
+    """linux.sysctl as names and values the guest may write under
+    /proc/sys: a name is dotted words (no '/', no '..'), a value one line."""
+    out = {}
+    for key, value in raw.items():
+        if not isinstance(key, str) or not _SYSCTL.fullmatch(key) or len(key) > 256:
+            raise ttrpc.InvalidArgument("OCI spec: linux.sysctl: a name is not a sysctl "
+                                        "(dotted words, as net.ipv4.ip_forward)")
+        if not isinstance(value, str) or "\n" in value or len(value) > 4096:
+            raise ttrpc.InvalidArgument(f"OCI spec: linux.sysctl: {key}: the value must be "
+                                        "one line of text")
+        out[key] = value
+    return out

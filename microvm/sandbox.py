@@ -441,7 +441,8 @@ class Sandbox:
                                share_with: str = "", shared_namespaces: tuple[str, ...] = (),
                                masked_paths: list[str] | tuple[str, ...] = (),
                                readonly_paths: list[str] | tuple[str, ...] = (),
-                               devices: list[agent_pb2.DeviceRule] | None = None) -> int:
+                               devices: list[agent_pb2.DeviceRule] | None = None,
+                               sysctls: dict[str, str] | None = None) -> int:
         """Share rootfs into the VM and create the container's init there.
 
         share_with, shared_namespaces: join those namespaces of that container
@@ -500,7 +501,8 @@ class Sandbox:
                                                           readonly=readonly),
                 hostname=hostname, process=process, mounts=mounts, share_with=share_with,
                 shared_namespaces=list(shared_namespaces), masked_paths=list(masked_paths),
-                readonly_paths=list(readonly_paths), devices=devices or [])
+                readonly_paths=list(readonly_paths), devices=devices or [],
+                sysctls=sysctls or {})
             state.pid = (await self._call("CreateContainer", req)).pid
         except BaseException:
             self._unmount_container(state)

@@ -367,6 +367,7 @@ class TaskService:
                                       hostname=spec.hostname, overlay=False,
                                       etc=cli_net is not None, volumes=spec.volumes,
                                       masked_paths=spec.masked_paths,
+                                      sysctls=spec.sysctls,
                                       readonly_paths=spec.readonly_paths,
                                       devices=spec.devices,
                                       **self._pod_namespaces(req.id, spec))

@@ -206,7 +206,14 @@ class Rootfs(_message.Message):
     def __init__(self, shared_path: _Optional[str] = ..., readonly: _Optional[bool] = ...) -> None: ...
 
 class CreateContainerRequest(_message.Message):
-    __slots__ = ("container_id", "rootfs", "hostname", "process", "mounts", "share_with", "shared_namespaces", "masked_paths", "readonly_paths", "devices")
+    __slots__ = ("container_id", "rootfs", "hostname", "process", "mounts", "share_with", "shared_namespaces", "masked_paths", "readonly_paths", "devices", "sysctls")
+    class SysctlsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     CONTAINER_ID_FIELD_NUMBER: _ClassVar[int]
     ROOTFS_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +224,7 @@ class CreateContainerRequest(_message.Message):
     MASKED_PATHS_FIELD_NUMBER: _ClassVar[int]
     READONLY_PATHS_FIELD_NUMBER: _ClassVar[int]
     DEVICES_FIELD_NUMBER: _ClassVar[int]
+    SYSCTLS_FIELD_NUMBER: _ClassVar[int]
     container_id: str
     rootfs: Rootfs
     hostname: str
@@ -227,7 +235,8 @@ class CreateContainerRequest(_message.Message):
     masked_paths: _containers.RepeatedScalarFieldContainer[str]
     readonly_paths: _containers.RepeatedScalarFieldContainer[str]
     devices: _containers.RepeatedCompositeFieldContainer[DeviceRule]
-    def __init__(self, container_id: _Optional[str] = ..., rootfs: _Optional[_Union[Rootfs, _Mapping]] = ..., hostname: _Optional[str] = ..., process: _Optional[_Union[Process, _Mapping]] = ..., mounts: _Optional[_Iterable[_Union[Mount, _Mapping]]] = ..., share_with: _Optional[str] = ..., shared_namespaces: _Optional[_Iterable[str]] = ..., masked_paths: _Optional[_Iterable[str]] = ..., readonly_paths: _Optional[_Iterable[str]] = ..., devices: _Optional[_Iterable[_Union[DeviceRule, _Mapping]]] = ...) -> None: ...
+    sysctls: _containers.ScalarMap[str, str]
+    def __init__(self, container_id: _Optional[str] = ..., rootfs: _Optional[_Union[Rootfs, _Mapping]] = ..., hostname: _Optional[str] = ..., process: _Optional[_Union[Process, _Mapping]] = ..., mounts: _Optional[_Iterable[_Union[Mount, _Mapping]]] = ..., share_with: _Optional[str] = ..., shared_namespaces: _Optional[_Iterable[str]] = ..., masked_paths: _Optional[_Iterable[str]] = ..., readonly_paths: _Optional[_Iterable[str]] = ..., devices: _Optional[_Iterable[_Union[DeviceRule, _Mapping]]] = ..., sysctls: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class DeviceRule(_message.Message):
     __slots__ = ("allow", "type", "major", "minor", "access")

@@ -288,3 +288,31 @@ def test_host_namespaces_are_refused_by_name(cri: Cri, handler: str, host: str) 
     for pod in cri.pods():  # containerd keeps a NOTREADY record of a failed pod
         cri.remove_pod(pod)
     _nothing_left(cri)
+
+
+@pytest.mark.parametrize("handler", ["kata-py", "runc"])
+def test_pod_sysctls_are_applied(cri: Cri, handler: str) -> None:
+    """A safe sysctl (kernel.shm_rmid_forced), an unsafe namespaced one
+    (kernel.msgmax) and a network one: the pod's containers see them.  A
+    sysctl the kernel lacks fails the pod in one line."""
+    pod = cri.run_pod(f"sysctl-{handler[:4]}", handler=handler, sysctls={
+        "kernel.shm_rmid_forced": "1", "kernel.msgmax": "65000",
+        "net.ipv4.ip_unprivileged_port_start": "80"})
+    try:
+        cid = cri.container(pod, "c", "sleep", "3600")
+        r = cri.exec(cid, "cat", "/proc/sys/kernel/shm_rmid_forced", "/proc/sys/kernel/msgmax",
+                     "/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        assert r.stdout.decode().split() == ["1", "65000", "80"], r.stderr
+    finally:
+        cri.remove_pod(pod)
+    with pytest.raises(grpc.RpcError) as e:
+        cri.run_pod(f"nosysctl-{handler[:4]}", handler=handler,
+                    sysctls={"kernel.kt_no_such_setting": "1"})
+    details = e.value.details()  # type: ignore[attr-defined]
+    assert "kernel.kt_no_such_setting" in details or "kt_no_such_setting" in details, details
+    if handler == "kata-py":
+        assert "sysctl kernel.kt_no_such_setting: the guest kernel has no such setting" \
+            in details, details
+    for p in cri.pods():
+        cri.remove_pod(p)
+    _nothing_left(cri)
