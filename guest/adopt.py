@@ -45,5 +45,6 @@ def mount_share() -> None:
     """The sandbox's shared directory over virtio-9p (cache=mmap: programs
     and their libraries are mapped, as from any file system)."""
     os.makedirs(GUEST_SHARED_ROOT, exist_ok=True)
-    linux.mount(SHARED_FS_TAG, GUEST_SHARED_ROOT, "9p", linux.MS_NOSUID,
+    # Set-id bits work in containers, as under runc (guest/init.py).
+    linux.mount(SHARED_FS_TAG, GUEST_SHARED_ROOT, "9p", 0,
                 "trans=virtio,version=9p2000.L,cache=mmap,msize=512000")

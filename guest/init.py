@@ -75,7 +75,9 @@ def mount_shared(settings: dict[str, str]) -> None:
     if settings.get("kata_py.share") == "9p":
         return  # a template: its clones mount it (AdoptSandbox); it must not
     try:
-        linux.mount(SHARED_FS_TAG, container.SHARED_ROOT, "virtiofs", linux.MS_NOSUID)
+        # Set-id bits work in containers, as under runc: the guest is the
+        # boundary, and the host's copies are out of other users' reach.
+        linux.mount(SHARED_FS_TAG, container.SHARED_ROOT, "virtiofs", 0)
     except OSError as e:
         # A VM without a shared directory (the boot floor) still serves.
         log.warning("no shared directory: %s", e)
