@@ -316,3 +316,25 @@ def test_pod_sysctls_are_applied(cri: Cri, handler: str) -> None:
     for p in cri.pods():
         cri.remove_pod(p)
     _nothing_left(cri)
+
+
+def test_containerd_restart_keeps_the_pods(cri: Cri) -> None:
+    """containerd restarts while a pod runs: the shim keeps serving, and the
+    new containerd reconnects, execs, and stops and removes everything."""
+    pod = cri.run_pod("survivor")
+    try:
+        cid = cri.container(pod, "c", "sleep", "3600")
+        cri.ctd.stop()
+        cri.ctd.start()
+        deadline = time.monotonic() + 30
+        while True:  # CRI answers once containerd has loaded its state again
+            try:
+                r = cri.exec(cid, "echo", "still here")
+                break
+            except grpc.RpcError:
+                assert time.monotonic() < deadline
+                time.sleep(0.5)
+        assert r.exit_code == 0 and r.stdout == b"still here\n"
+    finally:
+        cri.remove_pod(pod)
+    _nothing_left(cri)
