@@ -24,12 +24,17 @@ KATA = "io.containerd.kata-py.v2"
 RUNC = "io.containerd.runc.v2"
 
 
-def pss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/smaps_rollup") as f:
+def proc_kib(pid: int, file: str, field: str) -> int:
+    """A "Field:  N kB" line of /proc/PID/FILE, in KiB (0 if absent)."""
+    with open(f"/proc/{pid}/{file}") as f:
         for line in f:
-            if line.startswith("Pss:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
     return 0
+
+
+def pss_kib(pid: int) -> int:
+    return proc_kib(pid, "smaps_rollup", "Pss")
 
 
 def pod_pids(shim_pid: int) -> list[int]:

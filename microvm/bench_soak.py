@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from . import cristack, netlink
+from .bench_containerd import proc_kib
 
 CYCLES = 200
 
@@ -31,16 +32,9 @@ def _shim(pod_name: str) -> int:
     return 0
 
 
-def _rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
 def _sample(pid: int) -> dict[str, int]:
-    return {"rss_kib": _rss_kib(pid), "fds": len(os.listdir(f"/proc/{pid}/fd"))}
+    return {"rss_kib": proc_kib(pid, "status", "VmRSS"),
+            "fds": len(os.listdir(f"/proc/{pid}/fd"))}
 
 
 def _leftovers() -> list[str]:
