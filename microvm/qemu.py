@@ -285,6 +285,10 @@ class Machine:
 
     def launch_error(self, what: str) -> VMError:
         code = self.proc.poll() if self.proc else None
+        if code is not None and code < 0:
+            # Killed from outside, not a start-up QEMU refused: its command
+            # line would say nothing.
+            return VMError(f"QEMU died (signal {-code}) while starting")
         out = tail(self.qemu_log, 10).strip()
         msg = f"QEMU failed ({what}"
         msg += f", exit status {code})" if code is not None else ")"

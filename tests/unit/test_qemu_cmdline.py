@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -302,3 +303,18 @@ def test_free_page_reporting() -> None:
         {"free-page-reporting": "on"}]
     assert devices(command_line(QEMU, spec(free_page_reporting=False)),
                    "virtio-balloon-device") == []
+
+
+def test_a_qemu_killed_while_starting_is_one_line(tmp_path: Path) -> None:
+    """Killed from outside before QMP answered: not a start-up QEMU refused,
+    so no command line (seen when a fault test killed it that early)."""
+    import signal
+    import subprocess
+
+    from microvm.qemu import Machine, VMSpec
+    m = Machine("qemu-system-x86_64", VMSpec(name="t", kernel="k", image="i"),
+                tmp_path / "console.log", tmp_path / "qemu.log", None)
+    m.proc = subprocess.Popen(["sleep", "30"])
+    m.proc.send_signal(signal.SIGKILL)
+    m.proc.wait()
+    assert str(m.launch_error("QMP handshake failed")) == "QEMU died (signal 9) while starting"
