@@ -209,7 +209,13 @@ class Sandbox:
                               self.log_dir / "qemu.log", self.creds)
             self.machine = machine
             stack.push_async_callback(machine.shutdown)
-            await machine.launch(extra_fds)
+            try:
+                await machine.launch(extra_fds)
+            except VMError:
+                await asyncio.sleep(0)  # a helper's watcher may know better
+                if self.death:
+                    raise VMError(self.death) from None
+                raise
             assert machine.proc is not None
             self._watch_process(machine.proc, "QEMU", stack)
         except BaseException:
