@@ -338,3 +338,33 @@ def test_containerd_restart_keeps_the_pods(cri: Cri) -> None:
     finally:
         cri.remove_pod(pod)
     _nothing_left(cri)
+
+
+KERNEL_FEATURES = (
+    "ip link add kt-br0 type bridge && echo bridge=ok; "
+    "ip link add kt-v0 type veth peer name kt-v1 && echo veth=ok; "
+    "grep -q ' tun$' /proc/misc && echo tun=ok; "
+    "[ -e /proc/net/ip_tables_names ] && echo iptables=ok; "
+    "[ -e /proc/net/ip6_tables_names ] && echo ip6tables=ok; "
+    "[ -e /proc/sys/net/netfilter/nf_conntrack_max ] && echo conntrack=ok; "
+    "[ -e /proc/sys/kernel/unprivileged_bpf_disabled ] && echo bpf=ok; true")
+
+
+@pytest.mark.parametrize("handler", ["kata-py", "runc"])
+def test_kernel_features_pods_use(cri: Cri, handler: str) -> None:
+    """A container with NET_ADMIN makes a bridge and a veth pair in its pod's
+    network namespace, and finds tun, iptables (v4, v6), conntrack and BPF,
+    as an init container of a service mesh or a CNI-in-pod would."""
+    pod = cri.run_pod(f"kfeat-{handler[:4]}", handler=handler)
+    try:
+        # As a mesh's init container asks: NET_ADMIN (and NET_RAW), not privileged.
+        caps = cri.pb.Capability(add_capabilities=["NET_ADMIN", "NET_RAW"])
+        cid = cri.container(pod, "c", "sleep", "3600",
+                            security=cri.pb.LinuxContainerSecurityContext(capabilities=caps))
+        r = cri.exec(cid, "sh", "-c", KERNEL_FEATURES)
+        found = set(r.stdout.decode().split())
+        want = {f"{f}=ok" for f in ("bridge", "veth", "tun", "iptables", "ip6tables",
+                                    "conntrack", "bpf")}
+        assert found >= want, (sorted(want - found), r.stderr)
+    finally:
+        cri.remove_pod(pod)
