@@ -96,6 +96,11 @@ SHIM_START_TIMEOUT = 30.0
 SHIM_POLITE = 3.0
 
 
+def _address(d: Path) -> str:
+    """The path of the shim's socket, from the bundle (OSError if it has none)."""
+    return (d / "address").read_text().strip().removeprefix("unix://")
+
+
 def _shim_binary() -> str:
     here = Path(sys.executable).with_name("containerd-shim-kata-py-v2")
     return str(here) if here.exists() else "containerd-shim-kata-py-v2"
@@ -107,7 +112,7 @@ async def _client(name: str) -> AsyncIterator[ttrpc.Client]:
     if not d.exists():
         raise KataError(f"no such container: {name}")
     try:
-        address = (d / "address").read_text().strip().removeprefix("unix://")
+        address = _address(d)
         reader, writer = await asyncio.open_unix_connection(address)
     except OSError:
         raise KataError(f"container {name} is not running (its shim is gone)") from None
@@ -336,7 +341,7 @@ def _shim_pid(d: Path) -> int:
     kernel still accepts the connection); 0 if there is none."""
     with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as s:
         s.settimeout(1)
-        s.connect((d / "address").read_text().strip().removeprefix("unix://"))
+        s.connect(_address(d))
         pid, _, _ = struct.unpack("3i", s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
                                                      struct.calcsize("3i")))
         return int(pid)
@@ -358,7 +363,7 @@ async def _shim_gone(d: Path, timeout: float) -> bool:
     """Until the shim has powered its VM off and removed its socket (the
     last thing it does): rm returns only once nothing of it runs."""
     try:
-        sock = Path((d / "address").read_text().strip().removeprefix("unix://"))
+        sock = Path(_address(d))
     except OSError:
         return True
     deadline = asyncio.get_running_loop().time() + timeout
