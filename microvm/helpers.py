@@ -4,6 +4,7 @@ Each helper:
   - gets its fds from the parent (pass_fds), so nothing races at start-up;
   - runs in its own session, so a terminal's ^C reaches only the CLI;
   - has PR_SET_PDEATHSIG=SIGKILL, so even a SIGKILLed owner takes it along;
+  - has no_new_privs: no setuid binary or file capability raises it;
   - may run as another user (QEMU: see qemuuser.py).
 """
 
@@ -11,29 +12,49 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
+import shutil
 import signal
 import subprocess
 from collections.abc import Callable, Sequence
 
-from . import linux
-from .qemuuser import Credentials
+from .qemuuser import DYNAMIC_UID_BASE, Credentials
 
 log = logging.getLogger(__name__)
 
 
-def _child_setup(netns_fd: int | None, creds: Credentials | None) -> None:
-    # setns needs root: before the switch of user.
-    if netns_fd is not None:
-        linux.setns(netns_fd, linux.CLONE_NEWNET)
-    if creds is not None:
-        creds.apply()
-    # After the switch: a change of uid clears the parent-death signal.
-    linux.set_pdeathsig(signal.SIGKILL)
-    # The parent may have died before the prctl: then die now.
-    if os.getppid() == 1:
-        os.kill(os.getpid(), signal.SIGKILL)
+# Set-up between fork and exec is done by util-linux, not by a preexec_fn
+# (unsafe once the owner has threads, and the shim has).  sh works out the
+# dynamic uid from its own pid, which every exec keeps; nsenter joins the
+# pod's network namespace while still root; setpriv drops to the user and
+# only then sets the parent-death signal (a change of uid clears it).  A
+# last sh makes sure the owner did not die before that: then it exits.
+_WRAPPER = r"""
+owner=$1 base=$2 uid=$3 gid=$4 groups=$5 net=$6; shift 6
+[ "$uid" = dynamic ] && uid=$(( base + $$ ))
+[ "$gid" = same ] && gid=$uid
+ids=
+[ "$uid" = root ] || ids="--reuid=$uid --regid=$gid --${groups:+groups=}${groups:-clear-groups}"
+exec ${net:+nsenter --net=$net --} setpriv $ids --no-new-privs --pdeathsig KILL -- \
+  sh -c '[ "$PPID" = "$0" ] || exit 137; exec "$@"' "$owner" "$@"
+"""
+
+
+def wrapper(argv: Sequence[str], netns_fd: int | None,
+            creds: Credentials | None) -> list[str]:
+    """argv run as creds (root if None) in netns_fd's network namespace,
+    dying with its owner (this process)."""
+    if creds is None:
+        uid, gid, groups = "root", "", ""
+    else:
+        uid = "dynamic" if creds.uid < 0 else str(creds.uid)
+        gid = "same" if creds.gid < 0 else str(creds.gid)
+        groups = ",".join(map(str, creds.groups))
+    net = "" if netns_fd is None else f"/proc/self/fd/{netns_fd}"
+    return ["/bin/sh", "-c", _WRAPPER, "sh", str(os.getpid()), str(DYNAMIC_UID_BASE),
+            uid, gid, groups, net, *argv]
 
 
 def spawn(argv: Sequence[str], *, pass_fds: Sequence[int] = (), stdout: int | None = None,
@@ -43,10 +64,13 @@ def spawn(argv: Sequence[str], *, pass_fds: Sequence[int] = (), stdout: int | No
     its pid then stands for the pod's namespaces, and it has no other network).
     creds: the user it runs as (root if None)."""
     log.debug("starting %s", " ".join(argv))
+    if shutil.which(argv[0]) is None:  # said here: the wrapper would only exit 127
+        code = errno.EACCES if os.path.exists(argv[0]) else errno.ENOENT
+        raise OSError(code, os.strerror(code), argv[0])
+    fds = (*pass_fds, *(() if netns_fd is None else (netns_fd,)))
     return subprocess.Popen(
-        list(argv), stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-        pass_fds=tuple(pass_fds), start_new_session=True,
-        preexec_fn=lambda: _child_setup(netns_fd, creds))
+        wrapper(argv, netns_fd, creds), stdin=subprocess.DEVNULL, stdout=stdout,
+        stderr=stderr, pass_fds=fds, start_new_session=True)
 
 
 def spawn_logged(argv: Sequence[str], log_path: os.PathLike[str] | str,

@@ -1,6 +1,6 @@
 """Linux system calls Python 3.11's os module lacks, through libc.
 
-Shared by the host (mount namespaces, pdeathsig) and the guest agent
+Shared by the host (mount namespaces) and the guest agent
 (container set-up), so it imports nothing heavy.
 """
 
@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import signal
 
 # By soname: ctypes.util.find_library would run ldconfig, slow under emulation.
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -45,7 +44,6 @@ CLONE_NEWIPC = 0x08000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 
-PR_SET_PDEATHSIG = 1
 PR_SET_KEEPCAPS = 8
 PR_SET_SECCOMP = 22
 PR_CAPBSET_DROP = 24
@@ -187,11 +185,6 @@ def seccomp_filter(program: bytes) -> None:
 
 def prctl2(option: int, arg2: int, arg3: int) -> None:
     _check(_libc.prctl(option, arg2, arg3, 0, 0), "prctl")
-
-
-def set_pdeathsig(sig: int = signal.SIGKILL) -> None:
-    """Have the kernel send sig to the caller when its parent thread exits."""
-    prctl(PR_SET_PDEATHSIG, sig)
 
 
 def reboot(cmd: int) -> None:

@@ -11,8 +11,8 @@ opened by the owner and passed in, and it then runs as
   root     as before; for debugging only.
 
 With KVM it also gets /dev/kvm's group, to open the device.  The switch
-happens in the child before exec, so QEMU starts with no capabilities at
-all (QEMU's own -runas would drop them only after initialisation).
+happens before exec (helpers.wrapper), so QEMU starts with no capabilities
+at all (QEMU's own -runas would drop them only after initialisation).
 """
 
 from __future__ import annotations
@@ -31,14 +31,6 @@ class Credentials:
     uid: int                  # -1: dynamic
     gid: int                  # -1: the uid's number
     groups: tuple[int, ...] = ()
-
-    def apply(self) -> None:
-        """In the child, before exec: become the user for good (all three ids)."""
-        uid = self.uid if self.uid >= 0 else DYNAMIC_UID_BASE + os.getpid()
-        gid = self.gid if self.gid >= 0 else uid
-        os.setgroups(list(self.groups))
-        os.setresgid(gid, gid, gid)
-        os.setresuid(uid, uid, uid)
 
 
 def _kvm_group(dev: str = "/dev/kvm") -> tuple[int, ...]:
