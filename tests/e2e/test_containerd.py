@@ -578,3 +578,85 @@ def test_a_helper_killed_under_ctr_stops_the_task_at_once(ctd: Containerd, victi
         assert any("/tasks/exit" in line for line in seen), seen
     finally:
         force_remove(ctd, "t-helper")
+
+
+# -- the fault matrix through ctr: each process killed at boot, during exec, during rm --
+
+CTR_VICTIMS = {
+    "qemu": "qemu-system-x86_64 -name kata-py-",
+    "9p-helper": "virtfs-proxy-helper -n -p /run/kata-py/vm/",
+    "virtiofsd": "virtiofsd --fd=",
+    "shim": "microvm.shim .*-id t-fault",
+}
+
+
+def _pid(pattern: str, timeout: float = 60) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = subprocess.run(["pgrep", "-o", "-f", pattern], capture_output=True, text=True)
+        if r.returncode == 0:
+            return int(r.stdout.split()[0])
+        time.sleep(0.02)
+    raise AssertionError(f"no process matches {pattern!r}")
+
+
+def _ctr(ctd: Containerd, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(["ctr", "-a", ctd.address, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=ctd.env)
+
+
+@pytest.mark.parametrize("victim", ["qemu", "virtiofsd", "shim"])
+def test_a_kill_during_a_ctr_boot(ctd: Containerd, tmp_path: Path, victim: str) -> None:
+    """A cold boot (template: false: long enough to hit): `ctr run` fails in
+    one line naming the dead process, and delete leaves nothing."""
+    cold = tmp_path / "cold.yaml"
+    cold.write_text("template: false\n")
+    p = _ctr(ctd, "run", "--runtime", RUNTIME, "-d", "--runtime-config-path", str(cold),
+             IMAGE, "t-fault", "sleep", "300")
+    try:
+        _pid(CTR_VICTIMS["qemu"])  # booting
+        os.kill(_pid(CTR_VICTIMS[victim]), signal.SIGKILL)
+        _, err = p.communicate(timeout=30)
+        assert p.returncode != 0, err
+        said = {"qemu": "QEMU died (signal 9)", "virtiofsd": "virtiofsd died (signal 9)",
+                "shim": "ttrpc: closed"}[victim]
+        assert said in err, err
+    finally:
+        p.kill()
+        force_remove(ctd, "t-fault")
+
+
+@pytest.mark.parametrize("victim", ["qemu", "9p-helper", "shim"])
+def test_a_kill_during_a_ctr_exec(ctd: Containerd, victim: str) -> None:
+    """The exec ends within a few seconds (not the 30 s call timeout), the task
+    is stopped, and delete leaves nothing."""
+    assert run(ctd, "t-fault", "sleep", "300", flags=("-d",)).returncode == 0
+    try:
+        e = _ctr(ctd, "task", "exec", "--exec-id", "e1", "t-fault", "sh", "-c",
+                 "echo in; sleep 300")
+        assert e.stdout is not None and e.stdout.readline() == "in\n"
+        os.kill(_pid(CTR_VICTIMS[victim]), signal.SIGKILL)
+        t0 = time.monotonic()
+        _, err = e.communicate(timeout=30)
+        assert time.monotonic() - t0 < 5 and e.returncode != 0, (e.returncode, err)
+        deadline = time.monotonic() + 5
+        while "RUNNING" in ctd.ctr("task", "ls").stdout:
+            assert time.monotonic() < deadline, ctd.ctr("task", "ls").stdout
+            time.sleep(0.1)
+    finally:
+        force_remove(ctd, "t-fault")
+
+
+@pytest.mark.parametrize("victim", ["qemu", "9p-helper", "shim"])
+def test_a_kill_during_a_ctr_delete(ctd: Containerd, victim: str) -> None:
+    """Whatever the forced delete got to, containerd's own clean-up or a second
+    delete finishes the job (the fixture's check)."""
+    assert run(ctd, "t-fault", "sleep", "300", flags=("-d",)).returncode == 0
+    target = _pid(CTR_VICTIMS[victim])
+    d = _ctr(ctd, "task", "delete", "-f", "t-fault")
+    time.sleep(0.1)  # inside the delete's calls
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(target, signal.SIGKILL)
+    d.communicate(timeout=30)
+    force_remove(ctd, "t-fault")
+    assert "t-fault" not in ctd.ctr("container", "ls", "-q").stdout.split()

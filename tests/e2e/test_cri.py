@@ -11,8 +11,11 @@ inside the node namespace.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
+import re
 import shutil
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -251,20 +254,63 @@ def test_security_context_is_applied_as_under_runc(cri: Cri, handler: str) -> No
         cri.remove_pod(pod)
 
 
-def test_a_pod_whose_vm_is_killed_exits_and_is_removed(cri: Cri) -> None:
-    """SIGKILL of the pod's QEMU: its containers show EXITED within a few
-    seconds, and removing the pod leaves nothing."""
+POD_VICTIMS = {
+    "qemu": "qemu-system-x86_64 -name kata-py-",
+    "9p-helper": "virtfs-proxy-helper -n -p /run/kata-py/vm/",
+    "shim": "microvm.shim ",
+}
+
+
+def _only_pid(pattern: str) -> int:
+    pids = [int(line.split()[0]) for line in helper_processes() + _shims()
+            if re.search(pattern, line)]
+    assert len(pids) == 1, (pattern, helper_processes(), _shims())
+    return pids[0]
+
+
+def _shims() -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    return [line.strip() for line in out.splitlines() if "microvm.shim " in line]
+
+
+def _exited(cri: Cri, cid: str, within: float) -> None:
+    deadline = time.monotonic() + within
+    while cri.rt.ContainerStatus(cri.pb.ContainerStatusRequest(container_id=cid)) \
+            .status.state != cri.pb.CONTAINER_EXITED:
+        assert time.monotonic() < deadline, "the container still looks alive"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("victim", POD_VICTIMS)
+def test_a_pod_whose_vm_or_shim_is_killed_exits_and_is_removed(cri: Cri, victim: str) -> None:
+    """SIGKILL of the pod's QEMU, 9p helper or shim: its containers show
+    EXITED within a few seconds, and removing the pod leaves nothing."""
     pod = cri.run_pod("doomed")
     try:
         cid = cri.container(pod, "c", "sleep", "3600")
-        qemu = [int(line.split()[0]) for line in helper_processes() if "qemu-system" in line]
-        assert len(qemu) == 1
-        os.kill(qemu[0], 9)
-        deadline = time.monotonic() + 5
-        while cri.rt.ContainerStatus(cri.pb.ContainerStatusRequest(container_id=cid)) \
-                .status.state != cri.pb.CONTAINER_EXITED:
-            assert time.monotonic() < deadline, "the container still looks alive"
-            time.sleep(0.1)
+        os.kill(_only_pid(POD_VICTIMS[victim]), 9)
+        _exited(cri, cid, 5)
+    finally:
+        cri.remove_pod(pod)
+    _nothing_left(cri)
+
+
+@pytest.mark.parametrize("victim", POD_VICTIMS)
+def test_a_kill_during_a_pod_exec(cri: Cri, victim: str) -> None:
+    """kubectl exec's ExecSync ends within seconds, not at its timeout."""
+    pod = cri.run_pod("doomed-exec")
+    try:
+        cid = cri.container(pod, "c", "sleep", "3600")
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            running = pool.submit(cri.exec, cid, "sleep", "60", timeout=60)
+            time.sleep(1)  # the exec has started in the guest
+            os.kill(_only_pid(POD_VICTIMS[victim]), 9)
+            t0 = time.monotonic()
+            with contextlib.suppress(grpc.RpcError):
+                r = running.result(timeout=30)
+                assert r.exit_code != 0, r
+            assert time.monotonic() - t0 < 5
+        _exited(cri, cid, 5)
     finally:
         cri.remove_pod(pod)
     _nothing_left(cri)
