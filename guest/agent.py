@@ -158,6 +158,34 @@ class Process:
 
 
 @dataclass
+class PortConnection:
+    """A forwarded TCP connection (port-forward): its bytes flow through the
+    stdin and stdout calls, as a process's do; its own fds, so a half-close
+    of stdin is a shutdown of the socket."""
+
+    sock: socket.socket
+    stdin: InputStream
+    stdout: OutputStream
+    stderr: OutputStream
+    tty: None = None
+
+    @classmethod
+    def of(cls, sock: socket.socket) -> PortConnection:
+        return cls(sock, InputStream(os.dup(sock.fileno())), OutputStream(os.dup(sock.fileno())),
+                   OutputStream(None))
+
+    def half_close(self) -> None:
+        self.stdin.close()
+        with contextlib.suppress(OSError):
+            self.sock.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.stdin.close()
+        self.stdout.close()
+        self.sock.close()
+
+
+@dataclass
 class Container:
     id: str
     init: Process
@@ -249,6 +277,7 @@ class Agent:
         self.started_at = started_at
         self.ready_at = 0.0
         self.containers: dict[str, Container] = {}
+        self.ports: dict[str, PortConnection] = {}
         self._by_pid: dict[int, Process] = {}
         # Exits seen before the pid was known to us (a child can die fast),
         # with when they were seen (monotonic): an entry older than a
@@ -397,6 +426,16 @@ class Agent:
             raise ttrpc.NotFound(f"container {cid} not found")
         return c
 
+    def _streams(self, ref: agent_pb2.ProcessRef) -> Process | PortConnection:
+        """Whose stdin and stdout a stream call means: a process's, or a
+        forwarded connection's (container_id "")."""
+        if not ref.container_id:
+            conn = self.ports.get(ref.exec_id)
+            if conn is None:
+                raise ttrpc.NotFound(f"port connection {ref.exec_id!r} not found")
+            return conn
+        return self._process(ref)
+
     def _process(self, ref: agent_pb2.ProcessRef) -> Process:
         c = self._container(ref.container_id)
         if not ref.exec_id:
@@ -513,12 +552,15 @@ class Agent:
 
     async def WriteStdin(self, req: agent_pb2.WriteStreamRequest,
                          ctx: ttrpc.CallContext) -> agent_pb2.WriteStreamResponse:
-        proc = self._process(req.process)
+        proc = self._streams(req.process)
         return agent_pb2.WriteStreamResponse(written=await proc.stdin.write(req.data))
 
     async def CloseStdin(self, req: agent_pb2.ProcessRef,
                          ctx: ttrpc.CallContext) -> agent_pb2.Empty:
-        proc = self._process(req)
+        proc = self._streams(req)
+        if isinstance(proc, PortConnection):
+            proc.half_close()
+            return agent_pb2.Empty()
         if proc.tty is not None and proc.stdin._fd is not None:
             # A pty has no half-close: send EOF (^D) as a terminal would.
             with contextlib.suppress(ttrpc.RpcError):
@@ -528,7 +570,7 @@ class Agent:
 
     async def _read(self, req: agent_pb2.ReadStreamRequest, which: str
                     ) -> agent_pb2.ReadStreamResponse:
-        stream = getattr(self._process(req.process), which)
+        stream = getattr(self._streams(req.process), which)
         data, eof = await stream.read(req.max_bytes)
         return agent_pb2.ReadStreamResponse(data=data, eof=eof)
 
@@ -660,6 +702,34 @@ class Agent:
             await network.configure(req, self.run_tool)
         except network.NetworkError as e:
             raise ttrpc.InvalidArgument(f"network: {e}") from None
+        return agent_pb2.Empty()
+
+    async def ConnectPort(self, req: agent_pb2.PortRequest,
+                          ctx: ttrpc.CallContext) -> agent_pb2.Empty:
+        if not req.id or req.id in self.ports:
+            raise ttrpc.InvalidArgument(f"port connection id {req.id!r} is empty or taken")
+        if not 1 <= req.port <= 65535:
+            raise ttrpc.InvalidArgument(f"port {req.port}: expected 1-65535")
+        # As containerd dials localhost for runc's pods: IPv4 first, then IPv6.
+        errors = []
+        for family, addr in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await self._loop.sock_connect(sock, (addr, req.port))
+            except OSError as e:
+                sock.close()
+                errors.append(f"{addr}: {e.strerror}")
+                continue
+            self.ports[req.id] = PortConnection.of(sock)
+            return agent_pb2.Empty()
+        raise ttrpc.Unavailable(f"port {req.port} in the pod: {'; '.join(errors)}")
+
+    async def ClosePort(self, req: agent_pb2.ProcessRef,
+                        ctx: ttrpc.CallContext) -> agent_pb2.Empty:
+        conn = self.ports.pop(req.exec_id, None)
+        if conn is not None:
+            conn.close()
         return agent_pb2.Empty()
 
     async def Shutdown(self, req: agent_pb2.Empty, ctx: ttrpc.CallContext) -> agent_pb2.Empty:

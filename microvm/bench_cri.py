@@ -5,6 +5,8 @@
               one pod at a time, and five pods at once (wall time for all)
   memory      PSS of one kata-py pod's host processes (its cgroup: the shim,
               QEMU, virtiofsd): what RuntimeClass overhead.podFixed is set from
+  port-forward  a 10 MiB HTTP GET through CRI PortForward and containerd's
+              stream server (kubectl port-forward's path), MiB/s
 
 containerd, CNI and the pods stay in a network namespace the bench makes.
 """
@@ -57,11 +59,33 @@ def run(n: int) -> dict[str, object]:
                 parallel[name].append(time.perf_counter() - t0)
                 with concurrent.futures.ThreadPoolExecutor(5) as pool:
                     list(pool.map(cri.remove_pod, pods))
+        forward = {name: _forward(cri, name, handler, n) for name, handler in HANDLERS.items()}
     s = {k: _stats(v) for k, v in serial.items()}
     p = {k: _stats(v) for k, v in parallel.items()}
+    f = {k: _stats(v) for k, v in forward.items()}
     return {"serial": s, "parallel5": p, "pss_mib": statistics.median(memory_kib) / 1024,
+            "forward_mib_s": f,
             "ratios": {"serial kata/runc": s["kata-py"]["median"] / s["runc"]["median"],
-                       "5 parallel kata/runc": p["kata-py"]["median"] / p["runc"]["median"]}}
+                       "5 parallel kata/runc": p["kata-py"]["median"] / p["runc"]["median"],
+                       "port-forward kata/runc": f["kata-py"]["median"]
+                       / f["runc"]["median"]}}
+
+
+def _forward(cri: cristack.Cri, name: str, handler: str, n: int) -> list[float]:
+    """MiB/s of n 10 MiB GETs through port-forward."""
+    pod = cri.run_pod(f"f{name[:4]}", handler=handler)
+    try:
+        cri.container(pod, "web", "sh", "-c", cristack.HTTPD)
+        cri.http_get(pod, "/small", wait=30)
+        rates = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            got = len(cri.http_get(pod, "/big"))
+            assert got == cristack.BIG, got
+            rates.append(got / (time.perf_counter() - t0) / 2**20)
+        return rates
+    finally:
+        cri.remove_pod(pod)
 
 
 def report(r: dict[str, object]) -> None:
@@ -72,4 +96,8 @@ def report(r: dict[str, object]) -> None:
         print(f"  {name:<8} one pod {s[name]['median']:>7.3f}s   five at once "
               f"{p[name]['median']:>7.3f}s")
     print(f"  memory per kata-py pod (PSS of shim + QEMU + virtiofsd): {r['pss_mib']:.1f} MiB")
+    f = r["forward_mib_s"]
+    assert isinstance(f, dict)
+    print("  port-forward, 10 MiB GET: " + "   ".join(
+        f"{name} {f[name]['median']:.1f} MiB/s" for name in HANDLERS))
     print("  ratios: " + "   ".join(f"{k} {v:.1f}" for k, v in ratios.items()))

@@ -15,10 +15,12 @@ import contextlib
 import importlib
 import io
 import json
+import socket
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -76,6 +78,12 @@ def build_images(tmp: Path) -> tuple[Path, Path]:
                                   [layer_from_dir(Path("/var/lib/kata-py/rootfs/busybox"))],
                                   {"Cmd": ["sh"]})
     return pause, app
+
+
+# A pod's web server, for port-forward: /small ("hello\n") and /big (10 MiB).
+HTTPD = ("mkdir -p /www && echo hello > /www/small && head -c 10485760 /dev/zero > /www/big "
+         "&& exec httpd -f -p 8080 -h /www")
+BIG = 10 << 20
 
 
 class Cri:
@@ -142,6 +150,65 @@ class Cri:
     def exec(self, cid: str, *cmd: str, timeout: int = 30) -> Any:
         return self.rt.ExecSync(self.pb.ExecSyncRequest(container_id=cid, cmd=list(cmd),
                                                         timeout=timeout), timeout=timeout + 30)
+
+    def port_forward(self, pod: str, port: int, request: bytes, timeout: float = 60) -> bytes:
+        """kubelet's port-forward: PortForward's URL, then the streaming
+        protocol over a WebSocket (v4.channel.k8s.io: a channel byte before
+        every message; data on 0, errors on 1, each opened by the port,
+        little-endian).  Sends request; returns all the pod sent back."""
+        import websocket
+
+        from . import netlink
+
+        url = self.rt.PortForward(self.pb.PortForwardRequest(
+            pod_sandbox_id=pod, port=[port]), timeout=30).url
+        host, _, rest = url.removeprefix("http://").partition(":")
+        # containerd's stream server listens in the node's namespace.
+        sock = netlink.in_namespace(lambda: socket.create_connection(
+            (host, int(rest.split("/")[0])), timeout=timeout), f"/var/run/netns/{self.node}")
+        ws = websocket.create_connection(url.replace("http://", "ws://", 1), socket=sock,
+                                         subprotocols=["v4.channel.k8s.io"], timeout=timeout)
+        data, errors = bytearray(), bytearray()
+        opened: set[int] = set()
+        gone = (websocket.WebSocketConnectionClosedException, ConnectionError)
+        try:
+            while True:
+                if len(opened) == 2 and request:  # after both opening messages, as kubelet
+                    with contextlib.suppress(*gone):  # an error may have closed it already
+                        ws.send_binary(b"\x00" + request)
+                    request = b""
+                try:
+                    msg = ws.recv()
+                except gone:
+                    break
+                if not msg:
+                    break
+                msg = msg if isinstance(msg, bytes) else msg.encode()
+                channel, body = msg[0], msg[1:]
+                if channel not in opened:  # the port, first on each channel
+                    opened.add(channel)
+                    assert body == port.to_bytes(2, "little"), body
+                    continue
+                (data if channel == 0 else errors).extend(body)
+        finally:
+            ws.close()
+        if errors:
+            raise RuntimeError(f"port-forward to {port}: {errors.decode(errors='replace')}")
+        return bytes(data)
+
+    def http_get(self, pod: str, path: str, port: int = 8080, wait: float = 0) -> bytes:
+        """The body of an HTTP/1.0 GET through port-forward; wait: seconds to
+        retry while the server is not up yet."""
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                reply = self.port_forward(pod, port, f"GET {path} HTTP/1.0\r\n\r\n".encode())
+            except RuntimeError:
+                reply = b""
+            head, _, body = reply.partition(b"\r\n\r\n")
+            if head.startswith(b"HTTP/1.") or time.monotonic() > deadline:
+                return body
+            time.sleep(0.2)
 
     def pod_ip(self, pod: str) -> str:
         st = self.rt.PodSandboxStatus(self.pb.PodSandboxStatusRequest(pod_sandbox_id=pod))

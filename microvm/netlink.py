@@ -42,18 +42,33 @@ def in_thread(fn: Callable[[], T], name: str) -> T:
     return result[0]
 
 
+def enter(path: str) -> None:
+    """Move the calling thread into path's network namespace."""
+    try:
+        netns.setns(path, flags=0)
+    except FileNotFoundError:
+        raise KataError(f"network namespace {path} does not exist") from None
+    except OSError as e:
+        raise KataError(f"{path} is not a network namespace ({e.strerror or e})") from None
+
+
+def in_namespace(fn: Callable[[], T], path: str) -> T:
+    """fn() in a fresh thread inside path's network namespace (a socket made
+    there stays there, whichever thread then uses it)."""
+
+    def work() -> T:
+        enter(path)
+        return fn()
+
+    return in_thread(work, f"netns:{path}")
+
+
 def run(fn: Callable[[IPRoute], T], path: str | None = None) -> T:
     """fn(ipr) in a fresh thread, inside path's network namespace if given."""
 
     def work() -> T:
         if path is not None:
-            try:
-                netns.setns(path, flags=0)
-            except FileNotFoundError:
-                raise KataError(f"network namespace {path} does not exist") from None
-            except OSError as e:
-                raise KataError(f"{path} is not a network namespace "
-                                f"({e.strerror or e})") from None
+            enter(path)
         with IPRoute() as ipr:
             return fn(ipr)
 
@@ -62,10 +77,13 @@ def run(fn: Callable[[IPRoute], T], path: str | None = None) -> T:
 
 @contextlib.contextmanager
 def named_netns(prefix: str) -> Iterator[str]:
-    """A network namespace /var/run/netns/<prefix>-<random>, removed after."""
+    """A network namespace /var/run/netns/<prefix>-<random>, loopback up,
+    removed after."""
     name = f"{prefix}-{secrets.token_hex(3)}"
     netns.create(name)
     try:
+        # Loopback up, as in any namespace a runtime makes (lo is index 1).
+        run(lambda ipr: ipr.link("set", index=1, state="up"), f"/var/run/netns/{name}")
         yield name
     finally:
         netns.remove(name)

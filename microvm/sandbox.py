@@ -37,6 +37,7 @@ from .volumes import Volume
 
 if TYPE_CHECKING:  # pyroute2 costs ~75 ms to import: only networked sandboxes pay it
     from . import bridge, tcfilter
+    from .portforward import PortForward
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,7 @@ class Sandbox:
         self.config = config
         self.net_spec = network or NetworkSpec()
         self.network: tcfilter.Network | None = None
+        self.port_forward: PortForward | None = None
         self.bridge: bridge.Attachment | None = None
         self.proxy: ports.Proxy | None = None
         self.id = sandbox_id
@@ -160,6 +162,11 @@ class Sandbox:
             for itf in self.network.interfaces:
                 spec.nics.append(Nic(itf.mac, list(itf.tap_fds), itf.mtu))
             spec.netns = netns
+        if netns and self.bridge is None:  # a pod's namespace: kubelet's port-forward
+            from .portforward import PortForward
+            self.port_forward = PortForward(self, netns)
+            self._stack.push_async_callback(self.port_forward.close)
+            self.port_forward.begin()  # while the VM boots
         try:
             booted = await self._boot_from_template(spec)
             if not booted:
@@ -180,6 +187,8 @@ class Sandbox:
             log.debug("guest network configured in %.3fs", time.monotonic() - t0)
         if self.proxy is not None and self.bridge is not None:
             await self.proxy.start(self.bridge.ip)
+        if self.port_forward is not None:
+            await self.port_forward.ready()
         self.timings.ready = time.monotonic()
         self.timings.guest = {"agent_started": self.details.agent_started,
                               "agent_ready": self.details.agent_ready}
@@ -561,6 +570,14 @@ class Sandbox:
 
     async def close_input(self, cid: str, exec_id: str = "") -> None:
         await self._call("CloseStdin", agent_pb2.ProcessRef(container_id=cid, exec_id=exec_id))
+
+    async def connect_port(self, conn: str, port: int) -> None:
+        """A connection to port in the guest, named conn; its bytes then flow
+        through read_output/write_input/close_input with cid "" and exec_id conn."""
+        await self._call("ConnectPort", agent_pb2.PortRequest(id=conn, port=port))
+
+    async def close_port(self, conn: str) -> None:
+        await self._call("ClosePort", agent_pb2.ProcessRef(exec_id=conn))
 
     async def resize(self, cid: str, rows: int, cols: int, exec_id: str = "") -> None:
         ref = agent_pb2.ProcessRef(container_id=cid, exec_id=exec_id)

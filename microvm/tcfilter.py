@@ -119,22 +119,26 @@ def usable_netns(path: str) -> str | None:
 
 def clean_stale(path: str) -> bool:
     """After a killed owner (the shim's delete, prune): the veths' ingress
-    qdiscs, if no tap of ours lives in the namespace any more.  Whether any
-    was removed."""
+    qdiscs and the port-forward rule, if no tap of ours lives in the
+    namespace any more.  Whether anything was removed."""
 
-    def work(ipr: IPRoute) -> bool:
+    def work(ipr: IPRoute) -> bool | None:
         names = [link.get("ifname") for link in ipr.get_links()]
         if any(n.startswith("tap") and n.endswith("_kata") for n in names):
-            return False  # a sandbox still runs there
+            return None  # a sandbox still runs there
         removed = [_del_ingress(ipr, link["index"]) for link in ipr.get_links()
                    if _kind(link) == "veth"]
         return any(removed)
 
     try:
-        return netlink.run(work, path)
+        removed = netlink.run(work, path)
     except (KataError, NetlinkError) as e:
         log.debug("clean-up in %s: %s", path, e)
         return False
+    if removed is None:
+        return False
+    from . import portforward
+    return portforward.unredirect(path) > 0 or removed
 
 
 def _kind(link: Any) -> str | None:

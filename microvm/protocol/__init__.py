@@ -3,9 +3,10 @@
 Kept free of heavy imports: the guest agent loads it at every boot.
 """
 
-PROTOCOL_VERSION = 7   # 2: ConfigureNetwork; 3: mounts; 4: shared namespaces;
+PROTOCOL_VERSION = 8   # 2: ConfigureNetwork; 3: mounts; 4: shared namespaces;
 #                        5: capabilities, seccomp, masked and read-only paths;
-#                        6: AdoptSandbox (VM templates); 7: sysctls
+#                        6: AdoptSandbox (VM templates); 7: sysctls;
+#                        8: ConnectPort, ClosePort (port-forward)
 AGENT_SERVICE = "katapy.agent.v1.Agent"
 # virtio-serial port name (/sys/class/virtio-ports/*/name in the guest).
 SERIAL_PORT_NAME = "kata-py.agent"

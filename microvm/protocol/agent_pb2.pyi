@@ -6,6 +6,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class PortRequest(_message.Message):
+    __slots__ = ("id", "port")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    port: int
+    def __init__(self, id: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
+
 class NetworkInterface(_message.Message):
     __slots__ = ("mac", "mtu", "addresses", "name")
     MAC_FIELD_NUMBER: _ClassVar[int]

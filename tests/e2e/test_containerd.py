@@ -22,11 +22,12 @@ from pathlib import Path
 
 import pytest
 
+from microvm import cristack, portforward
 from microvm.ociarchive import oci_archive
 from microvm.privatecontainerd import Containerd
 from microvm.protocol import task_pb2, ttrpc
 from tests.conftest import helper_processes, network_leftovers, pty_expect, pty_winsize
-from tests.netns import CNI_BIN, Pod, cni_pod, links, namespace, qdiscs
+from tests.netns import CNI_BIN, Pod, cni_pod, fetch, links, namespace, qdiscs, sh
 
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(shutil.which("containerd") is None,
                                                  reason="containerd not installed")]
@@ -463,6 +464,46 @@ def test_sigkill_of_a_networked_shim_then_delete_cleans_the_namespace(
     # The dead shim's claim on the namespace went with containerd's delete.
     claims = Path("/run/kata-py/netclaims")
     assert not list(claims.iterdir()) if claims.exists() else True
+
+
+def forward_rules(ns: str) -> list[str]:
+    out = sh("iptables", "-t", "nat", "-S", "OUTPUT", ns=ns).stdout
+    return [line for line in out.splitlines() if portforward.COMMENT in line]
+
+
+def test_localhost_in_the_pod_namespace_reaches_the_guest(ctd: Containerd, pod: Pod) -> None:
+    """kubectl port-forward's path, as containerd's CRI takes it: dial
+    localhost:PORT inside the pod's network namespace on the host.  A small
+    reply, a 10 MB one, and a closed port (refused at once, not hung)."""
+    ns = Path(pod.netns).name
+    assert run(ctd, "t-pf", "sh", "-c", cristack.HTTPD,
+               flags=("-d", "--with-ns", f"network:{pod.netns}")).returncode == 0
+    try:
+        assert fetch(ns, "http://127.0.0.1:8080/small") == "hello\n"
+        big = sh("sh", "-c", "curl -sS http://127.0.0.1:8080/big | wc -c", ns=ns)
+        assert big.stdout.strip() == str(cristack.BIG), big.stderr
+        t0 = time.monotonic()
+        closed = sh("curl", "-sS", "--max-time", "10", "http://127.0.0.1:8081/", ns=ns,
+                    check=False)
+        assert closed.returncode != 0 and time.monotonic() - t0 < 5, closed
+        assert len(forward_rules(ns)) == 1
+    finally:
+        force_remove(ctd, "t-pf")
+    assert forward_rules(ns) == []
+
+
+def test_a_killed_shims_forward_rule_goes_with_containerds_delete(
+        ctd: Containerd, pod: Pod) -> None:
+    ns = Path(pod.netns).name
+    assert run(ctd, "t-pfkill", "sleep", "1000",
+               flags=("-d", "--with-ns", f"network:{pod.netns}")).returncode == 0
+    assert len(forward_rules(ns)) == 1
+    os.kill(_pid("microvm.shim .*-id t-pfkill"), signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while forward_rules(ns):
+        assert time.monotonic() < deadline, forward_rules(ns)
+        time.sleep(0.2)
+    force_remove(ctd, "t-pfkill")
 
 
 def test_spec_bind_mounts_reach_the_guest(ctd: Containerd, tmp_path: Path) -> None:

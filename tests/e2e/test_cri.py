@@ -414,3 +414,24 @@ def test_kernel_features_pods_use(cri: Cri, handler: str) -> None:
         assert found >= want, (sorted(want - found), r.stderr)
     finally:
         cri.remove_pod(pod)
+
+
+
+@pytest.mark.parametrize("handler", ["kata-py", "runc"])
+def test_port_forward(cri: Cri, handler: str) -> None:
+    """kubectl port-forward's path: PortForward, then containerd's stream
+    server, which dials localhost:8080 in the pod's network namespace on the
+    node; a short reply, then a 10 MB one, as under runc.  A port nothing
+    listens on ends the stream with an error naming it, at once."""
+    pod = cri.run_pod(f"pf-{handler}", handler=handler)
+    try:
+        cri.container(pod, "web", "sh", "-c", cristack.HTTPD)
+        assert cri.http_get(pod, "/small", wait=30) == b"hello\n"
+        assert len(cri.http_get(pod, "/big")) == cristack.BIG
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match="8081"):
+            cri.port_forward(pod, 8081, b"GET / HTTP/1.0\r\n\r\n")
+        assert time.monotonic() - t0 < 10
+    finally:
+        cri.remove_pod(pod)
+    _nothing_left(cri)
