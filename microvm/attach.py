@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import signal
 import stat
 import sys
@@ -27,17 +28,26 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signa
              signal.SIGUSR2)
 
 
-async def _ready(fd: int, writable: bool) -> None:
-    """Until fd can be read (or written) without blocking."""
+async def _ready(fd: int, writable: bool, until: asyncio.Event | None = None) -> None:
+    """Until fd can be read (or written) without blocking, or until is set."""
     loop = asyncio.get_running_loop()
     fut = loop.create_future()
     add, remove = (loop.add_writer, loop.remove_writer) if writable else \
         (loop.add_reader, loop.remove_reader)
-    add(fd, fut.set_result, None)
+
+    def fire() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    add(fd, fire)
+    waiter = asyncio.ensure_future(until.wait()) if until is not None else None
     try:
-        await fut
+        await (fut if waiter is None else
+               asyncio.wait({fut, waiter}, return_when=asyncio.FIRST_COMPLETED))
     finally:
         remove(fd)
+        if waiter is not None:
+            waiter.cancel()
 
 
 async def _write_all(fd: int, data: bytes) -> None:
@@ -51,14 +61,19 @@ async def _write_all(fd: int, data: bytes) -> None:
             await _ready(fd, writable=True)
 
 
-async def read_chunks(fd: int) -> AsyncIterator[bytes]:
-    """What fd yields until EOF, without blocking the loop (files never block)."""
+async def read_chunks(fd: int, done: asyncio.Event | None = None) -> AsyncIterator[bytes]:
+    """What fd yields until EOF, without blocking the loop (files never block).
+    done: set by a writer that is finished but may keep its end open (CloseIO):
+    from then on, until nothing more is buffered."""
     regular = stat.S_ISREG(os.fstat(fd).st_mode)
     if not regular:
         os.set_blocking(fd, False)
     while True:
         if not regular:
-            await _ready(fd, writable=False)
+            # Waited for first: a FIFO no writer opened yet reads as EOF.
+            await _ready(fd, writable=False, until=done)
+            if done is not None and done.is_set() and not _pending(fd):
+                return
         try:
             data = os.read(fd, CHUNK)
         except BlockingIOError:
@@ -66,6 +81,13 @@ async def read_chunks(fd: int) -> AsyncIterator[bytes]:
         if not data:
             return
         yield data
+
+
+def _pending(fd: int) -> bool:
+    """Whether a read of fd would not block (data, or its end)."""
+    poll = select.poll()
+    poll.register(fd, select.POLLIN)
+    return bool(poll.poll(0))
 
 
 async def copy_fd(src: int, dst: int) -> None:
@@ -86,9 +108,11 @@ async def pump_output(sb: Sandbox, cid: str, stream: str, fd: int, exec_id: str 
             fd = os.open(os.devnull, os.O_WRONLY)
 
 
-async def pump_input(sb: Sandbox, cid: str, fd: int, exec_id: str = "") -> None:
+async def pump_input(sb: Sandbox, cid: str, fd: int, exec_id: str = "",
+                     done: asyncio.Event | None = None) -> None:
+    """fd to the process's stdin, then EOF (see read_chunks for done)."""
     try:
-        async for data in read_chunks(fd):
+        async for data in read_chunks(fd, done):
             await sb.write_input(cid, data, exec_id)
     finally:
         with contextlib.suppress(Exception):

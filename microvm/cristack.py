@@ -126,9 +126,11 @@ class Cri:
             ipc=self.pb.NODE if "ipc" in host else self.pb.POD)
 
     def container(self, pod: str, name: str, *cmd: str, mounts: tuple[Any, ...] = (),
-                  memory: int = 0, security: Any = None, start: bool = True) -> str:
+                  memory: int = 0, security: Any = None, start: bool = True,
+                  stdin_once: bool = False) -> str:
         """security: a LinuxContainerSecurityContext (its namespace options
-        are set here); start=False: created only."""
+        are set here); start=False: created only; stdin_once: stdin open
+        until the first attach ends (kubectl run -i --rm)."""
         # kubelet copies the pod's namespace options into each container's.
         options = self._configs[pod].linux.security_context.namespace_options
         context = security or self.pb.LinuxContainerSecurityContext()
@@ -139,7 +141,7 @@ class Cri:
         config = self.pb.ContainerConfig(
             metadata=self.pb.ContainerMetadata(name=name), image=self.pb.ImageSpec(
                 image=APP_IMAGE), command=list(cmd), log_path=f"{name}.log",
-            mounts=list(mounts), linux=linux)
+            mounts=list(mounts), linux=linux, stdin=stdin_once, stdin_once=stdin_once)
         cid = self.rt.CreateContainer(self.pb.CreateContainerRequest(
             pod_sandbox_id=pod, config=config, sandbox_config=self._configs[pod]),
             timeout=120).container_id
@@ -151,6 +153,30 @@ class Cri:
         return self.rt.ExecSync(self.pb.ExecSyncRequest(container_id=cid, cmd=list(cmd),
                                                         timeout=timeout), timeout=timeout + 30)
 
+    def _websocket(self, url: str, timeout: float) -> Any:
+        """A WebSocket to containerd's stream server (in the node's namespace)
+        at url, speaking v4.channel.k8s.io: a channel byte before every message."""
+        import websocket
+
+        from . import netlink
+        host, _, rest = url.removeprefix("http://").partition(":")
+        sock = netlink.in_namespace(lambda: socket.create_connection(
+            (host, int(rest.split("/")[0])), timeout=timeout), f"/var/run/netns/{self.node}")
+        return websocket.create_connection(url.replace("http://", "ws://", 1), socket=sock,
+                                           subprotocols=["v4.channel.k8s.io"], timeout=timeout)
+
+    def attach_stdin(self, cid: str, data: bytes, timeout: float = 60) -> None:
+        """kubectl attach -i: data to the container's stdin, then the end of
+        the attach (for a stdin_once container, the end of its stdin)."""
+        url = self.rt.Attach(self.pb.AttachRequest(container_id=cid, stdin=True),
+                             timeout=30).url
+        ws = self._websocket(url, timeout)
+        try:
+            for i in range(0, len(data), 1 << 16):
+                ws.send_binary(b"\x00" + data[i:i + (1 << 16)])
+        finally:
+            ws.close()
+
     def port_forward(self, pod: str, port: int, request: bytes, timeout: float = 60) -> bytes:
         """kubelet's port-forward: PortForward's URL, then the streaming
         protocol over a WebSocket (v4.channel.k8s.io: a channel byte before
@@ -158,16 +184,9 @@ class Cri:
         little-endian).  Sends request; returns all the pod sent back."""
         import websocket
 
-        from . import netlink
-
         url = self.rt.PortForward(self.pb.PortForwardRequest(
             pod_sandbox_id=pod, port=[port]), timeout=30).url
-        host, _, rest = url.removeprefix("http://").partition(":")
-        # containerd's stream server listens in the node's namespace.
-        sock = netlink.in_namespace(lambda: socket.create_connection(
-            (host, int(rest.split("/")[0])), timeout=timeout), f"/var/run/netns/{self.node}")
-        ws = websocket.create_connection(url.replace("http://", "ws://", 1), socket=sock,
-                                         subprotocols=["v4.channel.k8s.io"], timeout=timeout)
+        ws = self._websocket(url, timeout)
         data, errors = bytearray(), bytearray()
         opened: set[int] = set()
         gone = (websocket.WebSocketConnectionClosedException, ConnectionError)

@@ -61,6 +61,7 @@ class Proc:
     exited: asyncio.Event = field(default_factory=asyncio.Event)
     pumps: list[asyncio.Task[None]] = field(default_factory=list)
     stdin_task: asyncio.Task[None] | None = None
+    stdin_closed: asyncio.Event = field(default_factory=asyncio.Event)  # CloseIO said so
     # Waits for the exit and reports it; held here, as the loop holds a
     # task only weakly.
     watcher: asyncio.Task[None] | None = None
@@ -250,7 +251,8 @@ class TaskService:
                 fd = os.open(p.stdin.removeprefix("fifo://"),
                              os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
                 p.fds.append(fd)
-                p.stdin_task = asyncio.create_task(pump_input(sb, p.cid, fd, p.exec_id))
+                p.stdin_task = asyncio.create_task(pump_input(sb, p.cid, fd, p.exec_id,
+                                                              p.stdin_closed))
         except OSError as e:
             raise ttrpc.InvalidArgument(f"stdio: {e}") from None
 
@@ -497,13 +499,11 @@ class TaskService:
     async def CloseIO(self, req: task_pb2.CloseIORequest,
                       ctx: ttrpc.CallContext) -> empty_pb2.Empty:
         p = self._proc(req.id, req.exec_id)
-        if req.stdin and p.stdin_task is not None:
-            # Let what ctr already wrote into the FIFO through first.
-            await asyncio.sleep(0.05)
-            p.stdin_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await p.stdin_task
-            p.stdin_task = None
+        if req.stdin:
+            # The client wrote all it will, but may hold the FIFO open: the
+            # pump passes on what is buffered, then closes the process's
+            # stdin (no deadline: a process that does not read holds it).
+            p.stdin_closed.set()
         return empty_pb2.Empty()
 
     async def Delete(self, req: task_pb2.DeleteRequest,

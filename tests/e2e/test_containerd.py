@@ -128,6 +128,16 @@ def test_stdin_reaches_eof(ctd: Containerd) -> None:
     assert p.stdout == "hello\ndone\n"
 
 
+def test_all_of_stdin_arrives_before_its_eof(ctd: Containerd) -> None:
+    """ctr sends CloseIO once it has written stdin into the FIFO: what is still
+    buffered there reaches the process, then EOF (was: cancelled 50 ms after
+    CloseIO, whatever was left)."""
+    data = "".join(f"{i:07d}\n" for i in range(2 << 17))  # 2 MiB
+    for i in range(3):
+        p = run(ctd, f"t-stdin{i}", "wc", "-c", input=data)
+        assert p.returncode == 0 and p.stdout.split() == [str(len(data))], (p.stdout, p.stderr)
+
+
 def test_tty(ctd: Containerd) -> None:
     pid, fd = pty.fork()
     if pid == 0:

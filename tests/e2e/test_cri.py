@@ -435,3 +435,23 @@ def test_port_forward(cri: Cri, handler: str) -> None:
     finally:
         cri.remove_pod(pod)
     _nothing_left(cri)
+
+
+def test_attach_close_stdin_and_exit_again_and_again(cri: Cri) -> None:
+    """kubectl run -i: a stdin_once container gets what attach sent, then EOF
+    when the attach ends (containerd's CloseIO while it keeps the FIFO open),
+    and exits; ten times in one pod, then the pod goes cleanly.  (A shim
+    once cut stdin 50 ms after CloseIO, whatever was still in the FIFO.)"""
+    data = bytes(range(256)) * (1 << 13)  # 2 MiB
+    pod = cri.run_pod("attach")
+    try:
+        for i in range(10):
+            cid = cri.container(pod, f"a{i}", "wc", "-c", stdin_once=True)
+            cri.attach_stdin(cid, data)
+            _exited(cri, cid, 30)
+            status = cri.rt.ContainerStatus(cri.pb.ContainerStatusRequest(container_id=cid))
+            log = (cri.logs / "attach" / f"a{i}.log").read_text()
+            assert status.status.exit_code == 0 and log.split()[-1] == str(len(data)), log
+    finally:
+        cri.remove_pod(pod)
+    _nothing_left(cri)

@@ -4,10 +4,14 @@ wait for a slow process.  Real processes, no VM (none is needed)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import time
+from pathlib import Path
 
-from microvm.task_service import Proc, TaskService
+from microvm.attach import pump_input
+from microvm.protocol import task_pb2
+from microvm.task_service import Container, Proc, TaskService
 
 
 def test_a_slow_logger_does_not_stop_the_loop() -> None:
@@ -28,3 +32,50 @@ def test_a_slow_logger_does_not_stop_the_loop() -> None:
     blocked, code = asyncio.run(go())
     assert blocked < 0.5, f"the loop was held for {blocked:.1f}s"
     assert code is not None  # and the logger did not outlive the shim
+
+
+class _SlowGuest:
+    """Stands in for the sandbox: a guest that takes a while over each chunk."""
+
+    def __init__(self) -> None:
+        self.got = bytearray()
+        self.closed = False
+
+    async def write_input(self, cid: str, data: bytes, exec_id: str = "") -> None:
+        await asyncio.sleep(0.2)  # TCG, a busy guest
+        self.got += data
+
+    async def close_input(self, cid: str, exec_id: str = "") -> None:
+        self.closed = True
+
+
+def test_close_io_passes_on_all_of_stdin_then_closes_it(tmp_path: Path) -> None:
+    """CloseIO while the client keeps the FIFO open (containerd's CRI can):
+    everything already in the FIFO reaches the process before its EOF.  Was:
+    the pump was cancelled 50 ms after CloseIO, whatever was left."""
+    fifo = tmp_path / "stdin"
+    os.mkfifo(fifo)
+    data = bytes(range(256)) * 256  # 64 KiB: what a FIFO holds
+
+    async def go() -> _SlowGuest:
+        guest = _SlowGuest()
+        svc = TaskService("ns", None, lambda: None)
+        p = Proc("c", "", str(fifo), "", "", False)
+        svc.containers["c"] = Container("c", "", p)
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+        writer = os.open(fifo, os.O_WRONLY)  # held open, as the client's
+        try:
+            p.stdin_task = asyncio.create_task(
+                pump_input(guest, "c", fd, "", p.stdin_closed))  # type: ignore[arg-type]
+            await asyncio.sleep(0.1)  # no writer yet has written: no EOF either
+            assert not guest.closed
+            os.write(writer, data)
+            await svc.CloseIO(task_pb2.CloseIORequest(id="c", stdin=True), None)  # type: ignore[arg-type]
+            await asyncio.wait_for(p.stdin_task, 10)
+        finally:
+            os.close(writer)
+            os.close(fd)
+        return guest
+
+    guest = asyncio.run(go())
+    assert bytes(guest.got) == data and guest.closed
