@@ -141,7 +141,7 @@ def _check_run_flags(hostname: str, name: str | None, detach: bool) -> None:
                    "(take over a prepared network namespace's interfaces).")
 @click.option("-p", "--publish", multiple=True, metavar="[IP:]HOST:CONTAINER[/PROTO]",
               help="Publish a container's port on the host (bridge network).")
-@click.option("-v", "--volume", "volume", multiple=True, metavar="/HOST:/CONTAINER[:ro]",
+@click.option("-v", "--volume", "volume", multiple=True, metavar="/HOST:/CONTAINER[:ro][,rslave]",
               help="Bind a host path into the container (read-only with :ro).")
 @click.argument("rootfs_name", metavar="ROOTFS")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)

@@ -15,6 +15,8 @@ import contextlib
 import importlib
 import io
 import json
+import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -74,12 +76,22 @@ def build_images(tmp: Path) -> tuple[Path, Path]:
         t.add(root / "pause", arcname="pause")
     pause = oci_archive_from_layers(tmp / "pause.tar", PAUSE_IMAGE, [gzip_layer(raw.getvalue())],
                                     {"Entrypoint": ["/pause"]})
+    # A second layer: a set-uid-root copy of busybox, as images ship (ping, su).
+    suid = tmp / "suid-root" / SUID_BUSYBOX.lstrip("/")
+    suid.parent.mkdir(parents=True)
+    shutil.copy2("/var/lib/kata-py/rootfs/busybox/bin/busybox", suid)
+    os.chown(suid, 0, 0)
+    os.chmod(suid, 0o4755)
+    for d in (suid.parent, suid.parent.parent):
+        os.chmod(d, 0o755)
     app = oci_archive_from_layers(tmp / "app.tar", APP_IMAGE,
-                                  [layer_from_dir(Path("/var/lib/kata-py/rootfs/busybox"))],
+                                  [layer_from_dir(Path("/var/lib/kata-py/rootfs/busybox")),
+                                   layer_from_dir(tmp / "suid-root")],
                                   {"Cmd": ["sh"]})
     return pause, app
 
 
+SUID_BUSYBOX = "/usr/local/bin/busybox-suid"  # in the app image, mode 4755, root's
 # A pod's web server, for port-forward: /small ("hello\n") and /big (10 MiB).
 HTTPD = ("mkdir -p /www && echo hello > /www/small && head -c 10485760 /dev/zero > /www/big "
          "&& exec httpd -f -p 8080 -h /www")

@@ -148,7 +148,7 @@ def _spec(process: agent_pb2.Process, hostname: str, read_only: bool,
     return {
         "annotations": annotations,
         "mounts": [{"destination": v.destination, "type": "bind", "source": v.source,
-                    "options": ["rbind", "ro" if v.readonly else "rw"]}
+                    "options": ["rbind", "ro" if v.readonly else "rw", f"r{v.propagation}"]}
                    for v in volumes or []],
         "ociVersion": "1.0.2",
         "process": {"terminal": process.terminal,

@@ -92,15 +92,20 @@ class _MountAttr(ctypes.Structure):
                 ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
 
 
-def bind_readonly(source: str, target: str) -> None:
-    """Bind source (and every mount below it) on target, read-only, nosuid
-    and nodev from the first instant.
+def bind_tree(source: str, target: str, readonly: bool = False, private: bool = False) -> None:
+    """Bind source (and every mount below it) on target, with its flags and
+    propagation set before the tree is attached.
 
-    A bind remounted read-only afterwards is not enough: the remount changes
-    only this namespace's copy, while copies already propagated to a peer or
-    slave (virtiofsd's own mount namespace) stay writable.  Here the tree is
-    cloned detached, made read-only, and only then attached, so every copy
-    the kernel propagates is cloned from a read-only mount (Linux 5.12).
+    readonly: read-only, nosuid and nodev from the first instant.  A bind
+    remounted read-only afterwards is not enough: the remount changes only
+    this namespace's copy, while copies already propagated to a peer or slave
+    (virtiofsd's own mount namespace) stay writable.
+    private: cut from the source's propagation (mounts made under source on
+    the host later do not appear).  Made private after attaching, the copies
+    already propagated would pass to the source's master instead.
+
+    So the tree is cloned detached, changed, and only then attached: every
+    copy the kernel propagates is cloned from the finished mount (Linux 5.12).
     """
     # syscall() is variadic: pass every number as a long, as the kernel reads it.
     long = ctypes.c_long
@@ -108,11 +113,13 @@ def bind_readonly(source: str, target: str) -> None:
                        long(_OPEN_TREE_CLONE | os.O_CLOEXEC | _AT_RECURSIVE))
     _check(fd, f"open_tree {source}")
     try:
-        attr = _MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0, 0, 0)
-        _check(_libc.syscall(long(_SYS_MOUNT_SETATTR), long(fd), b"",
-                             long(_AT_EMPTY_PATH | _AT_RECURSIVE), ctypes.byref(attr),
-                             long(ctypes.sizeof(attr))),
-               f"mount_setattr {source}")
+        attr = _MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
+                          if readonly else 0, 0, MS_PRIVATE if private else 0, 0)
+        if readonly or private:
+            _check(_libc.syscall(long(_SYS_MOUNT_SETATTR), long(fd), b"",
+                                 long(_AT_EMPTY_PATH | _AT_RECURSIVE), ctypes.byref(attr),
+                                 long(ctypes.sizeof(attr))),
+                   f"mount_setattr {source}")
         _check(_libc.syscall(long(_SYS_MOVE_MOUNT), long(fd), b"", long(_AT_FDCWD), _b(target),
                              long(_MOVE_MOUNT_F_EMPTY_PATH)), f"move_mount {source} to {target}")
     finally:
@@ -120,7 +127,7 @@ def bind_readonly(source: str, target: str) -> None:
 
 
 def mount_api_usable() -> bool:
-    """Whether bind_readonly can work here (open_tree, mount_setattr: 5.12)."""
+    """Whether bind_tree can work here (open_tree, mount_setattr: 5.12)."""
     ret = _libc.syscall(ctypes.c_long(_SYS_MOUNT_SETATTR), ctypes.c_long(-1), b"",
                         ctypes.c_long(0), None, ctypes.c_long(0))
     return not (ret < 0 and ctypes.get_errno() == 38)  # ENOSYS

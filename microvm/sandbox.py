@@ -382,7 +382,7 @@ class Sandbox:
         tools = self.shared / TOOLS_DIR
         tools.mkdir(exist_ok=True)
         (tools / "busybox").touch(mode=0o555)
-        linux.bind_readonly(self.config.busybox, str(tools / "busybox"))
+        linux.bind_tree(self.config.busybox, str(tools / "busybox"), readonly=True)
         self._stack.callback(_umount, tools / "busybox")
         by_name = {i.name: i.mac for i in net.interfaces}
         req = agent_pb2.NetworkConfig(
@@ -484,7 +484,7 @@ class Sandbox:
                             f"lowerdir={lowerdir}")
             elif readonly and overlay:
                 # A CLI rootfs is a template: read-only here, on the host.
-                linux.bind_readonly(str(lowers[0]), str(target))
+                linux.bind_tree(str(lowers[0]), str(target), readonly=True)
             elif readonly or not overlay:
                 # A containerd snapshot is the container's own, bound as is: as
                 # runc does, the guest makes the mount points it lacks (/proc,
@@ -633,10 +633,9 @@ class Sandbox:
             else:
                 dst.touch(mode=0o600)
             try:
-                if v.readonly:
-                    linux.bind_readonly(str(src), str(dst))
-                else:
-                    linux.mount(str(src), str(dst), None, linux.MS_BIND | linux.MS_REC)
+                # A slave of the host's mount (this namespace's / is rslave)
+                # unless private: then cut before it is attached.
+                linux.bind_tree(str(src), str(dst), v.readonly, v.propagation == "private")
                 state.volume_mounts.append(dst)
             except OSError as e:
                 raise KataError(f"cannot share {v.source}: {e.strerror}") from None

@@ -308,7 +308,7 @@ class TaskService:
                 if flags & linux.MS_BIND and flags & linux.MS_RDONLY:
                     # mount(2) ignores MS_RDONLY on a new bind; and the guest
                     # must never be able to write what the host lends it read-only.
-                    linux.bind_readonly(m.source, str(target))
+                    linux.bind_tree(m.source, str(target), readonly=True)
                     continue
                 linux.mount(m.source, str(target), m.type or None, flags, data or None)
             except OSError as e:

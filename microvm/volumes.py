@@ -25,6 +25,12 @@ PROC_ALLOWED = {"/proc/cpuinfo", "/proc/diskstats", "/proc/meminfo", "/proc/stat
                 "/proc/net/dev", "/proc/sys/kernel/ns_last_pid"}
 
 
+# OCI's propagation options, as kata-py applies them to the whole bound tree
+# (a VM's mounts cannot flow back to the host: shared acts as slave).
+PROPAGATION = {"private": "private", "rprivate": "private", "slave": "slave",
+               "rslave": "slave", "shared": "shared", "rshared": "shared"}
+
+
 @dataclass(frozen=True)
 class Volume:
     destination: str
@@ -32,15 +38,20 @@ class Volume:
     kind: str = "bind"         # or "tmpfs"
     readonly: bool = False
     options: tuple[str, ...] = ()
+    # bind: whether mounts made under source on the host later appear in
+    # the container: "private" (no), "slave" or "shared" (yes).
+    propagation: str = "private"
 
 
 def parse_volume(spec: str) -> Volume:
-    """-v HOST:CONTAINER[:ro|rw]; the host directory is made if missing, as docker does."""
+    """-v HOST:CONTAINER[:OPTIONS], OPTIONS as docker's: ro or rw, and a
+    propagation (rprivate, the default; rslave, rshared...), comma-separated.
+    The host directory is made if missing, as docker does."""
     parts = spec.split(":")
     if len(parts) not in (2, 3) or not all(parts[:2]):
         raise KataError(f"invalid -v {spec!r}: expected /HOST/PATH:/CONTAINER/PATH[:ro|rw]")
     source, dest = parts[0], parts[1]
-    mode = parts[2] if len(parts) == 3 else "rw"
+    options = parts[2].split(",") if len(parts) == 3 else []
     if not source.startswith("/"):
         raise KataError(f"-v {spec!r}: named volumes are not supported; give an absolute "
                         "host path")
@@ -53,11 +64,15 @@ def parse_volume(spec: str) -> Volume:
     if any(dest == r or dest.startswith(r + "/") for r in RESERVED):
         raise KataError(f"-v {spec!r}: invalid mount destination: it can't be {dest} "
                         "(/proc, /sys and /dev are the kernel's)")
-    if mode not in ("ro", "rw"):
-        raise KataError(f"-v {spec!r}: unknown mode {mode!r} (ro or rw)")
+    unknown = [o for o in options if o not in ("ro", "rw", *PROPAGATION)]
+    if unknown or len(options) != len(set(options)):
+        raise KataError(f"-v {spec!r}: unknown option {(unknown or options)[0]!r} "
+                        f"(ro or rw, and one of {', '.join(PROPAGATION)})")
+    propagation = [PROPAGATION[o] for o in options if o in PROPAGATION]
     if not os.path.exists(source):
         os.makedirs(source, exist_ok=True)
-    return Volume(dest, os.path.realpath(source), "bind", mode == "ro")
+    return Volume(dest, os.path.realpath(source), "bind", "ro" in options,
+                  propagation=propagation[-1] if propagation else "private")
 
 
 def from_oci(mounts: list[Any]) -> list[Volume]:
@@ -86,7 +101,11 @@ def from_oci(mounts: list[Any]) -> list[Volume]:
             source = m.get("source")
             if not isinstance(source, str) or not source.startswith("/"):
                 raise ValueError(f"{where}.source must be an absolute path")
-            out.append(Volume(dest, source, "bind", readonly))
+            # None given: runc leaves the bind as the container's root
+            # propagation made it, rslave unless the spec says otherwise.
+            propagation = [PROPAGATION[o] for o in options if o in PROPAGATION]
+            out.append(Volume(dest, source, "bind", readonly,
+                              propagation=propagation[-1] if propagation else "slave"))
         elif kind == "tmpfs":
             data = tuple(o for o in options if "=" in o)  # size=, mode=: the rest are flags
             out.append(Volume(dest, "", "tmpfs", readonly, data))

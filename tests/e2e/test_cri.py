@@ -455,3 +455,58 @@ def test_attach_close_stdin_and_exit_again_and_again(cri: Cri) -> None:
     finally:
         cri.remove_pod(pod)
     _nothing_left(cri)
+
+
+@pytest.mark.parametrize("handler", ["kata-py", "runc"])
+def test_mount_propagation_from_the_node(cri: Cri, handler: str, tmp_path: Path) -> None:
+    """A mount the node makes under a hostPath after the container started
+    (a CSI driver's, a node agent's) appears in it with HostToContainer and
+    Bidirectional, and not with the default (private), as under runc.  The
+    host path is a shared mount, as on a systemd node (CRI requires it)."""
+    base = tmp_path / "vols"
+    modes = {"private": cri.pb.PROPAGATION_PRIVATE,
+             "h2c": cri.pb.PROPAGATION_HOST_TO_CONTAINER,
+             "bidi": cri.pb.PROPAGATION_BIDIRECTIONAL}
+    for name in modes:
+        (base / name / "sub").mkdir(parents=True)
+    subprocess.run(["mount", "--bind", str(base), str(base)], check=True)
+    subprocess.run(["mount", "--make-rshared", str(base)], check=True)
+    pod = None
+    try:
+        pod = cri.run_pod(f"prop-{handler}", handler=handler)
+        cid = cri.container(pod, "c", "sleep", "3600", mounts=tuple(
+            cri.pb.Mount(container_path=f"/{name}", host_path=str(base / name), propagation=mode)
+            for name, mode in modes.items()))
+        for name in modes:
+            subprocess.run(["mount", "-t", "tmpfs", "node-made", str(base / name / "sub")],
+                           check=True)
+            (base / name / "sub" / "marker").write_text("here\n")
+        r = cri.exec(cid, "sh", "-c", "for v in private h2c bidi; do "
+                                      "cat /$v/sub/marker 2>/dev/null || echo none; done")
+        assert r.stdout.decode().split() == ["none", "here", "here"], r.stderr
+    finally:
+        if pod is not None:
+            cri.remove_pod(pod)
+        subprocess.run(["umount", "-R", str(base)], check=False)
+    _nothing_left(cri)
+
+
+@pytest.mark.parametrize("handler", ["kata-py", "runc"])
+def test_a_setuid_image_binary_raises_privileges_unless_no_new_privs(cri: Cri,
+                                                                     handler: str) -> None:
+    """allowPrivilegeEscalation: true (no_new_privs false): the image's
+    set-uid-root busybox runs with euid 0 for uid 1000, as under runc; false
+    prevents it.  Observed through ping, which needs CAP_NET_RAW, which only
+    euid 0 has here (no ping_group_range), while the plain busybox cannot."""
+    ping = "ping -c 1 -W 2 127.0.0.1 >/dev/null 2>&1 && echo reached || echo refused"
+    pod = cri.run_pod(f"suid-{handler}", handler=handler)
+    try:
+        for nnp, want in ((False, "reached"), (True, "refused")):
+            security = cri.pb.LinuxContainerSecurityContext(
+                run_as_user=cri.pb.Int64Value(value=1000), no_new_privs=nnp)
+            cid = cri.container(pod, f"c{int(nnp)}", "sleep", "3600", security=security)
+            r = cri.exec(cid, "sh", "-c", f"id -u; {cristack.SUID_BUSYBOX} {ping}; "
+                                          f"busybox {ping}")
+            assert r.stdout.decode().split() == ["1000", want, "refused"], (nnp, r.stderr)
+    finally:
+        cri.remove_pod(pod)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Microvm, helper_processes
+from tests.conftest import Microvm, helper_processes, write_config
 
 pytestmark = pytest.mark.vm
 STATE = Path("/var/lib/kata-py/containers")
@@ -163,3 +163,34 @@ def test_detached_volume(cli: Microvm, tmp_path: Path) -> None:
     out = data / "out"
     wait_for(lambda: out.exists() and out.read_text() == "from-detached\n")
     assert cli.run("rm", "-f", "kp-vol").returncode == 0
+
+
+@pytest.mark.parametrize("template", [True, False], ids=["9p", "virtio-fs"])
+def test_volume_propagation_as_docker_takes_it(cli: Microvm, tmp_path: Path,
+                                               template: bool) -> None:
+    """-v ...:rslave shows a mount the host makes under the volume after the
+    start (through 9p's helper, or virtiofsd's own namespace); docker's
+    default, rprivate, does not.  The host dir is a shared mount, as on a
+    systemd host."""
+    base = tmp_path / "vols"
+    for name in ("p", "s"):
+        (base / name / "sub").mkdir(parents=True)
+    subprocess.run(["mount", "--bind", str(base), str(base)], check=True)
+    subprocess.run(["mount", "--make-rshared", str(base)], check=True)
+    if not template:
+        cli = Microvm(cli.log_dir, write_config(tmp_path / "cold.yaml", cli.log_dir,
+                                                template=False))
+    try:
+        r = cli.run("run", "-d", "--name", "kt-prop", "-v", f"{base}/p:/p",
+                    "-v", f"{base}/s:/s:ro,rslave", "busybox", "sleep", "300")
+        assert r.returncode == 0, r.stderr
+        for name in ("p", "s"):
+            subprocess.run(["mount", "-t", "tmpfs", "host-made", str(base / name / "sub")],
+                           check=True)
+            (base / name / "sub" / "marker").write_text("here\n")
+        e = cli.run("exec", "kt-prop", "sh", "-c",
+                    "for v in p s; do cat /$v/sub/marker 2>/dev/null || echo none; done")
+        assert e.stdout.split() == ["none", "here"], e.stderr
+    finally:
+        cli.run("rm", "-f", "kt-prop")
+        subprocess.run(["umount", "-R", str(base)], check=False)

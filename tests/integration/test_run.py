@@ -418,7 +418,7 @@ def test_volumes_rw_ro_file_and_no_escape(microvm: Microvm, tmp_path: Path) -> N
     ("--network", "bogus", "expected bridge, none or ns:PATH"),
     ("-v", "data:/data", "named volumes are not supported"),
     ("-v", "/tmp:data", "must be absolute"),
-    ("-v", "/tmp:/data:rx", "unknown mode 'rx'"),
+    ("-v", "/tmp:/data:rx", "unknown option 'rx'"),
     ("-v", "/tmp", "expected /HOST/PATH:/CONTAINER/PATH"),
     ("-p", "99999:80", "invalid port '99999'"),
     ("-p", "80", "expected [IP:]HOST:CONTAINER"),

@@ -221,7 +221,7 @@ def test_masked_and_readonly_paths(tmp_path: Path) -> None:
 def test_readonly_bind_is_readonly_in_a_helpers_namespace_too(tmp_path: Path) -> None:
     """The share hole: virtiofsd's mount namespace (a slave made before the
     bind) received a writable copy when the bind was remounted read-only
-    afterwards.  linux.bind_readonly attaches a tree that is read-only from
+    afterwards.  linux.bind_tree attaches a tree that is read-only from
     the start, so every propagated copy is too."""
     src, shared = tmp_path / "src", tmp_path / "shared"
     src.mkdir()
@@ -246,7 +246,7 @@ def test_readonly_bind_is_readonly_in_a_helpers_namespace_too(tmp_path: Path) ->
             os._exit(0)
         os.read(r, 1)
         (shared / "vol").mkdir()
-        linux.bind_readonly(str(src), str(shared / "vol"))
+        linux.bind_tree(str(src), str(shared / "vol"), readonly=True)
         os.write(go_on_w, b".")
         os.waitpid(helper, 0)
         return {"nosuid": "nosuid" in _options(shared / "vol")}

@@ -31,9 +31,25 @@ def test_from_oci_keeps_binds_and_tmpfs_skips_what_the_guest_makes() -> None:
     ]
     assert from_oci(spec) == [
         Volume("/etc/hosts", "/var/lib/x/hosts", "bind", True),
-        Volume("/data", "/srv/data", "bind", False),
+        Volume("/data", "/srv/data", "bind", False, propagation="slave"),  # runc's default
         Volume("/scratch", "", "tmpfs", False, ("size=1m",)),
     ]
+
+
+@pytest.mark.parametrize("options, want", [
+    (["rbind", "rprivate"], "private"), (["rbind", "rslave"], "slave"),
+    (["rbind", "rshared"], "shared"), (["bind", "slave", "private"], "private")])
+def test_from_oci_keeps_propagation(options: list[str], want: str) -> None:
+    [v] = from_oci([{"destination": "/d", "source": "/s", "options": options}])
+    assert v.propagation == want
+
+
+def test_parse_volume_takes_dockers_propagation(tmp_path: Path) -> None:
+    assert parse_volume(f"{tmp_path}:/d").propagation == "private"  # docker's default
+    v = parse_volume(f"{tmp_path}:/d:ro,rslave")
+    assert (v.readonly, v.propagation) == (True, "slave")
+    with pytest.raises(KataError, match="unknown option 'rsalve'"):
+        parse_volume(f"{tmp_path}:/d:rsalve")
 
 
 @pytest.mark.parametrize("bad, message", [
