@@ -109,9 +109,11 @@ class Cri:
         self.logs = ctd.root / "pod-logs"
 
     def run_pod(self, name: str, handler: str = HANDLER, share_pid: bool = False,
-                host: tuple[str, ...] = (), sysctls: dict[str, str] | None = None) -> str:
+                host: tuple[str, ...] = (), sysctls: dict[str, str] | None = None,
+                privileged: bool = False) -> str:
         """share_pid: a pod with shareProcessNamespace; host: the namespaces
-        it shares with the node ("network", "ipc": hostNetwork, hostIPC)."""
+        it shares with the node ("network", "ipc": hostNetwork, hostIPC);
+        privileged: a pod that may hold privileged containers."""
         logs = self.logs / name
         logs.mkdir(parents=True, exist_ok=True)
         config = self.pb.PodSandboxConfig(
@@ -123,7 +125,8 @@ class Cri:
             linux=self.pb.LinuxPodSandboxConfig(
                 cgroup_parent=f"/{CGROUP_PARENT}/pod-{name}", sysctls=sysctls or {},
                 security_context=self.pb.LinuxSandboxSecurityContext(
-                    namespace_options=self._namespaces(share_pid, host))))
+                    namespace_options=self._namespaces(share_pid, host),
+                    privileged=privileged)))
         r = self.rt.RunPodSandbox(self.pb.RunPodSandboxRequest(config=config,
                                                                runtime_handler=handler),
                                   timeout=180)

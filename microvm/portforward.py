@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 COMMENT = "kata-py port-forward"
-CHUNK = 64 * 1024
+CHUNK = 1 << 20  # per ReadStdout: the agent answers with what it has buffered (<= 256 KiB)
 SO_ORIGINAL_DST = 80  # linux/netfilter_ipv4.h
 
 

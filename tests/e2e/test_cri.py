@@ -510,3 +510,20 @@ def test_a_setuid_image_binary_raises_privileges_unless_no_new_privs(cri: Cri,
             assert r.stdout.decode().split() == ["1000", want, "refused"], (nnp, r.stderr)
     finally:
         cri.remove_pod(pod)
+
+
+def test_a_guest_kernel_panic_ends_the_pods_containers(cri: Cri) -> None:
+    """A privileged container panics its pod's kernel: the containers show
+    EXITED within seconds, and removing the pod leaves nothing."""
+    pod = cri.run_pod("panic", privileged=True)
+    try:
+        privileged = cri.pb.LinuxContainerSecurityContext(privileged=True)
+        cid = cri.container(pod, "c", "sleep", "3600", security=privileged)
+        other = cri.container(pod, "d", "sleep", "3600")
+        with contextlib.suppress(grpc.RpcError):
+            cri.exec(cid, "sh", "-c", "echo c > /proc/sysrq-trigger", timeout=10)
+        for c in (cid, other):
+            _exited(cri, c, 5)
+    finally:
+        cri.remove_pod(pod)
+    _nothing_left(cri)

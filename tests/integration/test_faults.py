@@ -136,6 +136,14 @@ def test_death_during_exec_is_one_line(microvm: Microvm, victim: str, said: str)
         assert microvm.run("rm", "-f", "kt-exec").returncode == 0
 
 
+def test_a_foreground_guest_panic_is_one_line(microvm: Microvm) -> None:
+    r = microvm.run("run", "--rm", "--privileged", "busybox", "sh", "-c",
+                    "echo c > /proc/sysrq-trigger; sleep 30")
+    lines = [line for line in r.stderr.splitlines() if "TCG" not in line]
+    assert r.returncode == 125 and len(lines) == 1, lines
+    assert "guest kernel panicked: sysrq triggered crash" in lines[0], lines
+
+
 def test_a_detached_guest_panic_is_told(microvm: Microvm) -> None:
     """Was: exec gave exit 255 and no message."""
     r = microvm.run("run", "-d", "--privileged", "--name", "kt-panic", "busybox", "sleep", "300")
