@@ -256,6 +256,10 @@ class TaskService:
         except OSError as e:
             raise ttrpc.InvalidArgument(f"stdio: {e}") from None
 
+    def _start_watch(self, p: Proc) -> None:
+        # Held by the process: the loop keeps only a weak reference.
+        p.watcher = asyncio.create_task(self._watch(p))
+
     async def _watch(self, p: Proc) -> None:
         """Wait for the process to exit, drain its output, then report it."""
         sb = self.sandbox
@@ -378,7 +382,7 @@ class TaskService:
             await self._start_io(p)
             # Watched from now: a created container can be killed before it
             # starts (containerd's delete of one), and its Wait must return.
-            p.watcher = asyncio.create_task(self._watch(p))
+            self._start_watch(p)
         except BaseException as e:
             self.containers.pop(req.id, None)
             self._close_io(p)
@@ -422,7 +426,7 @@ class TaskService:
         if req.exec_id:
             self._publish("/tasks/exec-started", events_pb2.TaskExecStarted(
                 container_id=req.id, exec_id=req.exec_id, pid=p.pid))
-            p.watcher = asyncio.create_task(self._watch(p))
+            self._start_watch(p)
         else:
             self._publish("/tasks/start", events_pb2.TaskStart(container_id=req.id, pid=p.pid))
         return task_pb2.StartResponse(pid=p.pid)

@@ -4,13 +4,17 @@ wait for a slow process.  Real processes, no VM (none is needed)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import subprocess
 import time
 from pathlib import Path
 
+from microvm import accel
 from microvm.attach import pump_input
-from microvm.protocol import task_pb2
+from microvm.config import Config
+from microvm.protocol import agent_pb2, task_pb2
+from microvm.sandbox import ContainerState, Sandbox
 from microvm.task_service import Container, Proc, TaskService
 
 
@@ -79,3 +83,66 @@ def test_close_io_passes_on_all_of_stdin_then_closes_it(tmp_path: Path) -> None:
 
     guest = asyncio.run(go())
     assert bytes(guest.got) == data and guest.closed
+
+
+async def _stall_while(coro: object) -> float:
+    """The longest the loop went without running a 10 ms ticker, while coro ran."""
+    loop = asyncio.get_running_loop()
+    worst, last, done = 0.0, loop.time(), False
+
+    async def tick() -> None:
+        nonlocal worst, last
+        while not done:
+            await asyncio.sleep(0.01)
+            worst, last = max(worst, loop.time() - last), loop.time()
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0.02)
+    try:
+        await coro  # type: ignore[misc]
+    finally:
+        done = True
+        await ticker
+    return worst
+
+
+def test_removing_a_container_does_not_stop_the_loop(tmp_path: Path) -> None:
+    """Unmounting a container and removing its upper layer (rm -r of what it
+    wrote: seconds, for a big one) ran on the loop, freezing the pod's other
+    containers."""
+    async def go() -> float:
+        sb = Sandbox(Config(), "sb", tmp_path, accel.Choice("tcg", "test", False))
+        sb.containers["c"] = ContainerState("c", tmp_path / "rootfs")
+
+        async def answered(method: str, req: object) -> agent_pb2.Empty:
+            return agent_pb2.Empty()
+
+        sb._call = answered  # type: ignore[method-assign]
+        sb._unmount_container = lambda state: time.sleep(1)  # type: ignore[method-assign]
+        return await _stall_while(sb.remove_container("c"))
+
+    stall = asyncio.run(go())
+    assert stall < 0.5, f"the loop was held for {stall:.1f}s"
+
+
+def test_a_process_watcher_is_held_by_its_process() -> None:
+    """The loop holds tasks only weakly: a watcher nobody referenced could be
+    collected while it waited, and the exit never reported."""
+    async def go() -> bool:
+        svc = TaskService("ns", None, lambda: None)
+        never: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        class Waiting:
+            async def wait(self, cid: str, exec_id: str = "") -> int:
+                return await never
+
+        svc.sandbox = Waiting()  # type: ignore[assignment]
+        p = Proc("c", "", "", "", "", False)
+        svc._start_watch(p)
+        await asyncio.sleep(0)
+        gc.collect()
+        alive = p.watcher is not None and not p.watcher.done()
+        never.cancel()
+        return alive
+
+    assert asyncio.run(go())
