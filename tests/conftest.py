@@ -67,6 +67,18 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
 _FAILED = pytest.StashKey[bool]()
 
 
+def pid_of(pattern: str, timeout: float = 60) -> int:
+    """The oldest process whose command line matches pattern (pgrep -f),
+    waiting up to timeout seconds for one."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = subprocess.run(["pgrep", "-o", "-f", pattern], capture_output=True, text=True)
+        if r.returncode == 0:
+            return int(r.stdout.split()[0])
+        time.sleep(0.02)
+    raise AssertionError(f"no process matches {pattern!r}")
+
+
 def helper_processes() -> list[str]:
     out = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True, text=True).stdout
     # Ours only: QEMU runs as -name kata-py-*, virtiofsd serves /run/kata-py/...

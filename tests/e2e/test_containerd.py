@@ -26,7 +26,7 @@ from microvm import cristack, portforward
 from microvm.ociarchive import oci_archive
 from microvm.privatecontainerd import Containerd
 from microvm.protocol import task_pb2, ttrpc
-from tests.conftest import helper_processes, network_leftovers, pty_expect, pty_winsize
+from tests.conftest import helper_processes, network_leftovers, pid_of, pty_expect, pty_winsize
 from tests.netns import CNI_BIN, Pod, cni_pod, fetch, links, namespace, qdiscs, sh
 
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(shutil.which("containerd") is None,
@@ -509,7 +509,7 @@ def test_a_killed_shims_forward_rule_goes_with_containerds_delete(
     assert run(ctd, "t-pfkill", "sleep", "1000",
                flags=("-d", "--with-ns", f"network:{pod.netns}")).returncode == 0
     assert len(forward_rules(ns)) == 1
-    os.kill(_pid("microvm.shim .*-id t-pfkill"), signal.SIGKILL)
+    os.kill(pid_of("microvm.shim .*-id t-pfkill"), signal.SIGKILL)
     deadline = time.monotonic() + 30
     while forward_rules(ns):
         assert time.monotonic() < deadline, forward_rules(ns)
@@ -642,16 +642,6 @@ CTR_VICTIMS = {
 }
 
 
-def _pid(pattern: str, timeout: float = 60) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = subprocess.run(["pgrep", "-o", "-f", pattern], capture_output=True, text=True)
-        if r.returncode == 0:
-            return int(r.stdout.split()[0])
-        time.sleep(0.02)
-    raise AssertionError(f"no process matches {pattern!r}")
-
-
 def _ctr(ctd: Containerd, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(["ctr", "-a", ctd.address, *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=ctd.env)
@@ -666,8 +656,8 @@ def test_a_kill_during_a_ctr_boot(ctd: Containerd, tmp_path: Path, victim: str) 
     p = _ctr(ctd, "run", "--runtime", RUNTIME, "-d", "--runtime-config-path", str(cold),
              IMAGE, "t-fault", "sleep", "300")
     try:
-        _pid(CTR_VICTIMS["qemu"])  # booting
-        os.kill(_pid(CTR_VICTIMS[victim]), signal.SIGKILL)
+        pid_of(CTR_VICTIMS["qemu"])  # booting
+        os.kill(pid_of(CTR_VICTIMS[victim]), signal.SIGKILL)
         _, err = p.communicate(timeout=30)
         assert p.returncode != 0, err
         said = {"qemu": "QEMU died (signal 9)", "virtiofsd": "virtiofsd died (signal 9)",
@@ -687,7 +677,7 @@ def test_a_kill_during_a_ctr_exec(ctd: Containerd, victim: str) -> None:
         e = _ctr(ctd, "task", "exec", "--exec-id", "e1", "t-fault", "sh", "-c",
                  "echo in; sleep 300")
         assert e.stdout is not None and e.stdout.readline() == "in\n"
-        os.kill(_pid(CTR_VICTIMS[victim]), signal.SIGKILL)
+        os.kill(pid_of(CTR_VICTIMS[victim]), signal.SIGKILL)
         t0 = time.monotonic()
         _, err = e.communicate(timeout=30)
         assert time.monotonic() - t0 < 5 and e.returncode != 0, (e.returncode, err)
@@ -704,7 +694,7 @@ def test_a_kill_during_a_ctr_delete(ctd: Containerd, victim: str) -> None:
     """Whatever the forced delete got to, containerd's own clean-up or a second
     delete finishes the job (the fixture's check)."""
     assert run(ctd, "t-fault", "sleep", "300", flags=("-d",)).returncode == 0
-    target = _pid(CTR_VICTIMS[victim])
+    target = pid_of(CTR_VICTIMS[victim])
     d = _ctr(ctd, "task", "delete", "-f", "t-fault")
     time.sleep(0.1)  # inside the delete's calls
     with contextlib.suppress(ProcessLookupError):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Microvm, helper_processes, reap_orphans, write_config
+from tests.conftest import Microvm, helper_processes, pid_of, reap_orphans, write_config
 
 pytestmark = pytest.mark.vm
 
@@ -28,16 +28,6 @@ VICTIMS = [
                  "virtfs-proxy-helper died (signal 9)", id="9p-helper"),
     pytest.param(("--no-template",), "virtiofsd --fd=", "virtiofsd ", id="virtiofsd"),
 ]
-
-
-def _pid(pattern: str, timeout: float = 60) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = subprocess.run(["pgrep", "-o", "-f", pattern], capture_output=True, text=True)
-        if r.returncode == 0:
-            return int(r.stdout.split()[0])
-        time.sleep(0.05)
-    raise AssertionError(f"no process matches {pattern!r}")
 
 
 def _running(m: Microvm, name: str) -> None:
@@ -54,7 +44,7 @@ def test_a_helper_killed_under_a_foreground_run(microvm: Microvm, flags: tuple[s
                       stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert p.stdout is not None
     assert p.stdout.readline() == b"up\n"
-    os.kill(_pid(victim), signal.SIGKILL)
+    os.kill(pid_of(victim), signal.SIGKILL)
     t0 = time.monotonic()
     _, err = p.communicate(timeout=30)
     took = time.monotonic() - t0
@@ -76,7 +66,7 @@ def test_a_helper_killed_under_a_detached_container(microvm: Microvm, flags: tup
     assert r.returncode == 0, r.stderr
     try:
         _running(microvm, "kt-fault")
-        os.kill(_pid(victim), signal.SIGKILL)
+        os.kill(pid_of(victim), signal.SIGKILL)
         deadline = time.monotonic() + 2
         while "exited (255)" not in (ps := microvm.run("ps", "-a").stdout):
             assert time.monotonic() < deadline, f"still: {ps}"
@@ -128,7 +118,7 @@ def test_death_during_exec_is_one_line(microvm: Microvm, victim: str, said: str)
         p = microvm.popen("exec", "kt-exec", "sh", "-c", "echo up; sleep 120",
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert p.stdout is not None and p.stdout.readline() == b"up\n"
-        os.kill(_pid(victim), signal.SIGKILL)
+        os.kill(pid_of(victim), signal.SIGKILL)
         _, err = p.communicate(timeout=30)
         lines = err.decode().splitlines()
         assert p.returncode == 125 and len(lines) == 1 and said in lines[0], lines
@@ -167,7 +157,7 @@ def test_rm_f_of_a_stuck_vm_or_shim_takes_under_5s(microvm: Microvm, stuck: str)
     """SIGSTOP stands for a hung VM (an agent that never answers) or a hung
     shim.  Was: 54 s and 9 s, and the shim and QEMU were left running."""
     assert microvm.run("run", "-d", "--name", "kt-stuck", "busybox", "sleep", "300").returncode == 0
-    os.kill(_pid(stuck), signal.SIGSTOP)
+    os.kill(pid_of(stuck), signal.SIGSTOP)
     t0 = time.monotonic()
     r = microvm.run("rm", "-f", "kt-stuck")
     took = time.monotonic() - t0
@@ -194,13 +184,13 @@ def test_a_kill_during_a_foreground_boot(microvm: Microvm, tmp_path: Path, victi
     m = _cold(microvm, tmp_path)
     p = m.popen("run", "--rm", "busybox", "true", stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE)
-    _pid("qemu-system-x86_64 -name kata-py-")  # booting
+    pid_of("qemu-system-x86_64 -name kata-py-")  # booting
     if victim == "cli":
         p.kill()
         p.communicate(timeout=30)
         return  # the fixture: nothing of it left
     pattern, said = COLD_VICTIMS[victim]
-    os.kill(_pid(pattern), signal.SIGKILL)
+    os.kill(pid_of(pattern), signal.SIGKILL)
     _, err = p.communicate(timeout=30)
     lines = [line for line in err.decode().splitlines() if "TCG" not in line]
     assert p.returncode == 125 and len(lines) == 1 and said in lines[0], lines
@@ -212,13 +202,13 @@ def test_a_kill_during_a_detached_boot(microvm: Microvm, tmp_path: Path, victim:
     p = m.popen("run", "-d", "--name", "kt-dboot", "busybox", "sleep", "300",
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        _pid("qemu-system-x86_64 -name kata-py-")
+        pid_of("qemu-system-x86_64 -name kata-py-")
         if victim == "cli":
             p.kill()
         else:
             pattern = COLD_VICTIMS[victim][0] if victim in COLD_VICTIMS \
                 else "microvm.shim .*-id kt-dboot"
-            os.kill(_pid(pattern), signal.SIGKILL)
+            os.kill(pid_of(pattern), signal.SIGKILL)
         _, err = p.communicate(timeout=30)
         if victim != "cli":
             lines = [line for line in err.decode().splitlines() if "TCG" not in line]
@@ -235,7 +225,7 @@ def test_a_kill_during_rm(microvm: Microvm, victim: str) -> None:
     patterns = {"qemu": "qemu-system-x86_64 -name kata-py-",
                 "9p-helper": "virtfs-proxy-helper -n -p /run/kata-py/vm/",
                 "shim": "microvm.shim .*-id kt-drm"}
-    target = _pid(patterns[victim]) if victim != "cli" else 0
+    target = pid_of(patterns[victim]) if victim != "cli" else 0
     rm = microvm.popen("rm", "-f", "kt-drm", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     time.sleep(0.2)  # inside rm's calls
     if victim == "cli":
