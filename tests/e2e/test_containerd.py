@@ -22,9 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from microvm import cristack, portforward
+from harness import cristack
+from harness.privatecontainerd import Containerd
+from microvm import portforward
 from microvm.ociarchive import oci_archive
-from microvm.privatecontainerd import Containerd
 from microvm.protocol import task_pb2, ttrpc
 from tests.conftest import helper_processes, network_leftovers, pid_of, pty_expect, pty_winsize
 from tests.netns import CNI_BIN, Pod, cni_pod, fetch, links, namespace, qdiscs, sh

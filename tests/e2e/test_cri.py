@@ -23,8 +23,9 @@ from pathlib import Path
 import grpc
 import pytest
 
-from microvm import cristack, hostcgroup, oci
-from microvm.cristack import CGROUP_PARENT, Cri
+from harness import cristack
+from harness.cristack import CGROUP_PARENT, Cri
+from microvm import hostcgroup, oci
 from tests.conftest import helper_processes, network_leftovers
 from tests.netns import CNI_BIN, fetch, links, namespace
 

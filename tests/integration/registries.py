@@ -20,7 +20,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
-from microvm.localregistry import serve as serve_registry
+from harness.localregistry import serve as serve_registry
 
 __all__ = ["serve_registry", "SlowProxy", "TokenService", "htpasswd_auth", "stored_blob"]
 

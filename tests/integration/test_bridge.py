@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from microvm.localregistry import free_port
+from harness.localregistry import free_port
 from tests.conftest import Microvm, assert_no_leaks, write_config
 from tests.netns import fetch, links, sh
 

@@ -19,7 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import cristack, netlink
+from microvm import netlink
+
+from . import cristack
 from .bench_containerd import pss_kib
 
 HANDLERS = {"kata-py": cristack.HANDLER, "runc": "runc"}

@@ -15,8 +15,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import rootfs
-from .ociarchive import oci_archive
+from microvm import rootfs
+from microvm.ociarchive import oci_archive
+
 from .privatecontainerd import Containerd
 
 IMAGE = "docker.io/library/kata-py-bench:latest"
@@ -109,7 +110,7 @@ def _measure(c: Containerd, n: int, floor: Callable[[], float]) -> dict[str, obj
 def _connect_shim_pid(c: Containerd, cid: str) -> int:
     import asyncio
 
-    from .protocol import task_pb2, ttrpc
+    from microvm.protocol import task_pb2, ttrpc
 
     sock = (c.bundle(cid) / "address").read_text().removeprefix("unix://")
 

@@ -10,7 +10,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import KataError
+from microvm.errors import KataError
 
 
 def free_port() -> int:

@@ -1,6 +1,6 @@
 """kata-py benchmarks, always side by side with a reference in the same run.
 
-  python -m microvm.bench [-n N] [--json FILE]
+  python -m harness.bench [-n N] [--json FILE]
 
 Absolute times on shared CI machines are noisy; the ratios between
 alternating runs of the same session are what to compare.  Measured:
@@ -29,9 +29,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import accel, config, mountns, paths, rootfs
-from .protocol import agent_pb2
-from .qemu import BASE_KERNEL_PARAMS, MACHINE, TCG_KERNEL_PARAMS, host_tsc_khz
+from microvm import accel, config, mountns, paths, rootfs
+from microvm.protocol import agent_pb2
+from microvm.qemu import BASE_KERNEL_PARAMS, MACHINE, TCG_KERNEL_PARAMS, host_tsc_khz
 
 FLOOR_INIT = "#!/bin/busybox sh\n/bin/busybox reboot -f\n"
 
@@ -93,7 +93,7 @@ def timed(argv: list[str], **kw: object) -> float:
 
 async def breakdown(cfg: config.Config, choice: accel.Choice) -> dict[str, float]:
     """One sandbox's life, step by step (seconds)."""
-    from .sandbox import Sandbox
+    from microvm.sandbox import Sandbox
 
     run_dir = mountns.enter()
     t: dict[str, float] = {}

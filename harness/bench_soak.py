@@ -15,7 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import cristack, netlink
+from microvm import netlink
+
+from . import cristack
 from .bench_containerd import proc_kib
 
 CYCLES = 200

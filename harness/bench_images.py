@@ -25,8 +25,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import localregistry, rootfs
-from .ociarchive import layer_from_dir, oci_archive_from_layers
+from microvm import rootfs
+from microvm.ociarchive import layer_from_dir, oci_archive_from_layers
+
+from . import localregistry
 
 LAYERS, FILES, FILE_SIZE = 4, 100, 256 << 10     # 4 layers of 25 MiB over busybox
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 
-from . import netlink, rootfs
+from microvm import netlink, rootfs
 
 MB = 32
 # The servers, the same in both runtimes: a sink for throughput, cat for echo.
