@@ -20,7 +20,14 @@ from dataclasses import dataclass, field
 
 from guest import adopt, cgroups, container, network
 from microvm import capabilities, linux
-from microvm.protocol import AGENT_SERVICE, PROTOCOL_VERSION, agent_pb2, ttrpc
+from microvm.protocol import (
+    AGENT_SERVICE,
+    PROTOCOL_VERSION,
+    REASON_COMMAND_NOT_EXECUTABLE,
+    REASON_COMMAND_NOT_FOUND,
+    agent_pb2,
+    ttrpc,
+)
 
 log = logging.getLogger("agent")
 
@@ -262,14 +269,14 @@ async def _recv(sock: socket.socket) -> tuple[dict[str, object] | None, list[int
 
 
 _ERRORS = {
-    container.ERR_NOT_FOUND: ttrpc.NotFound,
-    container.ERR_NOT_EXECUTABLE: ttrpc.PermissionDenied,
+    container.ERR_NOT_FOUND: (ttrpc.NotFound, REASON_COMMAND_NOT_FOUND),
+    container.ERR_NOT_EXECUTABLE: (ttrpc.PermissionDenied, REASON_COMMAND_NOT_EXECUTABLE),
 }
 
 
 def _child_error(msg: dict[str, object]) -> ttrpc.RpcError:
-    cls = _ERRORS.get(str(msg.get("kind")), ttrpc.FailedPrecondition)
-    return cls(str(msg.get("error")))
+    cls, reason = _ERRORS.get(str(msg.get("kind")), (ttrpc.FailedPrecondition, ""))
+    return cls(str(msg.get("error")), reason=reason)
 
 
 class Agent:

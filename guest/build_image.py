@@ -52,7 +52,7 @@ AGENT_FILES = [
 ]
 TRACE = "guest/imagetrace.py"
 PYTHON = "/usr/bin/python3.11"
-# -S -s, not -I: the kernel passes PYTHONHASHSEED (see microvm/qemu.py).
+# -S -s, not -I: the kernel passes PYTHONHASHSEED (see microvm/vm/qemu.py).
 INIT = f"""#!{PYTHON} -Ss
 import sys, time
 started = time.clock_gettime(time.CLOCK_BOOTTIME)  # before the agent's imports

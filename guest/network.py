@@ -1,5 +1,5 @@
 """The guest's network: the same MACs, addresses, routes and MTU as the
-host namespace's veths (microvm/tcfilter.py reads them there).
+host namespace's veths (microvm/net/tcfilter.py reads them there).
 
 Interfaces are matched by MAC (QEMU gives each virtio-net device its veth's
 MAC) and set up with busybox's `ip`, which the host shares read-only into

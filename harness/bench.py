@@ -29,9 +29,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from microvm import accel, config, mountns, paths, rootfs
+from microvm import config, paths
+from microvm.core import mountns
+from microvm.images import rootfs
 from microvm.protocol import agent_pb2
-from microvm.qemu import BASE_KERNEL_PARAMS, MACHINE, TCG_KERNEL_PARAMS, host_tsc_khz
+from microvm.vm import accel
+from microvm.vm.qemu import BASE_KERNEL_PARAMS, MACHINE, TCG_KERNEL_PARAMS, host_tsc_khz
 
 FLOOR_INIT = "#!/bin/busybox sh\n/bin/busybox reboot -f\n"
 
@@ -93,7 +96,7 @@ def timed(argv: list[str], **kw: object) -> float:
 
 async def breakdown(cfg: config.Config, choice: accel.Choice) -> dict[str, float]:
     """One sandbox's life, step by step (seconds)."""
-    from microvm.sandbox import Sandbox
+    from microvm.core.sandbox import Sandbox
 
     run_dir = mountns.enter()
     t: dict[str, float] = {}

@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from microvm import rootfs
-from microvm.ociarchive import oci_archive
+from microvm.images import rootfs
+from microvm.images.ociarchive import oci_archive
 
 from .privatecontainerd import Containerd
 
@@ -110,20 +110,15 @@ def _measure(c: Containerd, n: int, floor: Callable[[], float]) -> dict[str, obj
 def _connect_shim_pid(c: Containerd, cid: str) -> int:
     import asyncio
 
-    from microvm.protocol import task_pb2, ttrpc
+    from microvm.protocol import task_pb2
+    from microvm.shim.client import TaskClient
 
     sock = (c.bundle(cid) / "address").read_text().removeprefix("unix://")
 
     async def connect() -> int:
-        reader, writer = await asyncio.open_unix_connection(sock)
-        client = ttrpc.Client(reader, writer)
-        try:
-            resp = await client.call("containerd.task.v2.Task", "Connect",
-                                     task_pb2.ConnectRequest(id=cid), task_pb2.ConnectResponse,
-                                     timeout=10)
+        async with TaskClient.connect(sock, "default") as client:
+            resp = await client.call("Connect", task_pb2.ConnectRequest(id=cid), timeout=10)
             return int(resp.shim_pid)
-        finally:
-            await client.aclose()
 
     return asyncio.run(connect())
 

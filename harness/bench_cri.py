@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from microvm import netlink
+from microvm.net import netlink
 
 from . import cristack
 from .bench_containerd import pss_kib

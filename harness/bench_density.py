@@ -21,6 +21,8 @@ import tempfile
 import time
 from collections import defaultdict
 
+from microvm.shim.manager import BINARY
+
 from .bench_containerd import pod_pids, pss_kib
 
 COUNT = 20
@@ -36,8 +38,9 @@ def shims() -> dict[str, int]:
                 argv = f.read().decode(errors="replace").split("\0")
         except OSError:
             continue
-        # The serving shim is `python -m microvm.shim ... -id ID`.
-        if "microvm.shim" in argv[:3] and "-id" in argv:
+        # The serving shim's title: `containerd-shim-kata-py-v2 ... -id ID ...`.
+        argv = " ".join(argv).split()
+        if argv[:1] == [BINARY] and "-id" in argv:
             found[argv[argv.index("-id") + 1]] = int(pid)
     return found
 

@@ -25,8 +25,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from microvm import rootfs
-from microvm.ociarchive import layer_from_dir, oci_archive_from_layers
+from microvm.images import rootfs
+from microvm.images.ociarchive import layer_from_dir, oci_archive_from_layers
 
 from . import localregistry
 

@@ -25,7 +25,8 @@ from pathlib import Path
 
 from pyroute2 import IPRoute
 
-from microvm import netlink, rootfs
+from microvm.images import rootfs
+from microvm.net import netlink
 
 MB = 32
 # The servers, the same in both runtimes: a sink for throughput, cat for echo.

@@ -15,7 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from microvm import netlink
+from microvm.net import netlink
+from microvm.shim.manager import BINARY
 
 from . import cristack
 from .bench_containerd import proc_kib
@@ -27,7 +28,7 @@ def _shim(pod_name: str) -> int:
     for pid in cristack.pod_pids(pod_name):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"microvm.shim" in f.read():
+                if f.read().startswith(BINARY.encode()):
                     return pid
         except OSError:
             continue
@@ -44,7 +45,7 @@ def _leftovers() -> list[str]:
     out = subprocess.run(["ps", "-eo", "args="], capture_output=True, text=True).stdout
     found = [f"process: {line[:80]}" for line in out.splitlines()
              if ("kata-py" in line and ("qemu-system" in line or "virtiofsd" in line
-                                        or "virtfs-proxy" in line)) or "microvm.shim" in line]
+                                        or "virtfs-proxy" in line)) or line.startswith(BINARY)]
     run = Path("/run/kata-py/vm")
     found += [f"run file: {p}" for p in run.iterdir()] if run.exists() else []
     return found

@@ -28,8 +28,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from microvm import hostcgroup
-from microvm.ociarchive import gzip_layer, layer_from_dir, oci_archive_from_layers
+from microvm.core import hostcgroup
+from microvm.images.ociarchive import gzip_layer, layer_from_dir, oci_archive_from_layers
 
 from .privatecontainerd import Containerd
 
@@ -174,7 +174,7 @@ class Cri:
         at url, speaking v4.channel.k8s.io: a channel byte before every message."""
         import websocket
 
-        from microvm import netlink
+        from microvm.net import netlink
         host, _, rest = url.removeprefix("http://").partition(":")
         sock = netlink.in_namespace(lambda: socket.create_connection(
             (host, int(rest.split("/")[0])), timeout=timeout), f"/var/run/netns/{self.node}")

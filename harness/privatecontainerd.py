@@ -56,7 +56,7 @@ class Containerd:
             CRI.format(root=root, sandbox_image=cri_sandbox_image) if cri_sandbox_image
             else NO_CRI))
         if cri_sandbox_image:
-            from microvm.install import install_containerd
+            from microvm.cli.install import install_containerd
             (root / "cni").mkdir(exist_ok=True)
             install_containerd(config)
         env = dict(os.environ)

@@ -1,3 +1,3 @@
-from .cli import main
+from microvm.cli.commands import main
 
 main()

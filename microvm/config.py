@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from . import paths
-from .errors import ConfigError
+from microvm import paths
+from microvm.errors import ConfigError
 
 ACCELS = ("auto", "kvm", "tcg")
 TRANSPORTS = ("auto", "vsock", "serial")
@@ -52,7 +52,7 @@ class Config:
     virtiofsd: str = "/usr/lib/qemu/virtiofsd"
     # A static busybox, shared read-only into networked sandboxes for `ip`.
     busybox: str = "/bin/busybox"
-    # Start every sandbox as a clone of a booted VM (microvm/template.py);
+    # Start every sandbox as a clone of a booted VM (microvm/vm/template.py);
     # false: every sandbox boots its own kernel.
     template: bool = True
     # Seconds.  TCG boots take a few seconds; KVM well under one.

@@ -7,7 +7,7 @@ import os
 import stat
 from pathlib import Path
 
-from .errors import KataError
+from microvm.errors import KataError
 
 LIB = Path(os.environ.get("KATA_PY_LIB", "/var/lib/kata-py"))
 CACHE = Path(os.environ.get("KATA_PY_CACHE", "/var/cache/kata-py"))

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from microvm.shim.manager import BINARY
+
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / "test-artifacts"
 VENV_BIN = Path(sys.executable).parent
@@ -85,6 +87,25 @@ def helper_processes() -> list[str]:
     return [line for line in out.splitlines()
             if any(h in line for h in HELPERS) and "kata-py" in line
             and "Z" not in line.split(None, 2)[1]]
+
+
+# A serving shim daemon, by its title (containerd-shim-kata-py-v2 -namespace NS
+# -id ID -address A), or in its first instants, before the title is set, as
+# `python -m microvm.shim`.  Not the short-lived `... containerd-shim-kata-py-v2
+# ... start` that containerd runs, whose command line begins with python.
+SHIM_DAEMON = re.compile(rf"^\d+ +\S+ +({BINARY} -namespace |\S*python\S* -m microvm\.shim )")
+
+
+def shim(id_: str) -> str:
+    """A pgrep -f pattern for the shim daemon serving id_ (once titled)."""
+    return f"^{BINARY} -namespace .* -id {id_} "
+
+
+def shim_processes() -> list[str]:
+    """Every live shim daemon, as `pid stat args` lines."""
+    out = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True, text=True).stdout
+    return [line.strip() for line in out.splitlines()
+            if SHIM_DAEMON.match(line.strip()) and "Z" not in line.split(None, 2)[1]]
 
 
 def _ours(mountinfo_line: str) -> bool:
@@ -209,7 +230,7 @@ def templates_of_odd_configs_removed() -> Iterator[None]:
     """Tests boot odd configurations (debug, 300 MiB...), each with a VM
     template of its own; the session removes those it made, keeping the
     default ones setup made."""
-    from microvm import template
+    from microvm.vm import template
     before = {k for k, _ in template.list_templates()}
     yield
     for k in {k for k, _ in template.list_templates()} - before:

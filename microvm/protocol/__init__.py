@@ -3,10 +3,11 @@
 Kept free of heavy imports: the guest agent loads it at every boot.
 """
 
-PROTOCOL_VERSION = 8   # 2: ConfigureNetwork; 3: mounts; 4: shared namespaces;
+PROTOCOL_VERSION = 9   # 2: ConfigureNetwork; 3: mounts; 4: shared namespaces;
 #                        5: capabilities, seccomp, masked and read-only paths;
 #                        6: AdoptSandbox (VM templates); 7: sysctls;
-#                        8: ConnectPort, ClosePort (port-forward)
+#                        8: ConnectPort, ClosePort (port-forward);
+#                        9: error reasons (ErrorInfo in the status details)
 AGENT_SERVICE = "katapy.agent.v1.Agent"
 # virtio-serial port name (/sys/class/virtio-ports/*/name in the guest).
 SERIAL_PORT_NAME = "kata-py.agent"
@@ -16,3 +17,8 @@ VSOCK_PORT = 1024
 SHARED_FS_TAG = "kata-py-shared"
 # Where the guest mounts it.
 GUEST_SHARED_ROOT = "/run/kata-py/shared"
+# Error reasons (ttrpc.RpcError.reason, an ErrorInfo in the status details),
+# from the agent's process calls and the shim's Create, Start and Exec: what
+# a status code cannot say alone.  The CLI's 127 and 126 come from these.
+REASON_COMMAND_NOT_FOUND = "COMMAND_NOT_FOUND"
+REASON_COMMAND_NOT_EXECUTABLE = "COMMAND_NOT_EXECUTABLE"

@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from google.protobuf import any_pb2
 from google.protobuf.message import DecodeError, Message
 
 from . import ttrpc_pb2
@@ -53,20 +54,32 @@ UNIMPLEMENTED = 12
 INTERNAL = 13
 UNAVAILABLE = 14
 
+ERROR_INFO_TYPE = "type.googleapis.com/google.rpc.ErrorInfo"
+ERROR_DOMAIN = "kata-py"
+
 
 class ProtocolError(Exception):
     """The peer broke the framing; the connection cannot continue."""
 
 
 class RpcError(Exception):
-    """A call answered with a non-OK google.rpc.Status."""
+    """A call answered with a non-OK google.rpc.Status.  reason, when set,
+    travels as a google.rpc.ErrorInfo in the status details."""
 
     code = UNKNOWN
 
-    def __init__(self, message: str, code: int | None = None) -> None:
+    def __init__(self, message: str, code: int | None = None, reason: str = "") -> None:
         super().__init__(message)
         if code is not None:
             self.code = code
+        self.reason = reason
+
+    def status(self) -> ttrpc_pb2.Status:
+        details = []
+        if self.reason:
+            info = ttrpc_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN)
+            details.append(any_pb2.Any(type_url=ERROR_INFO_TYPE, value=info.SerializeToString()))
+        return ttrpc_pb2.Status(code=self.code, message=self.message, details=details)
 
     @property
     def message(self) -> str:
@@ -125,9 +138,18 @@ _BY_CODE: dict[int, type[RpcError]] = {
 }
 
 
-def error_from_status(code: int, message: str) -> RpcError:
-    cls = _BY_CODE.get(code)
-    return cls(message) if cls else RpcError(message, code)
+def error_from_status(status: ttrpc_pb2.Status) -> RpcError:
+    reason = ""
+    for detail in status.details:
+        if detail.type_url == ERROR_INFO_TYPE:
+            info = ttrpc_pb2.ErrorInfo()
+            with contextlib.suppress(DecodeError):
+                info.ParseFromString(detail.value)
+                reason = info.reason
+    cls = _BY_CODE.get(status.code)
+    if cls is None:
+        return RpcError(status.message, status.code, reason)
+    return cls(status.message, reason=reason)
 
 
 @dataclass(frozen=True)
@@ -397,7 +419,7 @@ class Server:
             payload = await self._call(frame.data)
             resp = ttrpc_pb2.Response(status=ttrpc_pb2.Status(code=OK), payload=payload)
         except RpcError as e:
-            resp = ttrpc_pb2.Response(status=ttrpc_pb2.Status(code=e.code, message=e.message))
+            resp = ttrpc_pb2.Response(status=e.status())
         except asyncio.CancelledError:
             return
         except Exception as e:  # a handler bug must not take the server down
@@ -527,7 +549,7 @@ class Client:
         finally:
             self._pending.pop(stream_id, None)
         if resp.HasField("status") and resp.status.code != OK:
-            raise error_from_status(resp.status.code, resp.status.message)
+            raise error_from_status(resp.status)
         out = response_type()
         try:
             out.ParseFromString(resp.payload)

@@ -19,15 +19,27 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from google.protobuf.message import Message
 
 from harness import cristack
 from harness.privatecontainerd import Containerd
-from microvm import portforward
-from microvm.ociarchive import oci_archive
+from microvm.errors import KataError
+from microvm.images.ociarchive import oci_archive
+from microvm.net import portforward
 from microvm.protocol import task_pb2, ttrpc
-from tests.conftest import helper_processes, network_leftovers, pid_of, pty_expect, pty_winsize
+from microvm.shim.client import TaskClient
+from tests.conftest import (
+    helper_processes,
+    network_leftovers,
+    pid_of,
+    pty_expect,
+    pty_winsize,
+    shim,
+    shim_processes,
+)
 from tests.netns import CNI_BIN, Pod, cni_pod, fetch, links, namespace, qdiscs, sh
 
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(shutil.which("containerd") is None,
@@ -40,13 +52,6 @@ TASK_API = "containerd.task.v2.Task"
 
 def shim_sockets() -> set[str]:
     return set(os.listdir(SHIM_SOCKETS)) if SHIM_SOCKETS.exists() else set()
-
-
-def shim_processes() -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True,
-                         text=True).stdout
-    return [line for line in out.splitlines()
-            if "microvm.shim" in line and "Z" not in line.split(None, 2)[1]]
 
 
 @pytest.fixture(scope="module")
@@ -206,13 +211,9 @@ def test_two_containers_of_a_pod_share_one_vm(ctd: Containerd) -> None:
         force_remove(ctd, "pod-a")
 
 
-async def _task_call(sock: str, method: str, req: object, resp: type) -> object:
-    reader, writer = await asyncio.open_unix_connection(sock)
-    client = ttrpc.Client(reader, writer)
-    try:
-        return await client.call(TASK_API, method, req, resp, timeout=10)  # type: ignore[arg-type]
-    finally:
-        await client.aclose()
+async def _task_call(sock: str, method: str, req: Message) -> Any:
+    async with TaskClient.connect(sock, "default") as client:
+        return await client.call(method, req, timeout=10)
 
 
 def test_malformed_frames_get_errors_and_the_shim_keeps_serving(ctd: Containerd) -> None:
@@ -237,19 +238,17 @@ def test_malformed_frames_get_errors_and_the_shim_keeps_serving(ctd: Containerd)
             length, sid, _, _ = struct.unpack(">IIBB", s.recv(10))
             resp.ParseFromString(s.recv(length))
             assert sid == 3 and resp.status.code == ttrpc.INVALID_ARGUMENT
-        got = asyncio.run(_task_call(sock, "Connect", task_pb2.ConnectRequest(id="t-bad"),
-                                     task_pb2.ConnectResponse))
-        assert got.task_pid > 0  # type: ignore[attr-defined]
-        state = asyncio.run(_task_call(sock, "State", task_pb2.StateRequest(id="t-bad"),
-                                       task_pb2.StateResponse))
-        assert state.status == task_pb2.RUNNING  # type: ignore[attr-defined]
-        with pytest.raises(ttrpc.Unimplemented, match="checkpoint"):
+        got = asyncio.run(_task_call(sock, "Connect", task_pb2.ConnectRequest(id="t-bad")))
+        assert got.task_pid > 0
+        state = asyncio.run(_task_call(sock, "State", task_pb2.StateRequest(id="t-bad")))
+        assert state.status == task_pb2.RUNNING
+        with pytest.raises(KataError, match="checkpoint") as err:
             asyncio.run(_task_call(sock, "Checkpoint",
-                                   task_pb2.CheckpointTaskRequest(id="t-bad"),
-                                   task_pb2.ConnectResponse))
-        with pytest.raises(ttrpc.NotFound):
-            asyncio.run(_task_call(sock, "State", task_pb2.StateRequest(id="nope"),
-                                   task_pb2.StateResponse))
+                                   task_pb2.CheckpointTaskRequest(id="t-bad")))
+        assert err.value.status == ttrpc.UNIMPLEMENTED
+        with pytest.raises(KataError) as err:
+            asyncio.run(_task_call(sock, "State", task_pb2.StateRequest(id="nope")))
+        assert err.value.status == ttrpc.NOT_FOUND
     finally:
         force_remove(ctd, "t-bad")
 
@@ -257,9 +256,8 @@ def test_malformed_frames_get_errors_and_the_shim_keeps_serving(ctd: Containerd)
 def test_sigkill_of_the_shim_then_delete_leaves_nothing(ctd: Containerd) -> None:
     assert run(ctd, "t-kill", "sleep", "1000", flags=("-d",)).returncode == 0
     sock = (ctd.bundle("t-kill") / "address").read_text().removeprefix("unix://")
-    got = asyncio.run(_task_call(sock, "Connect", task_pb2.ConnectRequest(id="t-kill"),
-                                 task_pb2.ConnectResponse))
-    os.kill(got.shim_pid, signal.SIGKILL)  # type: ignore[attr-defined]
+    got = asyncio.run(_task_call(sock, "Connect", task_pb2.ConnectRequest(id="t-kill")))
+    os.kill(got.shim_pid, signal.SIGKILL)
     # containerd sees the shim gone and runs our `delete`; the VM dies with
     # the shim: all of it within 5 s.
     deadline = time.monotonic() + 5
@@ -351,12 +349,11 @@ def test_pause_resume_metrics_update(ctd: Containerd) -> None:
                                    "LinuxResources",
                           value=b'{"memory": {"limit": 104857600}, "pids": {"limit": 50}}')
         asyncio.run(_task_call(sock, "Update", task_pb2.UpdateTaskRequest(
-            id="t-pause", resources=res), task_pb2.ConnectResponse))
-        stats = asyncio.run(_task_call(sock, "Stats", task_pb2.StatsRequest(id="t-pause"),
-                                       task_pb2.StatsResponse))
-        assert stats.stats.type_url == "io.containerd.cgroups.v2.Metrics"  # type: ignore[attr-defined]
+            id="t-pause", resources=res)))
+        stats = asyncio.run(_task_call(sock, "Stats", task_pb2.StatsRequest(id="t-pause")))
+        assert stats.stats.type_url == "io.containerd.cgroups.v2.Metrics"
         metrics = cgroups_pb2.Metrics()
-        metrics.ParseFromString(stats.stats.value)  # type: ignore[attr-defined]
+        metrics.ParseFromString(stats.stats.value)
         assert metrics.memory.usage_limit == 104857600
         assert metrics.pids.limit == 50
     finally:
@@ -459,13 +456,12 @@ def test_sigkill_of_a_networked_shim_then_delete_cleans_the_namespace(
                flags=("-d", "--with-ns", f"network:{pod.netns}")).returncode == 0
     assert "ingress" in qdiscs(ns)
     sock = (ctd.bundle("t-netkill") / "address").read_text().removeprefix("unix://")
-    got = asyncio.run(_task_call(sock, "Connect", task_pb2.ConnectRequest(id="t-netkill"),
-                                 task_pb2.ConnectResponse))
+    got = asyncio.run(_task_call(sock, "Connect", task_pb2.ConnectRequest(id="t-netkill")))
     # The task's pid (QEMU's), which CRI keeps as the sandbox pid, is in the pod's
     # network namespace: /proc/<pid>/ns/net names it for the pod's other containers.
-    task_pid = got.task_pid  # type: ignore[attr-defined]
+    task_pid = got.task_pid
     assert os.stat(f"/proc/{task_pid}/ns/net").st_ino == os.stat(pod.netns).st_ino
-    os.kill(got.shim_pid, signal.SIGKILL)  # type: ignore[attr-defined]
+    os.kill(got.shim_pid, signal.SIGKILL)
     deadline = time.monotonic() + 30
     while Path(sock).exists() or helper_processes() or "ingress" in qdiscs(ns):
         assert time.monotonic() < deadline, (helper_processes(), qdiscs(ns))
@@ -510,7 +506,7 @@ def test_a_killed_shims_forward_rule_goes_with_containerds_delete(
     assert run(ctd, "t-pfkill", "sleep", "1000",
                flags=("-d", "--with-ns", f"network:{pod.netns}")).returncode == 0
     assert len(forward_rules(ns)) == 1
-    os.kill(pid_of("microvm.shim .*-id t-pfkill"), signal.SIGKILL)
+    os.kill(pid_of(shim("t-pfkill")), signal.SIGKILL)
     deadline = time.monotonic() + 30
     while forward_rules(ns):
         assert time.monotonic() < deadline, forward_rules(ns)
@@ -639,7 +635,7 @@ CTR_VICTIMS = {
     "qemu": "qemu-system-x86_64 -name kata-py-",
     "9p-helper": "virtfs-proxy-helper -n -p /run/kata-py/vm/",
     "virtiofsd": "virtiofsd --fd=",
-    "shim": "microvm.shim .*-id t-fault",
+    "shim": shim("t-fault"),
 }
 
 

@@ -25,8 +25,9 @@ import pytest
 
 from harness import cristack
 from harness.cristack import CGROUP_PARENT, Cri
-from microvm import hostcgroup, oci
-from tests.conftest import helper_processes, network_leftovers
+from microvm.core import hostcgroup, oci
+from microvm.shim.manager import BINARY
+from tests.conftest import helper_processes, network_leftovers, shim_processes
 from tests.netns import CNI_BIN, fetch, links, namespace
 
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(
@@ -258,20 +259,15 @@ def test_security_context_is_applied_as_under_runc(cri: Cri, handler: str) -> No
 POD_VICTIMS = {
     "qemu": "qemu-system-x86_64 -name kata-py-",
     "9p-helper": "virtfs-proxy-helper -n -p /run/kata-py/vm/",
-    "shim": "microvm.shim ",
+    "shim": f"{BINARY} -namespace ",
 }
 
 
 def _only_pid(pattern: str) -> int:
-    pids = [int(line.split()[0]) for line in helper_processes() + _shims()
+    pids = [int(line.split()[0]) for line in helper_processes() + shim_processes()
             if re.search(pattern, line)]
-    assert len(pids) == 1, (pattern, helper_processes(), _shims())
+    assert len(pids) == 1, (pattern, helper_processes(), shim_processes())
     return pids[0]
-
-
-def _shims() -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    return [line.strip() for line in out.splitlines() if "microvm.shim " in line]
 
 
 def _exited(cri: Cri, cid: str, within: float) -> None:

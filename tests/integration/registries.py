@@ -18,6 +18,7 @@ import subprocess
 import threading
 import time
 import urllib.parse
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from harness.localregistry import serve as serve_registry
@@ -115,7 +116,7 @@ class TokenService:
         req.end_headers()
         req.wfile.write(body)
 
-    def sign(self, subject: str, access: list[dict[str, object]]) -> str:
+    def sign(self, subject: str, access: Sequence[Mapping[str, object]]) -> str:
         now = int(time.time())
         head = {"typ": "JWT", "alg": "RS256", "x5c": [self.x5c]}
         claims = {"iss": self.ISSUER, "sub": subject, "aud": self.SERVICE, "exp": now + 300,

@@ -12,9 +12,12 @@ import json
 import signal
 import sys
 
-from microvm import accel, config, mountns, rootfs
+from microvm import config
+from microvm.core import mountns
+from microvm.core.sandbox import Sandbox
+from microvm.images import rootfs
 from microvm.protocol import agent_pb2
-from microvm.sandbox import Sandbox
+from microvm.vm import accel
 
 PATH = "PATH=/usr/sbin:/usr/bin:/sbin:/bin"
 

@@ -12,18 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Microvm, helper_processes, write_config
+from tests.conftest import Microvm, helper_processes, shim_processes, write_config
 
 pytestmark = pytest.mark.vm
 STATE = Path("/var/lib/kata-py/containers")
 SOCKETS = Path("/run/containerd/s")
-
-
-def shims() -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True,
-                         text=True).stdout
-    return [line for line in out.splitlines()
-            if "microvm.shim" in line and "Z" not in line.split(None, 2)[1]]
 
 
 @pytest.fixture
@@ -36,7 +29,7 @@ def cli(microvm: Microvm) -> Iterator[Microvm]:
         microvm.run("rm", "-f", name)
     deadline = time.monotonic() + 15
     while True:
-        left = [f"shim: {s}" for s in shims()]
+        left = [f"shim: {s}" for s in shim_processes()]
         left += [f"socket: {s}" for s in (set(os.listdir(SOCKETS)) - sockets
                                            if SOCKETS.exists() else set())]
         left += [f"state: {s}" for s in (set(os.listdir(STATE)) - before
@@ -120,7 +113,7 @@ def test_name_in_use_and_unknown_container(cli: Microvm) -> None:
 
 def test_shim_killed_then_rm_cleans_up(cli: Microvm) -> None:
     assert cli.run("run", "-d", "--name", "kp-crash", "busybox", "sleep", "1000").returncode == 0
-    pid = int(shims()[0].split()[0])
+    pid = int(shim_processes()[0].split()[0])
     os.kill(pid, signal.SIGKILL)
     # The VM goes with its shim (PR_SET_PDEATHSIG); the state says so.
     wait_for(lambda: not helper_processes(), 15)

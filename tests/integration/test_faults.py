@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Microvm, helper_processes, pid_of, reap_orphans, write_config
+from tests.conftest import Microvm, helper_processes, pid_of, reap_orphans, shim, write_config
 
 pytestmark = pytest.mark.vm
 
@@ -87,7 +87,7 @@ def test_rm_returns_once_nothing_of_the_container_runs(microvm: Microvm) -> None
     assert microvm.run("rm", "-f", "kt-gone").returncode == 0
     reap_orphans()
     assert helper_processes() == []
-    shims = subprocess.run(["pgrep", "-f", "microvm.shim .*-id kt-gone"], capture_output=True)
+    shims = subprocess.run(["pgrep", "-f", shim("kt-gone")], capture_output=True)
     assert shims.returncode == 1, shims.stdout
 
 
@@ -108,7 +108,7 @@ def test_ps_never_says_gone_while_a_container_is_made(microvm: Microvm) -> None:
 
 @pytest.mark.parametrize(("victim", "said"), [
     ("qemu-system-x86_64 -name kata-py-", "QEMU died (signal 9)"),
-    ("microvm.shim .*-id kt-exec", "the container's shim is gone"),
+    (shim("kt-exec"), "the container's shim is gone"),
 ])
 def test_death_during_exec_is_one_line(microvm: Microvm, victim: str, said: str) -> None:
     """Was: exit 255 and no word (QEMU), or 'internal error: ConnectionError'
@@ -152,7 +152,7 @@ def test_a_detached_guest_panic_is_told(microvm: Microvm) -> None:
 
 
 @pytest.mark.parametrize("stuck", ["qemu-system-x86_64 -name kata-py-",
-                                   "microvm.shim .*-id kt-stuck"])
+                                   shim("kt-stuck")])
 def test_rm_f_of_a_stuck_vm_or_shim_takes_under_5s(microvm: Microvm, stuck: str) -> None:
     """SIGSTOP stands for a hung VM (an agent that never answers) or a hung
     shim.  Was: 54 s and 9 s, and the shim and QEMU were left running."""
@@ -207,7 +207,7 @@ def test_a_kill_during_a_detached_boot(microvm: Microvm, tmp_path: Path, victim:
             p.kill()
         else:
             pattern = COLD_VICTIMS[victim][0] if victim in COLD_VICTIMS \
-                else "microvm.shim .*-id kt-dboot"
+                else shim("kt-dboot")
             os.kill(pid_of(pattern), signal.SIGKILL)
         _, err = p.communicate(timeout=30)
         if victim != "cli":
@@ -224,7 +224,7 @@ def test_a_kill_during_rm(microvm: Microvm, victim: str) -> None:
     assert microvm.run("run", "-d", "--name", "kt-drm", "busybox", "sleep", "300").returncode == 0
     patterns = {"qemu": "qemu-system-x86_64 -name kata-py-",
                 "9p-helper": "virtfs-proxy-helper -n -p /run/kata-py/vm/",
-                "shim": "microvm.shim .*-id kt-drm"}
+                "shim": shim("kt-drm")}
     target = pid_of(patterns[victim]) if victim != "cli" else 0
     rm = microvm.popen("rm", "-f", "kt-drm", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     time.sleep(0.2)  # inside rm's calls

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from microvm.ociarchive import (
+from microvm.images.ociarchive import (
     docker_archive,
     gzip_layer,
     layer_from_dir,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from microvm.ociarchive import docker_archive, oci_archive_from_layers
+from microvm.images.ociarchive import docker_archive, oci_archive_from_layers
 from tests.conftest import MICROVM
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]

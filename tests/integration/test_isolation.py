@@ -27,7 +27,7 @@ from typing import cast
 import pytest
 
 from microvm import paths
-from microvm.ociarchive import gzip_layer, layer_from_dir, oci_archive_from_layers
+from microvm.images.ociarchive import gzip_layer, layer_from_dir, oci_archive_from_layers
 from microvm.protocol import SHARED_FS_TAG
 from tests.conftest import REPO, Microvm, helper_processes
 from tests.integration.isolation import (

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from harness.localregistry import free_port, push
-from microvm.ociarchive import gzip_layer, layer_from_dir, oci_archive_from_layers
+from microvm.images.ociarchive import gzip_layer, layer_from_dir, oci_archive_from_layers
 from tests.conftest import Microvm
 from tests.integration.registries import (
     PASSWORD,

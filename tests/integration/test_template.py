@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from microvm import template
+from microvm.vm import template
 from tests.conftest import Microvm, assert_no_leaks, write_config
 
 pytestmark = pytest.mark.vm

@@ -1,4 +1,4 @@
-"""microvm.accel: KVM only where a stock guest boots, TCG otherwise.
+"""microvm.vm.accel: KVM only where a stock guest boots, TCG otherwise.
 
 A fake root (tmp_path) stands in for / with dev/kvm as a regular file and
 sys/module/<name> directories.  A regular file opens but fails the
@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from microvm import accel
-from microvm.accel import Choice, choose, probe_kvm
 from microvm.errors import KataError
+from microvm.vm import accel
+from microvm.vm.accel import Choice, choose, probe_kvm
 
 
 def fake_root(tmp_path: Path, *modules: str, kvm: bool = True) -> Path:

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from microvm.install import HANDLER, RUNTIME_TYPE
+from microvm.cli.install import HANDLER, RUNTIME_TYPE
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|Ki|Mi|Gi|Ti|k|M|G|T)?$")

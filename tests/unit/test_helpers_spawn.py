@@ -1,4 +1,4 @@
-"""microvm.helpers.spawn: a helper starts as the user asked, in the network
+"""microvm.vm.helpers.spawn: a helper starts as the user asked, in the network
 namespace asked, with no new privileges, and dies with its owner, all
 without a preexec_fn (Python code between fork and exec is unsafe once the
 owner has threads, and the shim has: its to_thread work)."""
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from microvm import helpers
-from microvm.qemuuser import DYNAMIC_UID_BASE, Credentials
+from microvm.vm import helpers
+from microvm.vm.qemuuser import DYNAMIC_UID_BASE, Credentials
 
 
 def _status(text: str) -> dict[str, str]:
@@ -63,8 +63,8 @@ def test_root_helpers_keep_root_and_the_owners_network(tmp_path: Path) -> None:
 
 _OWNER = """
 import os, signal, subprocess, sys, threading, time
-from microvm import helpers
-from microvm.qemuuser import Credentials
+from microvm.vm import helpers
+from microvm.vm.qemuuser import Credentials
 def busy():
     while True:
         time.sleep(0)

@@ -1,4 +1,4 @@
-"""microvm.hostcgroup: the spec's cgroupsPath, in both drivers' forms."""
+"""microvm.core.hostcgroup: the spec's cgroupsPath, in both drivers' forms."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from microvm import hostcgroup
+from microvm.core import hostcgroup
 from microvm.errors import KataError
 
 

@@ -1,4 +1,4 @@
-"""microvm.imagesave: the output file appears whole or not at all."""
+"""microvm.images.save: the output file appears whole or not at all."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from microvm import imagesave
+from microvm.images import save
 
 
 def test_a_killed_save_leaves_nothing(tmp_path: Path) -> None:
@@ -17,7 +17,7 @@ def test_a_killed_save_leaves_nothing(tmp_path: Path) -> None:
     if pid == 0:
         try:
             os.close(r)
-            with imagesave._replacing(tmp_path / "out.tar") as f:
+            with save._replacing(tmp_path / "out.tar") as f:
                 f.write(b"x" * 4096)
                 f.flush()
                 os.write(w, b"1")
@@ -35,12 +35,12 @@ def test_a_killed_save_leaves_nothing(tmp_path: Path) -> None:
 def test_a_failed_save_leaves_the_old_file(tmp_path: Path) -> None:
     out = tmp_path / "out.tar"
     out.write_bytes(b"old")
-    with pytest.raises(RuntimeError), imagesave._replacing(out) as f:
+    with pytest.raises(RuntimeError), save._replacing(out) as f:
         f.write(b"new, half")
         raise RuntimeError("disk full")
     assert out.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["out.tar"]
-    with imagesave._replacing(out) as f:
+    with save._replacing(out) as f:
         f.write(b"new")
     assert out.read_bytes() == b"new"
     assert os.listdir(tmp_path) == ["out.tar"]

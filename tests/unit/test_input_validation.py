@@ -17,10 +17,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from microvm import cli, config, detached, network, paths
+from microvm import config, paths
+from microvm.cli import commands, detached
 from microvm.config import load
+from microvm.core.volumes import from_oci, parse_volume
 from microvm.errors import ConfigError, KataError
-from microvm.volumes import from_oci, parse_volume
+from microvm.net import network
 
 SECRET = "$y$j9T$Zq3n0tAr3alHash$s3cr3tS4lt"
 
@@ -177,7 +179,7 @@ def test_cli_hostname_refused_before_boot(tmp_path: Path, name: str, detach: lis
 def test_shim_refuses_a_spec_hostname_before_boot(tmp_path: Path) -> None:
     """The shim's Create (containerd's path) refuses it before any VM."""
     from microvm.protocol import task_pb2, ttrpc
-    from microvm.task_service import TaskService
+    from microvm.shim.task_service import TaskService
 
     bundle = tmp_path / "bundle"
     (bundle / "rootfs").mkdir(parents=True)
@@ -192,7 +194,7 @@ def test_shim_refuses_a_spec_hostname_before_boot(tmp_path: Path) -> None:
         async def no_boot(*args: object) -> None:
             booted.append(args)
             raise AssertionError("a VM was asked for")
-        svc._ensure_sandbox = no_boot  # type: ignore[method-assign]
+        svc._ensure_sandbox = no_boot  # type: ignore[method-assign, assignment]
         with pytest.raises(ttrpc.InvalidArgument, match="hostname: not an RFC 1123"):
             await svc.Create(task_pb2.CreateTaskRequest(id="c1", bundle=str(bundle)),
                              ttrpc.CallContext("s", "Create", {}, None))
@@ -221,11 +223,11 @@ def test_user_ids_at_the_edges(tmp_path: Path) -> None:
     (tmp_path / "etc").mkdir()
     (tmp_path / "etc/passwd").write_text("big:x:4294967295:0::/:/bin/sh\n"
                                          "odd:x:\u00b2:0::/:/bin/sh\n")
-    assert cli._lookup_user(tmp_path, "-u", "4294967294:0")[:2] == (4294967294, 0)
+    assert commands._lookup_user(tmp_path, "-u", "4294967294:0")[:2] == (4294967294, 0)
     with pytest.raises(KataError, match="gives an id outside"):
-        cli._lookup_user(tmp_path, "-u", "big")
+        commands._lookup_user(tmp_path, "-u", "big")
     with pytest.raises(KataError, match="has an invalid id"):
-        cli._lookup_user(tmp_path, "-u", "odd")
+        commands._lookup_user(tmp_path, "-u", "odd")
 
 
 # --- 5. -v may not cover /proc, /sys or /dev --------------------------------------------

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from microvm.cli.install import HANDLER, RUNTIME_TYPE, install_containerd
 from microvm.errors import KataError
-from microvm.install import HANDLER, RUNTIME_TYPE, install_containerd
 
 BASE = """# site config: keep me
 version = 2
@@ -113,7 +113,7 @@ def test_runc_is_kept_when_the_file_names_no_runtime() -> None:
     alone would drop runc and leave CRI without its default runtime."""
     import tomllib
 
-    from microvm.install import plan
+    from microvm.cli.install import plan
     new = plan("version = 2\n", "t")
     assert new is not None
     runtimes = tomllib.loads(new)["plugins"]["io.containerd.grpc.v1.cri"]["containerd"][
@@ -139,7 +139,7 @@ def test_runc_is_kept_when_the_file_names_no_runtime() -> None:
     "  runtime_type = \"io.containerd.runc.v2\"\n",
 ])
 def test_uninstall_restores_the_file(original: str) -> None:
-    from microvm.install import plan, unplan
+    from microvm.cli.install import plan, unplan
     installed = plan(original, "t")
     assert installed is not None
     restored = unplan(installed, "t")
@@ -149,8 +149,8 @@ def test_uninstall_restores_the_file(original: str) -> None:
 
 
 def test_uninstall_refuses_a_hand_made_entry() -> None:
+    from microvm.cli.install import unplan
     from microvm.errors import KataError
-    from microvm.install import unplan
     hand = ('version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.kata-py]\n'
             '  runtime_type = "io.containerd.kata-py.v2"\n')
     with pytest.raises(KataError, match="remove it by hand"):

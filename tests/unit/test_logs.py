@@ -10,7 +10,7 @@ from microvm.logs import _Quiet
 
 
 @pytest.mark.parametrize(("name", "level", "shown"), [
-    ("microvm.sandbox", logging.DEBUG, True),
+    ("microvm.core.sandbox", logging.DEBUG, True),
     ("shim", logging.DEBUG, True),
     ("pyroute2.netlink.core", logging.DEBUG, False),
     ("pyroute2", logging.INFO, False),

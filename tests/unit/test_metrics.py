@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from microvm.metrics import METRICS_TYPE, to_metrics, update_request
+from microvm.core.metrics import METRICS_TYPE, to_metrics, update_request
 from microvm.protocol import agent_pb2, cgroups_pb2, ttrpc
 
 

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from microvm import bridge, network, paths
+from microvm import paths
 from microvm.config import ConfigError, from_mapping
 from microvm.errors import KataError
-from microvm.ports import PortSpec, parse
+from microvm.net import bridge, network
+from microvm.net.ports import PortSpec, parse
 
 
 @pytest.mark.parametrize("spec, want", [

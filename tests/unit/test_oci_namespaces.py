@@ -1,10 +1,10 @@
-"""microvm.oci: linux.namespaces, as CRI writes them for a pod's containers."""
+"""microvm.core.oci: linux.namespaces, as CRI writes them for a pod's containers."""
 
 from __future__ import annotations
 
 import pytest
 
-from microvm.oci import joined_namespaces, network_namespace
+from microvm.core.oci import joined_namespaces, network_namespace
 from microvm.protocol import ttrpc
 
 PAUSE = [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"},

@@ -1,10 +1,10 @@
-"""microvm.oci.pod_size: CRI's pod-level resources size the pod's VM."""
+"""microvm.core.oci.pod_size: CRI's pod-level resources size the pod's VM."""
 
 from __future__ import annotations
 
 import pytest
 
-from microvm.oci import SANDBOX_CPU_PERIOD, SANDBOX_CPU_QUOTA, SANDBOX_MEMORY, pod_size
+from microvm.core.oci import SANDBOX_CPU_PERIOD, SANDBOX_CPU_QUOTA, SANDBOX_MEMORY, pod_size
 from microvm.protocol import ttrpc
 
 

@@ -1,4 +1,4 @@
-"""microvm.portforward's rule and listener, in a network namespace of the
+"""microvm.net.portforward's rule and listener, in a network namespace of the
 test's own (real iptables, real sockets; no VM)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from microvm import netlink, portforward
+from microvm.net import netlink, portforward
 from tests.netns import namespace, sh
 
 

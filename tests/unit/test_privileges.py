@@ -20,7 +20,8 @@ import pytest
 
 from guest import container
 from guest.agent import _spec
-from microvm import capabilities, linux, oci, seccomp
+from microvm import capabilities, linux
+from microvm.core import oci, seccomp
 from microvm.protocol import agent_pb2, ttrpc
 
 

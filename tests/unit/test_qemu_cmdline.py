@@ -1,4 +1,4 @@
-"""microvm.qemu.command_line(): the argv for one microVM, checked option by option."""
+"""microvm.vm.qemu.command_line(): the argv for one microVM, checked option by option."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from microvm.protocol import SERIAL_PORT_NAME, SHARED_FS_TAG
-from microvm.qemu import BASE_KERNEL_PARAMS, VMSpec, command_line
+from microvm.vm.qemu import BASE_KERNEL_PARAMS, VMSpec, command_line
 
 QEMU = "/usr/bin/qemu-system-x86_64"
 
@@ -282,7 +282,7 @@ def test_comma_in_paths_is_escaped() -> None:
 
 
 def test_nics_on_open_taps() -> None:
-    from microvm.qemu import Nic
+    from microvm.vm.qemu import Nic
     argv = command_line(QEMU, spec(nics=[Nic("02:00:00:00:00:01", [7], 1400),
                                          Nic("02:00:00:00:00:02", [8, 9], 9000)]))
     netdevs = [opts(v) for v in values(argv, "-netdev")]
@@ -311,7 +311,7 @@ def test_a_qemu_killed_while_starting_is_one_line(tmp_path: Path) -> None:
     import signal
     import subprocess
 
-    from microvm.qemu import Machine, VMSpec
+    from microvm.vm.qemu import Machine, VMSpec
     m = Machine("qemu-system-x86_64", VMSpec(name="t", kernel="k", image="i"),
                 tmp_path / "console.log", tmp_path / "qemu.log", None)
     m.proc = subprocess.Popen(["sleep", "30"])

@@ -1,4 +1,4 @@
-"""microvm.qemuuser: whom QEMU runs as.  The switch itself is tested on real
+"""microvm.vm.qemuuser: whom QEMU runs as.  The switch itself is tested on real
 VMs (tests/integration/test_run.py); here, the choices."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from microvm import qemuuser
 from microvm.errors import ConfigError
-from microvm.qemuuser import Credentials
+from microvm.vm import qemuuser
+from microvm.vm.qemuuser import Credentials
 
 
 def test_settings() -> None:

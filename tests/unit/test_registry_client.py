@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from microvm import images, registry
 from microvm.errors import KataError
+from microvm.images import registry, store
 
 D = "sha256:" + "a" * 64
 GOOD = {"schemaVersion": 2, "config": {"digest": D},
@@ -20,7 +20,7 @@ GOOD = {"schemaVersion": 2, "config": {"digest": D},
 
 
 def test_a_good_manifest_passes() -> None:
-    images.check_manifest(GOOD)
+    store.check_manifest(GOOD)
 
 
 @pytest.mark.parametrize("doc, message", [
@@ -36,7 +36,7 @@ def test_a_good_manifest_passes() -> None:
 ])
 def test_bad_manifests_are_one_clear_error(doc: object, message: str) -> None:
     with pytest.raises(KataError, match=message):
-        images.check_manifest(doc)
+        store.check_manifest(doc)
 
 
 def _redirect(src: str, dst: str) -> urllib.request.Request | None:

@@ -1,4 +1,4 @@
-"""microvm.rootfs.lookup_user: docker's -u USER[:GROUP] against the rootfs's files."""
+"""microvm.images.rootfs.lookup_user: docker's -u USER[:GROUP] against the rootfs's files."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from microvm.errors import KataError
-from microvm.rootfs import lookup_user
+from microvm.images.rootfs import lookup_user
 
 PASSWD = """\
 root:x:0:0:root:/root:/bin/sh

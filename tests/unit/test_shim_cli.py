@@ -10,7 +10,8 @@ from pathlib import Path
 from google.protobuf import any_pb2
 
 from microvm.protocol import task_pb2
-from microvm.shim import parse_args, runtime_options_config, socket_path
+from microvm.shim.manager import parse_args, socket_path
+from microvm.shim.options import runtime_options_config
 
 SHIM = str(Path(sys.executable).with_name("containerd-shim-kata-py-v2"))
 

@@ -10,12 +10,12 @@ import subprocess
 import time
 from pathlib import Path
 
-from microvm import accel
-from microvm.attach import pump_input
 from microvm.config import Config
+from microvm.core.sandbox import ContainerState, Sandbox
+from microvm.core.stdio import pump_input
 from microvm.protocol import agent_pb2, task_pb2
-from microvm.sandbox import ContainerState, Sandbox
-from microvm.task_service import Container, Proc, TaskService
+from microvm.shim.task_service import Container, Proc, TaskService
+from microvm.vm import accel
 
 
 def test_a_slow_logger_does_not_stop_the_loop() -> None:

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import pytest
 
-from microvm import images, paths, rootfs
+from microvm import paths
 from microvm.errors import KataError
-from microvm.qemuuser import DYNAMIC_UID_BASE
-from microvm.unpack import Outside, open_inside
+from microvm.images import rootfs, store
+from microvm.images.unpack import Outside, open_inside
+from microvm.vm.qemuuser import DYNAMIC_UID_BASE
 
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 QEMU = ["setpriv", f"--reuid={DYNAMIC_UID_BASE + 4242}", f"--regid={DYNAMIC_UID_BASE + 4242}",
@@ -150,7 +151,7 @@ def archive(kind: str, where: Path, files: Files) -> Path:
 
 
 def empty_store() -> Path:
-    with images._locked():
+    with store._locked():
         pass
     return paths.LIB
 
@@ -170,9 +171,9 @@ def test_symlink_to_a_host_file_is_refused_and_nothing_is_kept(
     src = archive(kind, tmp_path, files)
     before = tree(empty_store())
     with pytest.raises(KataError, match="symlink leads out"):
-        images.import_archive(src)
+        store.import_archive(src)
     assert tree(lib) == before     # no blob copies, no temporary directories
-    assert images.list_images() == []
+    assert store.list_images() == []
 
 
 @pytest.mark.parametrize("kind", ["dir", "tar"])
@@ -186,7 +187,7 @@ def test_the_finding_config_and_layer_to_shadow_files(lib: Path, tmp_path: Path,
     src = archive(kind, tmp_path, files)
     empty_store()
     with pytest.raises(KataError) as e:
-        images.import_archive(src)
+        store.import_archive(src)
     assert "\n" not in str(e.value)
     secrets = {Path(s).read_bytes() for s in SECRETS}
     for d, _, names in os.walk(lib):
@@ -199,7 +200,7 @@ def test_relative_symlinks_out_are_refused(lib: Path, tmp_path: Path, target: st
     files, roles = docker_files([PLAIN])
     files[roles["config"]] = Link(target)
     with pytest.raises(KataError, match="leads out"):
-        images.import_archive(archive("dir", tmp_path, files))
+        store.import_archive(archive("dir", tmp_path, files))
 
 
 def test_a_symlinked_directory_on_the_way_is_refused(lib: Path, tmp_path: Path) -> None:
@@ -212,7 +213,7 @@ def test_a_symlinked_directory_on_the_way_is_refused(lib: Path, tmp_path: Path) 
     (layout / "blobs").symlink_to(outside / "blobs")
     before = tree(empty_store())
     with pytest.raises(KataError, match="leads out"):
-        images.import_archive(layout)
+        store.import_archive(layout)
     assert tree(lib) == before
 
 
@@ -222,7 +223,7 @@ def test_symlinks_within_the_archive_are_followed(lib: Path, tmp_path: Path,
     """docker save links a layer two images share (`../<id>/layer.tar`)."""
     files, _ = docker_files([PLAIN, PLAIN])
     files["layer1/layer.tar"] = Link("../layer0/./layer.tar")
-    [img] = images.import_archive(archive(kind, tmp_path, files))
+    [img] = store.import_archive(archive(kind, tmp_path, files))
     assert len(img.layers) == 2
     assert (img.layer_dirs()[1] / "etc/motd").read_bytes() == b"hello\n"
 
@@ -232,24 +233,24 @@ def test_a_symlink_loop_and_a_fifo_are_refused(lib: Path, tmp_path: Path) -> Non
     files[roles["config"]] = Link("loop")
     files["loop"] = Link("config.json")
     with pytest.raises(KataError, match="too many symlinks"):
-        images.import_archive(archive("dir", tmp_path / "a", files))
+        store.import_archive(archive("dir", tmp_path / "a", files))
     files, roles = docker_files([PLAIN])
     layout = write_dir(tmp_path / "b", {k: v for k, v in files.items() if k != "config.json"})
     os.mkfifo(layout / "config.json")   # would hang a plain open()
     with pytest.raises(KataError, match="not a regular file"):
-        images.import_archive(layout)
+        store.import_archive(layout)
 
 
 def test_hostile_member_names_in_a_tar(lib: Path, tmp_path: Path) -> None:
     files, _ = docker_files([PLAIN])
     files["../escape"] = b"x"
     with pytest.raises(KataError, match="hostile path in archive"):
-        images.import_archive(write_tar(tmp_path / "a.tar", files))
+        store.import_archive(write_tar(tmp_path / "a.tar", files))
     # A member written through a symlink an earlier member planted.
     files, _ = docker_files([PLAIN])
     files = {"d": Link("/tmp"), "d/kp-planted": b"x", **files}
     with pytest.raises(KataError, match="non-directory"):
-        images.import_archive(write_tar(tmp_path / "b.tar", files))
+        store.import_archive(write_tar(tmp_path / "b.tar", files))
     assert not Path("/tmp/kp-planted").exists()
 
 
@@ -289,14 +290,14 @@ def test_lookup_user_reads_no_host_file_through_a_link(tmp_path: Path) -> None:
 
 def test_a_failed_import_keeps_what_was_there(lib: Path, tmp_path: Path) -> None:
     first, _ = oci_files([PLAIN], ("localhost/kp-first:1",))
-    [kept] = images.import_archive(write_tar(tmp_path / "first.tar", first))
+    [kept] = store.import_archive(write_tar(tmp_path / "first.tar", first))
     before = tree(lib)
     # Shares the first image's layer; its second layer is not a tar.
     files, _ = docker_files([PLAIN, b"not a tar" * 100])
     with pytest.raises(KataError, match="broken layer"):
-        images.import_archive(write_tar(tmp_path / "bad.tar", files))
+        store.import_archive(write_tar(tmp_path / "bad.tar", files))
     assert tree(lib) == before
-    assert images.get("localhost/kp-first:1") == kept
+    assert store.get("localhost/kp-first:1") == kept
 
 
 def test_all_images_of_an_archive_or_none(lib: Path, tmp_path: Path) -> None:
@@ -309,9 +310,9 @@ def test_all_images_of_an_archive_or_none(lib: Path, tmp_path: Path) -> None:
     files = {**good, **bad, "index.json": json.dumps(index).encode()}
     before = tree(empty_store())
     with pytest.raises(KataError, match="broken layer"):
-        images.import_archive(write_tar(tmp_path / "two.tar", files))
+        store.import_archive(write_tar(tmp_path / "two.tar", files))
     assert tree(lib) == before
-    assert images.get("localhost/kp-a:1") is None
+    assert store.get("localhost/kp-a:1") is None
 
 
 @pytest.mark.parametrize(("doc", "content"), [
@@ -326,7 +327,7 @@ def test_malformed_documents_are_one_clear_error(lib: Path, tmp_path: Path, doc:
     files, _ = (oci_files if doc == "index.json" else docker_files)([PLAIN])
     files[doc] = content
     with pytest.raises(KataError) as e:
-        images.import_archive(write_tar(tmp_path / "m.tar", files))
+        store.import_archive(write_tar(tmp_path / "m.tar", files))
     assert "\n" not in str(e.value)
 
 
@@ -346,7 +347,7 @@ def _setuid_id() -> tarfile.TarInfo:
     return info
 
 
-def setuid_and_devices_image(tmp_path: Path) -> images.Image:
+def setuid_and_devices_image(tmp_path: Path) -> store.Image:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as t, \
             open("/usr/bin/id", "rb") as f:
@@ -354,7 +355,7 @@ def setuid_and_devices_image(tmp_path: Path) -> images.Image:
         t.addfile(_dev("dev/kp-blk", tarfile.BLKTYPE, 7, 0))
         t.addfile(_dev("dev/kp-null", tarfile.CHRTYPE, 1, 3))
     files, _ = oci_files([buf.getvalue()])
-    [img] = images.import_archive(write_tar(tmp_path / "suid.tar", files))
+    [img] = store.import_archive(write_tar(tmp_path / "suid.tar", files))
     return img
 
 
@@ -391,8 +392,8 @@ def old_store(lib: Path) -> None:
 
 
 @pytest.mark.parametrize("use", [
-    lambda: images.list_images(),
-    lambda: images.get("busybox"),
+    lambda: store.list_images(),
+    lambda: store.get("busybox"),
     lambda: rootfs.builtin("busybox"),
 ])
 def test_an_older_store_is_closed_on_next_use(lib: Path, use: object) -> None:
@@ -414,7 +415,7 @@ def test_an_older_store_is_closed_on_next_use(lib: Path, use: object) -> None:
 def test_a_new_store_is_private_whatever_the_umask(lib: Path) -> None:
     old = os.umask(0)
     try:
-        images.list_images()
+        store.list_images()
     finally:
         os.umask(old)
     assert stat.S_IMODE(lib.stat().st_mode) == 0o711

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from guest import container
-from microvm import oci
+from microvm.core import oci
 from microvm.protocol import ttrpc
 
 

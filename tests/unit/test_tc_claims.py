@@ -1,4 +1,4 @@
-"""microvm.tcfilter's claims: which plumbing prune may undo.
+"""microvm.net.tcfilter's claims: which plumbing prune may undo.
 
 Only the bookkeeping runs here (no namespace is touched: the claimed
 namespaces are gone or replaced); tests/integration/test_network.py undoes
@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from microvm import owner, paths, tcfilter
+from microvm import paths
+from microvm.core import owner
+from microvm.net import tcfilter
 
 
 def _write(d: Path, name: str, **claim: object) -> Path:

@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from guest import network
-from microvm import paths, template
+from microvm import paths
 from microvm.config import Config
 from microvm.protocol import agent_pb2
-from microvm.qemu import Nic, VMSpec, command_line
+from microvm.vm import template
+from microvm.vm.qemu import Nic, VMSpec, command_line
 
 
 @pytest.fixture

@@ -252,14 +252,32 @@ def test_read_frame_truncated_oversized() -> None:
     run(body())
 
 
+def _status(code: int, message: str) -> ttrpc_pb2.Status:
+    return ttrpc_pb2.Status(code=code, message=message)
+
+
 def test_error_from_status_maps_codes() -> None:
-    assert isinstance(ttrpc.error_from_status(5, "m"), ttrpc.NotFound)
-    assert isinstance(ttrpc.error_from_status(8, "m"), ttrpc.ResourceExhausted)
-    assert isinstance(ttrpc.error_from_status(12, "m"), ttrpc.Unimplemented)
-    err = ttrpc.error_from_status(13, "boom")
+    assert isinstance(ttrpc.error_from_status(_status(5, "m")), ttrpc.NotFound)
+    assert isinstance(ttrpc.error_from_status(_status(8, "m")), ttrpc.ResourceExhausted)
+    assert isinstance(ttrpc.error_from_status(_status(12, "m")), ttrpc.Unimplemented)
+    err = ttrpc.error_from_status(_status(13, "boom"))
     assert type(err) is ttrpc.RpcError
     assert err.code == 13
     assert err.message == "boom"
+    assert err.reason == ""
+
+
+def test_a_reason_travels_as_error_info_in_the_status_details() -> None:
+    sent = ttrpc.NotFound("x: executable file not found in $PATH", reason="COMMAND_NOT_FOUND")
+    wire = ttrpc_pb2.Status.FromString(sent.status().SerializeToString())
+    # google.rpc.Status with one google.rpc.ErrorInfo, as gRPC's rich errors.
+    assert [d.type_url for d in wire.details] == ["type.googleapis.com/google.rpc.ErrorInfo"]
+    got = ttrpc.error_from_status(wire)
+    assert (type(got), got.code, got.message, got.reason) == \
+        (ttrpc.NotFound, 5, sent.message, "COMMAND_NOT_FOUND")
+    # A malformed detail is ignored, not fatal: the code still arrives.
+    wire.details[0].value = b"\xff\xff"
+    assert ttrpc.error_from_status(wire).reason == ""
 
 
 # --- server against raw frames ---------------------------------------------------

@@ -24,8 +24,10 @@ from typing import TypeVar
 
 import pytest
 
-from microvm.protocol import agent_pb2, task_pb2, ttrpc
+from microvm.errors import KataError
+from microvm.protocol import agent_pb2, ttrpc
 from microvm.protocol.ttrpc import HEADER, MAX_MESSAGE, TYPE_REQUEST, Client, Limits, Server
+from microvm.shim.client import TaskClient
 
 SVC = "test.Svc"
 T = TypeVar("T")
@@ -265,15 +267,10 @@ def test_real_shim_survives_a_flood_of_partial_frames(tmp_path: Path) -> None:
         stderr=subprocess.DEVNULL)
 
     async def state(path: str) -> None:
-        reader, writer = await asyncio.open_unix_connection(path)
-        client = Client(reader, writer, {"containerd-namespace-ttrpc": "kt-limits"})
-        try:
-            with pytest.raises(ttrpc.NotFound):
-                await client.call("containerd.task.v2.Task", "State",
-                                  task_pb2.StateRequest(id="nope"), task_pb2.StateResponse,
-                                  timeout=5)
-        finally:
-            await client.aclose()
+        async with TaskClient.connect(path, "kt-limits") as client:
+            with pytest.raises(KataError) as err:
+                await client.state("nope", timeout=5)
+            assert err.value.status == ttrpc.NOT_FOUND
 
     async def body() -> tuple[int, int]:
         deadline = time.monotonic() + 20

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from microvm.errors import KataError
-from microvm.unpack import HostileLayer, unpack
+from microvm.images.unpack import HostileLayer, unpack
 
 
 def layer(*entries: tuple[str, str, object]) -> io.BytesIO:
@@ -111,7 +111,7 @@ def test_zstd_layers(tmp_path: Path) -> None:
     import shutil
     import subprocess
 
-    from microvm.unpack import open_layer
+    from microvm.images.unpack import open_layer
     if shutil.which("zstd") is None:
         pytest.skip("zstd not installed (scripts/setup installs it)")
     blob = tmp_path / "layer.zst"

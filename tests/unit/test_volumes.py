@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from guest.container import secure_join
+from microvm.core.volumes import Volume, from_oci, parse_volume
 from microvm.errors import KataError
-from microvm.volumes import Volume, from_oci, parse_volume
 
 
 def test_parse_volume_makes_the_host_dir(tmp_path: Path) -> None:

@@ -1,0 +1,3 @@
+from microvm.shim.manager import main
+
+main()

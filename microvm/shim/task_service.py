@@ -1,0 +1,638 @@
+"""containerd.task.v2.Task over the Sandbox core: one VM per pod.
+
+The first container the shim creates boots the pod's VM; later ones (same
+sandbox-id, so containerd's `start` found this shim) are created in it.
+Semantics follow runc's shim where the contract leaves a choice (see
+shared/reference/containerd-shim-v2.md section 6.2).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import secrets
+import subprocess
+import sys
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from google.protobuf import empty_pb2
+
+from microvm import config as config_mod
+from microvm import linux, paths
+from microvm.core import hostcgroup, metrics, mountns, oci
+from microvm.core.sandbox import Sandbox
+from microvm.core.stdio import pump_input, pump_output
+from microvm.errors import KataError, to_rpc
+from microvm.net import network
+from microvm.net.network import NetworkSpec
+from microvm.protocol import agent_pb2, events_pb2, task_pb2, ttrpc
+from microvm.shim.events import Publisher, timestamp
+from microvm.shim.options import runtime_options_config
+from microvm.vm import accel, helpers
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+SERVICE = "containerd.task.v2.Task"
+# What runc reports for a process that has not exited: Go's zero time.
+ZERO_TIME_SECONDS = -62135596800
+
+
+@dataclass
+class Proc:
+    """A container's init (exec_id "") or an exec, as containerd sees it."""
+
+    cid: str
+    exec_id: str
+    stdin: str
+    stdout: str
+    stderr: str
+    terminal: bool
+    spec: agent_pb2.Process | None = None
+    pid: int = 0
+    status: int = task_pb2.CREATED
+    exit_status: int = 0
+    exited_at: float | None = None
+    exited: asyncio.Event = field(default_factory=asyncio.Event)
+    pumps: list[asyncio.Task[None]] = field(default_factory=list)
+    stdin_task: asyncio.Task[None] | None = None
+    stdin_closed: asyncio.Event = field(default_factory=asyncio.Event)  # CloseIO said so
+    # Waits for the exit and reports it; held here, as the loop holds a
+    # task only weakly.
+    watcher: asyncio.Task[None] | None = None
+    fds: list[int] = field(default_factory=list)
+    logger: subprocess.Popen[bytes] | None = None
+
+    def exit_time(self) -> object:
+        if self.exited_at is None:
+            ts = timestamp(0)
+            ts.seconds, ts.nanos = ZERO_TIME_SECONDS, 0
+            return ts
+        return timestamp(self.exited_at)
+
+
+@dataclass
+class Container:
+    id: str
+    bundle: str
+    init: Proc
+    rootfs_mounted: bool = False
+    execs: dict[str, Proc] = field(default_factory=dict)
+    # The spec's seccomp program: runc loads it for every exec too.
+    seccomp: bytes = b""
+
+
+_LOGGER_EXEC = """import os, sys
+fds = [int(a) for a in sys.argv[1:4]]
+for target, fd in zip((3, 4, 5), fds):
+    os.dup2(fd, target)
+    os.close(fd)
+os.execv(sys.argv[4], sys.argv[4:])
+"""
+
+
+def _start_logger(uri: str, cid: str, namespace: str) -> tuple[subprocess.Popen[bytes], int, int]:
+    """containerd's binary:// logging: the logger reads stdout on fd 3 and
+    stderr on fd 4, and closes fd 5 once it is ready.  Returns it and the
+    write ends of its two pipes."""
+    parsed = urllib.parse.urlsplit(uri)
+    args = [parsed.path]
+    for key, values in urllib.parse.parse_qs(parsed.query, keep_blank_values=True).items():
+        args += [key, values[0]] if values and values[0] else [key]
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    # The child's ends go above 9, so moving them onto 3, 4, 5 cannot
+    # overwrite one another.  A tiny exec wrapper moves them: no preexec_fn
+    # (subprocess closes what it was not passed after that anyway), and
+    # dash only redirects single-digit fds.
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10) for fd in (out_r, err_r, ready_w)]
+    for fd in (out_r, err_r, ready_w):
+        os.close(fd)
+    out_r, err_r, ready_w = high
+    env = {**os.environ, "CONTAINER_ID": cid, "CONTAINER_NAMESPACE": namespace}
+    try:
+        proc = subprocess.Popen([sys.executable, "-S", "-c", _LOGGER_EXEC, str(out_r),
+                                 str(err_r), str(ready_w), *args], env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, pass_fds=(out_r, err_r, ready_w))
+    except OSError as e:
+        for fd in (out_r, out_w, err_r, err_w, ready_r, ready_w):
+            os.close(fd)
+        raise ttrpc.InvalidArgument(f"logging binary {parsed.path}: {e.strerror}") from None
+    for fd in (out_r, err_r, ready_w):
+        os.close(fd)
+    try:
+        os.read(ready_r, 1)  # EOF once the logger closed its end: ready
+    finally:
+        os.close(ready_r)
+    return proc, out_w, err_w
+
+
+def _open_output(uri: str) -> int:
+    """An fd to write a stream to: a FIFO, a file:// log, or /dev/null."""
+    if not uri:
+        return os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    if uri.startswith("file://"):
+        path = Path(uri.removeprefix("file://"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+    if "://" in uri and not uri.startswith("fifo://"):
+        raise ttrpc.InvalidArgument(f"unknown STDIO scheme in {uri!r}")
+    # O_RDWR: opening never blocks for a reader, and the reader sees EOF
+    # when we close, not before.
+    return os.open(uri.removeprefix("fifo://"), os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+
+
+class TaskService:
+    def __init__(self, namespace: str, publisher: Publisher | None,
+                 on_empty: Callable[[], None]) -> None:
+        self.namespace = namespace
+        self.publisher = publisher
+        self.on_empty = on_empty
+        self.sandbox: Sandbox | None = None
+        self.containers: dict[str, Container] = {}
+        self._boot_lock = asyncio.Lock()
+        self._cgroups: hostcgroup.Joined | None = None
+        self._oom_task: asyncio.Task[None] | None = None
+        self._stopping: set[asyncio.Task[None]] = set()  # loggers being stopped
+
+    # -- helpers -------------------------------------------------------------
+
+    def _publish(self, topic: str, event: object) -> None:
+        if self.publisher is not None:
+            self.publisher.publish(topic, event)  # type: ignore[arg-type]
+
+    def _container(self, cid: str) -> Container:
+        c = self.containers.get(cid)
+        if c is None:
+            raise ttrpc.NotFound(f"container {cid} not created")
+        return c
+
+    def _proc(self, cid: str, exec_id: str) -> Proc:
+        c = self._container(cid)
+        if not exec_id:
+            return c.init
+        p = c.execs.get(exec_id)
+        if p is None:
+            raise ttrpc.NotFound(f"process does not exist {exec_id}")
+        return p
+
+    def _vm_pid(self) -> int:
+        m = self.sandbox.machine if self.sandbox else None
+        return m.proc.pid if m is not None and m.proc is not None else 0
+
+    async def _ensure_sandbox(self, options_config: str | None, net: NetworkSpec,
+                              spec: oci.Spec) -> Sandbox:
+        """The pod's VM, booted by its first container (CRI's pause container),
+        with that container's network, size and host cgroup."""
+        async with self._boot_lock:
+            if self.sandbox is None:
+                try:
+                    cfg = config_mod.load(options_config)
+                    cfg.vcpus, cfg.memory_mib = oci.pod_size(
+                        spec.annotations, cfg.vcpus, cfg.memory_mib,
+                        max_vcpus=os.cpu_count() or 1, max_memory_mib=config_mod.MAX_MEMORY_MIB)
+                    if spec.cgroups_path and self._cgroups is None:
+                        self._cgroups = hostcgroup.join(spec.cgroups_path)
+                    run_dir = mountns.enter()
+                    sb = Sandbox(cfg, secrets.token_hex(8), run_dir, accel.choose(cfg.accel),
+                                 network=net)
+                    await sb.start()
+                except KataError as e:
+                    raise to_rpc(e) from None
+                self.sandbox = sb
+                self._oom_task = asyncio.create_task(self._forward_ooms(sb))
+            return self.sandbox
+
+    async def _forward_ooms(self, sb: Sandbox) -> None:
+        """Long-poll the agent for OOM kills; each becomes a TaskOOM event."""
+        while True:
+            try:
+                cid = await sb.wait_oom()
+            except Exception as e:  # the VM is gone or going
+                log.debug("OOM watch ends: %s", e)
+                return
+            self._publish("/tasks/oom", events_pb2.TaskOOM(container_id=cid))
+
+    async def _start_io(self, p: Proc) -> None:
+        sb = self.sandbox
+        assert sb is not None
+        try:
+            logger_err = None
+            if p.stdout.startswith("binary://"):
+                # Synchronous: no threads in the shim (its helpers fork), and a
+                # logger says ready at once.
+                p.logger, out, logger_err = _start_logger(p.stdout, p.cid, self.namespace)
+                p.fds.append(logger_err)
+            else:
+                out = _open_output(p.stdout)
+            p.fds.append(out)
+            p.pumps.append(asyncio.create_task(pump_output(sb, p.cid, "stdout", out, p.exec_id)))
+            if not p.terminal:
+                if logger_err is not None:
+                    err = logger_err
+                elif p.stderr == p.stdout and p.stdout.startswith("file://"):
+                    err = out
+                else:
+                    err = _open_output(p.stderr)
+                if err != out:
+                    p.fds.append(err)
+                p.pumps.append(asyncio.create_task(
+                    pump_output(sb, p.cid, "stderr", err, p.exec_id)))
+            if p.stdin:
+                # Read-only, as runc: epoll reports nothing until a writer
+                # comes, and HUP (our EOF) when the last one leaves.
+                fd = os.open(p.stdin.removeprefix("fifo://"),
+                             os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                p.fds.append(fd)
+                p.stdin_task = asyncio.create_task(pump_input(sb, p.cid, fd, p.exec_id,
+                                                              p.stdin_closed))
+        except OSError as e:
+            raise ttrpc.InvalidArgument(f"stdio: {e}") from None
+
+    def _start_watch(self, p: Proc) -> None:
+        # Held by the process: the loop keeps only a weak reference.
+        p.watcher = asyncio.create_task(self._watch(p))
+
+    async def _watch(self, p: Proc) -> None:
+        """Wait for the process to exit, drain its output, then report it."""
+        sb = self.sandbox
+        assert sb is not None
+        try:
+            status = await sb.wait(p.cid, p.exec_id)
+        except Exception as e:  # the VM died: the process is gone with it
+            log.warning("%s/%s ended with the VM: %s", p.cid, p.exec_id, e)
+            status = 255
+            self._record_death(p.cid)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*p.pumps, return_exceptions=True), 5)
+        self._close_io(p)
+        p.exit_status, p.exited_at, p.status = status, time.time(), task_pb2.STOPPED
+        if not p.exec_id:
+            # runc reports the init's exit after its execs'.
+            c = self.containers.get(p.cid)
+            for ex in list(c.execs.values()) if c else []:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ex.exited.wait(), 5)
+        self._publish("/tasks/exit", events_pb2.TaskExit(
+            container_id=p.cid, id=p.exec_id or p.cid, pid=p.pid, exit_status=status,
+            exited_at=timestamp(p.exited_at)))
+        p.exited.set()
+
+    def _close_io(self, p: Proc) -> None:
+        for t in p.pumps:
+            t.cancel()
+        if p.stdin_task is not None:
+            p.stdin_task.cancel()
+        for fd in p.fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        p.fds.clear()
+        if p.logger is not None:
+            # It saw EOF on both pipes; SIGTERM is containerd's "stop" too.
+            # Waited for off the loop's back: a slow logger must not freeze
+            # every other container of the pod.
+            task = asyncio.create_task(helpers.stop(p.logger, "logger", grace=2))
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
+            p.logger = None
+
+    def _mount_rootfs(self, bundle: Path, mounts: list[task_pb2.Mount]) -> None:
+        target = bundle / "rootfs"
+        target.mkdir(exist_ok=True)
+        for m in mounts:
+            flags, data = oci.mount_options(list(m.options))
+            try:
+                if flags & linux.MS_BIND and flags & linux.MS_RDONLY:
+                    # mount(2) ignores MS_RDONLY on a new bind; and the guest
+                    # must never be able to write what the host lends it read-only.
+                    linux.bind_tree(m.source, str(target), readonly=True)
+                    continue
+                linux.mount(m.source, str(target), m.type or None, flags, data or None)
+            except OSError as e:
+                raise ttrpc.InvalidArgument(f"rootfs mount {m.type} {m.source}: {e}") from None
+
+    def _pod_namespaces(self, cid: str, spec: oci.Spec) -> dict[str, Any]:
+        """A pod's app container joins the pause container's namespaces that
+        its spec names (CRI: IPC and UTS always, pid with shareProcessNamespace)."""
+        pause = spec.annotations.get(oci.SANDBOX_ID, "")
+        if not spec.joined_namespaces or not pause or pause == cid:
+            return {}
+        if pause not in self.containers:
+            raise ttrpc.FailedPrecondition(f"pod sandbox {pause} is not in this VM")
+        return {"share_with": pause, "shared_namespaces": spec.joined_namespaces}
+
+    # -- RPCs ----------------------------------------------------------------
+
+    async def Create(self, req: task_pb2.CreateTaskRequest,
+                     ctx: ttrpc.CallContext) -> task_pb2.CreateTaskResponse:
+        if req.id in self.containers:
+            raise ttrpc.AlreadyExists(f"container {req.id} already exists")
+        if req.checkpoint:
+            raise ttrpc.Unimplemented("checkpoint restore is not supported by kata-py")
+        bundle = Path(req.bundle)
+        spec = oci.load_bundle(bundle)
+        # Before the VM boots: what a VM cannot share with the node.
+        if refusal := oci.host_namespace_refusal(spec):
+            raise ttrpc.InvalidArgument(refusal)
+        # Before the VM boots: it would reach sethostname() and /etc/hosts.
+        if spec.hostname and (problem := network.hostname_problem(spec.hostname)):
+            raise ttrpc.InvalidArgument(f"OCI spec: hostname: {problem}")
+        config_path = None
+        if req.options.value:
+            config_path = runtime_options_config(req.options)
+        # Our CLI's detached containers say what network they want; the
+        # spec of containerd's names the namespace CNI prepared.
+        try:
+            cli_net = network.from_annotations(spec.annotations)
+        except KataError as e:
+            raise to_rpc(e, ttrpc.InvalidArgument) from None
+        net = cli_net or (NetworkSpec("ns", spec.netns) if spec.netns else NetworkSpec())
+        sb = await self._ensure_sandbox(config_path, net, spec)
+        if req.rootfs:
+            self._mount_rootfs(bundle, list(req.rootfs))
+            rootfs = bundle / "rootfs"
+        else:
+            rootfs = (bundle / spec.root_path) if not os.path.isabs(spec.root_path) \
+                else Path(spec.root_path)
+        spec.process.terminal = req.terminal
+        spec.process.stdin = bool(req.stdin)
+        p = Proc(req.id, "", req.stdin, req.stdout, req.stderr, req.terminal, spec.process)
+        c = Container(req.id, req.bundle, p, rootfs_mounted=bool(req.rootfs),
+                      seccomp=spec.seccomp)
+        self.containers[req.id] = c
+        try:
+            await sb.create_container(req.id, rootfs, spec.process, readonly=spec.root_readonly,
+                                      hostname=spec.hostname, overlay=False,
+                                      etc=cli_net is not None, volumes=spec.volumes,
+                                      masked_paths=spec.masked_paths,
+                                      sysctls=spec.sysctls,
+                                      readonly_paths=spec.readonly_paths,
+                                      devices=spec.devices,
+                                      **self._pod_namespaces(req.id, spec))
+            if spec.resources not in (b"", b"{}"):
+                await sb.update(metrics.update_request(req.id, spec.resources))
+            await self._start_io(p)
+            # Watched from now: a created container can be killed before it
+            # starts (containerd's delete of one), and its Wait must return.
+            self._start_watch(p)
+        except BaseException as e:
+            self.containers.pop(req.id, None)
+            self._close_io(p)
+            if c.rootfs_mounted:
+                with contextlib.suppress(OSError):
+                    linux.umount(str(bundle / "rootfs"), linux.MNT_DETACH)
+            if isinstance(e, KataError):
+                raise to_rpc(e) from None
+            raise
+        p.pid = self._vm_pid()
+        self._publish("/tasks/create", events_pb2.TaskCreate(
+            container_id=req.id, bundle=req.bundle,
+            rootfs=[events_pb2.Mount(type=m.type, source=m.source, target=m.target,
+                                     options=list(m.options)) for m in req.rootfs],
+            io=events_pb2.TaskIO(stdin=req.stdin, stdout=req.stdout, stderr=req.stderr,
+                                 terminal=req.terminal), pid=p.pid))
+        return task_pb2.CreateTaskResponse(pid=p.pid)
+
+    async def Start(self, req: task_pb2.StartRequest,
+                    ctx: ttrpc.CallContext) -> task_pb2.StartResponse:
+        p = self._proc(req.id, req.exec_id)
+        sb = self.sandbox
+        assert sb is not None
+        if p.status != task_pb2.CREATED:
+            raise ttrpc.FailedPrecondition(f"process {req.exec_id or req.id} already started")
+        try:
+            if req.exec_id:
+                c = self._container(req.id)
+                if c.init.status != task_pb2.RUNNING:
+                    raise ttrpc.FailedPrecondition("container is not running")
+                assert p.spec is not None
+                await sb.exec_process(req.id, req.exec_id, p.spec)
+                p.pid = self._vm_pid()
+                await self._start_io(p)
+            else:
+                await sb.start_container(req.id)
+        except KataError as e:
+            raise to_rpc(e) from None
+        if p.status == task_pb2.CREATED:  # it may have ended already
+            p.status = task_pb2.RUNNING
+        if req.exec_id:
+            self._publish("/tasks/exec-started", events_pb2.TaskExecStarted(
+                container_id=req.id, exec_id=req.exec_id, pid=p.pid))
+            self._start_watch(p)
+        else:
+            self._publish("/tasks/start", events_pb2.TaskStart(container_id=req.id, pid=p.pid))
+        return task_pb2.StartResponse(pid=p.pid)
+
+    async def State(self, req: task_pb2.StateRequest,
+                    ctx: ttrpc.CallContext) -> task_pb2.StateResponse:
+        c = self._container(req.id)
+        p = self._proc(req.id, req.exec_id)
+        return task_pb2.StateResponse(
+            id=req.exec_id or req.id, bundle=c.bundle, pid=p.pid, status=p.status,  # type: ignore[arg-type]
+            stdin=p.stdin, stdout=p.stdout, stderr=p.stderr, terminal=p.terminal,
+            exit_status=p.exit_status, exited_at=p.exit_time())  # type: ignore[arg-type]
+
+    async def Wait(self, req: task_pb2.WaitRequest,
+                   ctx: ttrpc.CallContext) -> task_pb2.WaitResponse:
+        p = self._proc(req.id, req.exec_id)
+        await p.exited.wait()
+        return task_pb2.WaitResponse(exit_status=p.exit_status,
+                                     exited_at=p.exit_time())  # type: ignore[arg-type]
+
+    async def Kill(self, req: task_pb2.KillRequest, ctx: ttrpc.CallContext) -> empty_pb2.Empty:
+        p = self._proc(req.id, req.exec_id)
+        if p.status == task_pb2.CREATED and req.exec_id:
+            raise ttrpc.FailedPrecondition("process not created")
+        if p.status == task_pb2.STOPPED:
+            raise ttrpc.NotFound("process already finished")
+        assert self.sandbox is not None
+        try:
+            await self.sandbox.signal(req.id, req.signal, req.exec_id)
+        except ttrpc.NotFound:
+            raise ttrpc.NotFound("process already finished") from None
+        except KataError as e:
+            raise to_rpc(e) from None
+        return empty_pb2.Empty()
+
+    async def Exec(self, req: task_pb2.ExecProcessRequest,
+                   ctx: ttrpc.CallContext) -> empty_pb2.Empty:
+        c = self._container(req.id)
+        if req.exec_id in c.execs:
+            raise ttrpc.AlreadyExists(f"id {req.exec_id}: already exists")
+        if c.init.status == task_pb2.STOPPED:
+            raise ttrpc.FailedPrecondition("container is stopped" + self._death())
+        try:
+            obj = json.loads(req.spec.value) if req.spec.value else None
+        except ValueError:
+            raise ttrpc.InvalidArgument("exec spec is not JSON") from None
+        spec = oci.process(obj, "exec process.")
+        spec.seccomp = c.seccomp
+        if not spec.HasField("capabilities") and c.init.spec is not None and \
+                c.init.spec.HasField("capabilities"):
+            # An exec gets no more than its container (docker exec's rule).
+            spec.capabilities.CopyFrom(c.init.spec.capabilities)
+        spec.terminal = req.terminal
+        spec.stdin = bool(req.stdin)
+        c.execs[req.exec_id] = Proc(req.id, req.exec_id, req.stdin, req.stdout, req.stderr,
+                                    req.terminal, spec)
+        self._publish("/tasks/exec-added", events_pb2.TaskExecAdded(container_id=req.id,
+                                                                    exec_id=req.exec_id))
+        return empty_pb2.Empty()
+
+    async def ResizePty(self, req: task_pb2.ResizePtyRequest,
+                        ctx: ttrpc.CallContext) -> empty_pb2.Empty:
+        p = self._proc(req.id, req.exec_id)
+        assert self.sandbox is not None
+        if p.status == task_pb2.RUNNING:
+            try:
+                await self.sandbox.resize(req.id, req.height, req.width, req.exec_id)
+            except KataError as e:
+                raise to_rpc(e) from None
+        elif p.spec is not None:
+            p.spec.rows, p.spec.cols = req.height, req.width
+        return empty_pb2.Empty()
+
+    async def CloseIO(self, req: task_pb2.CloseIORequest,
+                      ctx: ttrpc.CallContext) -> empty_pb2.Empty:
+        p = self._proc(req.id, req.exec_id)
+        if req.stdin:
+            # The client wrote all it will, but may hold the FIFO open: the
+            # pump passes on what is buffered, then closes the process's
+            # stdin (no deadline: a process that does not read holds it).
+            p.stdin_closed.set()
+        return empty_pb2.Empty()
+
+    async def Delete(self, req: task_pb2.DeleteRequest,
+                     ctx: ttrpc.CallContext) -> task_pb2.DeleteResponse:
+        c = self._container(req.id)
+        p = self._proc(req.id, req.exec_id)
+        if p.status == task_pb2.RUNNING:
+            raise ttrpc.RpcError("cannot delete a running process")
+        if p.status == task_pb2.PAUSED:
+            raise ttrpc.RpcError("cannot delete a paused process")
+        resp = task_pb2.DeleteResponse(pid=p.pid, exit_status=p.exit_status,
+                                       exited_at=p.exit_time())  # type: ignore[arg-type]
+        if req.exec_id:
+            del c.execs[req.exec_id]
+            return resp
+        assert self.sandbox is not None
+        self._close_io(p)
+        with contextlib.suppress(Exception):
+            await self.sandbox.remove_container(req.id)
+        if c.rootfs_mounted:
+            with contextlib.suppress(OSError):
+                linux.umount(str(Path(c.bundle) / "rootfs"), linux.MNT_DETACH)
+        del self.containers[req.id]
+        self._publish("/tasks/delete", events_pb2.TaskDelete(
+            container_id=req.id, pid=p.pid, exit_status=p.exit_status,
+            exited_at=p.exit_time()))  # type: ignore[arg-type]
+        return resp
+
+    async def Pids(self, req: task_pb2.PidsRequest,
+                   ctx: ttrpc.CallContext) -> task_pb2.PidsResponse:
+        c = self._container(req.id)
+        # The VM is what runs on the host: its pid stands for the task, as in Kata.
+        pids = {c.init.pid, *(e.pid for e in c.execs.values() if e.pid)}
+        return task_pb2.PidsResponse(processes=[task_pb2.ProcessInfo(pid=p) for p in pids if p])
+
+    async def Connect(self, req: task_pb2.ConnectRequest,
+                      ctx: ttrpc.CallContext) -> task_pb2.ConnectResponse:
+        c = self.containers.get(req.id)
+        return task_pb2.ConnectResponse(shim_pid=os.getpid(), task_pid=c.init.pid if c else 0)
+
+    async def Shutdown(self, req: task_pb2.ShutdownRequest,
+                       ctx: ttrpc.CallContext) -> empty_pb2.Empty:
+        if not self.containers:
+            self.on_empty()
+        return empty_pb2.Empty()
+
+    async def _running_init(self, cid: str) -> Proc:
+        p = self._container(cid).init
+        if p.status == task_pb2.STOPPED:
+            raise ttrpc.FailedPrecondition(f"container {cid} is stopped" + self._death())
+        return p
+
+    def _record_death(self, cid: str) -> None:
+        """The reason, beside the container's bundle, for a CLI whose
+        process ended with the VM (containerd's events have no field)."""
+        c = self.containers.get(cid)
+        if c is not None and self.sandbox is not None and self.sandbox.death:
+            with contextlib.suppress(OSError):
+                (Path(c.bundle) / paths.BUNDLE_DEATH).write_text(self.sandbox.death + "\n")
+
+    def _death(self) -> str:
+        """': <why the VM is gone>' once it is, else ''."""
+        sb = self.sandbox
+        return f": {sb.death}" if sb is not None and sb.death else ""
+
+    async def Pause(self, req: task_pb2.PauseRequest, ctx: ttrpc.CallContext) -> empty_pb2.Empty:
+        p = await self._running_init(req.id)
+        if p.status != task_pb2.RUNNING:
+            raise ttrpc.RpcError(f"container {req.id} is not running")
+        assert self.sandbox is not None
+        await self._agent_call(self.sandbox.pause(req.id))
+        p.status = task_pb2.PAUSED
+        self._publish("/tasks/paused", events_pb2.TaskPaused(container_id=req.id))
+        return empty_pb2.Empty()
+
+    async def Resume(self, req: task_pb2.ResumeRequest,
+                     ctx: ttrpc.CallContext) -> empty_pb2.Empty:
+        p = await self._running_init(req.id)
+        if p.status != task_pb2.PAUSED:
+            raise ttrpc.RpcError(f"container {req.id} is not paused")
+        assert self.sandbox is not None
+        await self._agent_call(self.sandbox.resume(req.id))
+        p.status = task_pb2.RUNNING
+        self._publish("/tasks/resumed", events_pb2.TaskResumed(container_id=req.id))
+        return empty_pb2.Empty()
+
+    async def Checkpoint(self, req: task_pb2.CheckpointTaskRequest,
+                         ctx: ttrpc.CallContext) -> empty_pb2.Empty:
+        raise ttrpc.Unimplemented("checkpoint is not supported by kata-py (VM sandboxes)")
+
+    async def Update(self, req: task_pb2.UpdateTaskRequest,
+                     ctx: ttrpc.CallContext) -> empty_pb2.Empty:
+        await self._running_init(req.id)
+        assert self.sandbox is not None
+        await self._agent_call(self.sandbox.update(
+            metrics.update_request(req.id, req.resources.value)))
+        return empty_pb2.Empty()
+
+    async def Stats(self, req: task_pb2.StatsRequest,
+                    ctx: ttrpc.CallContext) -> task_pb2.StatsResponse:
+        self._container(req.id)
+        assert self.sandbox is not None
+        stats = await self._agent_call(self.sandbox.stats(req.id))
+        return task_pb2.StatsResponse(stats=metrics.to_metrics(stats))
+
+    async def _agent_call(self, aw: Awaitable[T]) -> T:
+        try:
+            return await aw
+        except KataError as e:
+            raise to_rpc(e) from None
+
+    async def aclose(self) -> None:
+        if self._oom_task is not None:
+            self._oom_task.cancel()
+        for c in list(self.containers.values()):
+            for p in [c.init, *c.execs.values()]:
+                self._close_io(p)
+        if self.sandbox is not None:
+            await self.sandbox.stop()
+            self.sandbox = None
+        if self._stopping:
+            await asyncio.gather(*self._stopping, return_exceptions=True)
+        if self._cgroups is not None:
+            self._cgroups.leave()
+            self._cgroups = None
