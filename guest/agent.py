@@ -541,6 +541,12 @@ class Agent:
     async def SignalProcess(self, req: agent_pb2.SignalRequest,
                             ctx: ttrpc.CallContext) -> agent_pb2.Empty:
         proc = self._process(req.process)
+        if req.all and not req.process.exec_id:
+            try:
+                cgroups.signal_all(req.process.container_id, req.signal)
+            except (OverflowError, ValueError, OSError) as e:
+                raise ttrpc.InvalidArgument(f"signal {req.signal}: {e}") from None
+            return agent_pb2.Empty()
         if proc.exited.done():
             raise ttrpc.NotFound("process already finished")
         try:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 
 from microvm import linux
 from microvm.protocol import agent_pb2, ttrpc
@@ -103,6 +104,21 @@ async def remove(cid: str) -> None:
                 await asyncio.sleep(0.02)
         else:
             log.warning("cgroup %s not removed", p)
+
+
+def signal_all(cid: str, sig: int) -> None:
+    """runc's kill --all: sig to every process in the container's cgroup and
+    those below it.  SIGKILL through cgroup.kill, which no fork escapes."""
+    top = path(cid)
+    if sig == signal.SIGKILL:
+        with contextlib.suppress(FileNotFoundError):
+            _write(f"{top}/cgroup.kill", "1")
+        return
+    for d, _, _ in os.walk(top):
+        with contextlib.suppress(FileNotFoundError):
+            for pid in _read(f"{d}/cgroup.procs").split():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), sig)
 
 
 async def freeze(cid: str, frozen: bool) -> None:

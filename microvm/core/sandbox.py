@@ -544,9 +544,11 @@ class Sandbox:
         req = agent_pb2.ExecProcessRequest(container_id=cid, exec_id=exec_id, process=process)
         return int((await self._call("ExecProcess", req)).pid)
 
-    async def signal(self, cid: str, sig: int, exec_id: str = "") -> None:
+    async def signal(self, cid: str, sig: int, exec_id: str = "", all: bool = False) -> None:
+        """all: every process in the container (runc's kill --all)."""
         ref = agent_pb2.ProcessRef(container_id=cid, exec_id=exec_id)
-        await self._call("SignalProcess", agent_pb2.SignalRequest(process=ref, signal=sig))
+        await self._call("SignalProcess", agent_pb2.SignalRequest(process=ref, signal=sig,
+                                                                  all=all))
 
     async def wait(self, cid: str, exec_id: str = "") -> int:
         ref = agent_pb2.ProcessRef(container_id=cid, exec_id=exec_id)

@@ -7,7 +7,8 @@ PROTOCOL_VERSION = 9   # 2: ConfigureNetwork; 3: mounts; 4: shared namespaces;
 #                        5: capabilities, seccomp, masked and read-only paths;
 #                        6: AdoptSandbox (VM templates); 7: sysctls;
 #                        8: ConnectPort, ClosePort (port-forward);
-#                        9: error reasons (ErrorInfo in the status details)
+#                        9: error reasons (ErrorInfo in the status details),
+#                           SignalRequest.all
 AGENT_SERVICE = "katapy.agent.v1.Agent"
 # virtio-serial port name (/sys/class/virtio-ports/*/name in the guest).
 SERIAL_PORT_NAME = "kata-py.agent"

@@ -305,12 +305,14 @@ class ProcessResponse(_message.Message):
     def __init__(self, pid: _Optional[int] = ...) -> None: ...
 
 class SignalRequest(_message.Message):
-    __slots__ = ("process", "signal")
+    __slots__ = ("process", "signal", "all")
     PROCESS_FIELD_NUMBER: _ClassVar[int]
     SIGNAL_FIELD_NUMBER: _ClassVar[int]
+    ALL_FIELD_NUMBER: _ClassVar[int]
     process: ProcessRef
     signal: int
-    def __init__(self, process: _Optional[_Union[ProcessRef, _Mapping]] = ..., signal: _Optional[int] = ...) -> None: ...
+    all: bool
+    def __init__(self, process: _Optional[_Union[ProcessRef, _Mapping]] = ..., signal: _Optional[int] = ..., all: _Optional[bool] = ...) -> None: ...
 
 class WaitResponse(_message.Message):
     __slots__ = ("exit_status", "exited_at")

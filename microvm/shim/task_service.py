@@ -36,6 +36,7 @@ from microvm.net import network
 from microvm.net.network import NetworkSpec
 from microvm.protocol import agent_pb2, events_pb2, task_pb2, ttrpc
 from microvm.shim.events import Publisher, timestamp
+from microvm.shim.lifecycle import Event, Lifecycle, Status
 from microvm.shim.options import runtime_options_config
 from microvm.vm import accel, helpers
 
@@ -59,7 +60,6 @@ class Proc:
     terminal: bool
     spec: agent_pb2.Process | None = None
     pid: int = 0
-    status: int = task_pb2.CREATED
     exit_status: int = 0
     exited_at: float | None = None
     exited: asyncio.Event = field(default_factory=asyncio.Event)
@@ -71,6 +71,14 @@ class Proc:
     watcher: asyncio.Task[None] | None = None
     fds: list[int] = field(default_factory=list)
     logger: subprocess.Popen[bytes] | None = None
+    lc: Lifecycle = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.lc = Lifecycle(self.exec_id or self.cid, init=not self.exec_id)
+
+    @property
+    def status(self) -> Status:
+        return self.lc.status
 
     def exit_time(self) -> object:
         if self.exited_at is None:
@@ -277,7 +285,8 @@ class TaskService:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.gather(*p.pumps, return_exceptions=True), 5)
         self._close_io(p)
-        p.exit_status, p.exited_at, p.status = status, time.time(), task_pb2.STOPPED
+        p.exit_status, p.exited_at = status, time.time()
+        p.lc.exited()
         if not p.exec_id:
             # runc reports the init's exit after its execs'.
             c = self.containers.get(p.cid)
@@ -409,13 +418,10 @@ class TaskService:
         p = self._proc(req.id, req.exec_id)
         sb = self.sandbox
         assert sb is not None
-        if p.status != task_pb2.CREATED:
-            raise ttrpc.FailedPrecondition(f"process {req.exec_id or req.id} already started")
+        self._check(p, Event.START)
         try:
             if req.exec_id:
-                c = self._container(req.id)
-                if c.init.status != task_pb2.RUNNING:
-                    raise ttrpc.FailedPrecondition("container is not running")
+                self._check(self._container(req.id).init, Event.EXEC)
                 assert p.spec is not None
                 await sb.exec_process(req.id, req.exec_id, p.spec)
                 p.pid = self._vm_pid()
@@ -424,8 +430,7 @@ class TaskService:
                 await sb.start_container(req.id)
         except KataError as e:
             raise to_rpc(e) from None
-        if p.status == task_pb2.CREATED:  # it may have ended already
-            p.status = task_pb2.RUNNING
+        p.lc.advance(Event.START)
         if req.exec_id:
             self._publish("/tasks/exec-started", events_pb2.TaskExecStarted(
                 container_id=req.id, exec_id=req.exec_id, pid=p.pid))
@@ -452,13 +457,13 @@ class TaskService:
 
     async def Kill(self, req: task_pb2.KillRequest, ctx: ttrpc.CallContext) -> empty_pb2.Empty:
         p = self._proc(req.id, req.exec_id)
-        if p.status == task_pb2.CREATED and req.exec_id:
-            raise ttrpc.FailedPrecondition("process not created")
-        if p.status == task_pb2.STOPPED:
-            raise ttrpc.NotFound("process already finished")
+        # all: runc's kill --all, for a container's init (ignored for an exec, as runc does).
+        event = Event.KILL_ALL if req.all and not req.exec_id else Event.KILL
+        self._check(p, event)
         assert self.sandbox is not None
         try:
-            await self.sandbox.signal(req.id, req.signal, req.exec_id)
+            await self.sandbox.signal(req.id, req.signal, req.exec_id,
+                                      all=event is Event.KILL_ALL)
         except ttrpc.NotFound:
             raise ttrpc.NotFound("process already finished") from None
         except KataError as e:
@@ -470,8 +475,7 @@ class TaskService:
         c = self._container(req.id)
         if req.exec_id in c.execs:
             raise ttrpc.AlreadyExists(f"id {req.exec_id}: already exists")
-        if c.init.status == task_pb2.STOPPED:
-            raise ttrpc.FailedPrecondition("container is stopped" + self._death())
+        self._check(c.init, Event.EXEC)
         try:
             obj = json.loads(req.spec.value) if req.spec.value else None
         except ValueError:
@@ -494,12 +498,13 @@ class TaskService:
                         ctx: ttrpc.CallContext) -> empty_pb2.Empty:
         p = self._proc(req.id, req.exec_id)
         assert self.sandbox is not None
-        if p.status == task_pb2.RUNNING:
+        self._check(p, Event.RESIZE)
+        if p.status in (Status.RUNNING, Status.PAUSED):
             try:
                 await self.sandbox.resize(req.id, req.height, req.width, req.exec_id)
             except KataError as e:
                 raise to_rpc(e) from None
-        elif p.spec is not None:
+        elif p.status is Status.CREATED and p.spec is not None:
             p.spec.rows, p.spec.cols = req.height, req.width
         return empty_pb2.Empty()
 
@@ -517,14 +522,12 @@ class TaskService:
                      ctx: ttrpc.CallContext) -> task_pb2.DeleteResponse:
         c = self._container(req.id)
         p = self._proc(req.id, req.exec_id)
-        if p.status == task_pb2.RUNNING:
-            raise ttrpc.RpcError("cannot delete a running process")
-        if p.status == task_pb2.PAUSED:
-            raise ttrpc.RpcError("cannot delete a paused process")
+        self._check(p, Event.DELETE)
         resp = task_pb2.DeleteResponse(pid=p.pid, exit_status=p.exit_status,
                                        exited_at=p.exit_time())  # type: ignore[arg-type]
         if req.exec_id:
             del c.execs[req.exec_id]
+            p.lc.advance(Event.DELETE)
             return resp
         assert self.sandbox is not None
         self._close_io(p)
@@ -534,6 +537,7 @@ class TaskService:
             with contextlib.suppress(OSError):
                 linux.umount(str(Path(c.bundle) / "rootfs"), linux.MNT_DETACH)
         del self.containers[req.id]
+        p.lc.advance(Event.DELETE)
         self._publish("/tasks/delete", events_pb2.TaskDelete(
             container_id=req.id, pid=p.pid, exit_status=p.exit_status,
             exited_at=p.exit_time()))  # type: ignore[arg-type]
@@ -557,11 +561,15 @@ class TaskService:
             self.on_empty()
         return empty_pb2.Empty()
 
-    async def _running_init(self, cid: str) -> Proc:
-        p = self._container(cid).init
-        if p.status == task_pb2.STOPPED:
-            raise ttrpc.FailedPrecondition(f"container {cid} is stopped" + self._death())
-        return p
+    def _check(self, p: Proc, event: Event) -> None:
+        """May event happen to p now?  If not, containerd gets runc's error,
+        and why the VM is gone if it is."""
+        try:
+            p.lc.check(event)
+        except ttrpc.RpcError as e:
+            if death := self._death():
+                e.args = (e.message + death,)
+            raise
 
     def _record_death(self, cid: str) -> None:
         """The reason, beside the container's bundle, for a CLI whose
@@ -577,23 +585,21 @@ class TaskService:
         return f": {sb.death}" if sb is not None and sb.death else ""
 
     async def Pause(self, req: task_pb2.PauseRequest, ctx: ttrpc.CallContext) -> empty_pb2.Empty:
-        p = await self._running_init(req.id)
-        if p.status != task_pb2.RUNNING:
-            raise ttrpc.RpcError(f"container {req.id} is not running")
+        p = self._container(req.id).init
+        self._check(p, Event.PAUSE)
         assert self.sandbox is not None
         await self._agent_call(self.sandbox.pause(req.id))
-        p.status = task_pb2.PAUSED
+        p.lc.advance(Event.PAUSE)
         self._publish("/tasks/paused", events_pb2.TaskPaused(container_id=req.id))
         return empty_pb2.Empty()
 
     async def Resume(self, req: task_pb2.ResumeRequest,
                      ctx: ttrpc.CallContext) -> empty_pb2.Empty:
-        p = await self._running_init(req.id)
-        if p.status != task_pb2.PAUSED:
-            raise ttrpc.RpcError(f"container {req.id} is not paused")
+        p = self._container(req.id).init
+        self._check(p, Event.RESUME)
         assert self.sandbox is not None
         await self._agent_call(self.sandbox.resume(req.id))
-        p.status = task_pb2.RUNNING
+        p.lc.advance(Event.RESUME)
         self._publish("/tasks/resumed", events_pb2.TaskResumed(container_id=req.id))
         return empty_pb2.Empty()
 
@@ -603,7 +609,7 @@ class TaskService:
 
     async def Update(self, req: task_pb2.UpdateTaskRequest,
                      ctx: ttrpc.CallContext) -> empty_pb2.Empty:
-        await self._running_init(req.id)
+        self._check(self._container(req.id).init, Event.UPDATE)
         assert self.sandbox is not None
         await self._agent_call(self.sandbox.update(
             metrics.update_request(req.id, req.resources.value)))

@@ -718,3 +718,35 @@ def test_a_guest_kernel_panic_under_ctr_stops_the_task_at_once(ctd: Containerd) 
         assert e.returncode != 0
     finally:
         force_remove(ctd, "t-panic")
+
+
+@pytest.mark.parametrize("runtime", [RUNTIME, "io.containerd.runc.v2"])
+def test_kill_all_signals_every_process_of_the_container(ctd: Containerd, runtime: str) -> None:
+    """`ctr task kill --all` (KillRequest.all, runc's kill --all) reaches an
+    exec too; a plain kill reaches only the init, which here ignores TERM."""
+    cid = f"t-killall-{'kata' if runtime == RUNTIME else 'runc'}"
+    p = ctd.ctr("run", "--runtime", runtime, "-d", IMAGE, cid, "sh", "-c",
+                "trap '' TERM; while :; do sleep 1; done")
+    assert p.returncode == 0, p.stderr
+    try:
+        execs = [subprocess.Popen(
+            ["ctr", "-a", ctd.address, "task", "exec", "--exec-id", f"e{i}", cid,
+             "sh", "-c", f"touch /tmp/e{i}; exec sleep 1000"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (1, 2)]
+        deadline = time.monotonic() + 30
+        probe = 0
+        while time.monotonic() < deadline:
+            probe += 1
+            if ctd.ctr("task", "exec", "--exec-id", f"probe{probe}", cid,
+                       "ls", "/tmp/e1", "/tmp/e2").returncode == 0:
+                break
+        assert ctd.ctr("task", "kill", "-s", "TERM", cid).returncode == 0
+        time.sleep(1)
+        assert [e.poll() for e in execs] == [None, None], "a plain kill reached an exec"
+        assert ctd.ctr("task", "kill", "--all", "-s", "TERM", cid).returncode == 0
+        for e in execs:
+            assert e.wait(timeout=15) == 128 + signal.SIGTERM
+        # The init ignored it, as under runc.
+        assert "RUNNING" in ctd.ctr("task", "ls").stdout.split(cid, 1)[1].splitlines()[0]
+    finally:
+        force_remove(ctd, cid)

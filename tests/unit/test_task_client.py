@@ -115,7 +115,7 @@ def test_each_rpc_parses_its_own_response_type(tmp_path: Path) -> None:
             s = await client.state("c1")
             assert (s.pid, s.status) == (42, task_pb2.RUNNING)
             assert (await client.wait("c1")).exit_status == 3
-            assert await client.kill("c1", 9) is None  # Empty, not a StateResponse
+            await client.kill("c1", 9)  # an Empty: parsed as a StateResponse before
             await client.resize_pty("c1", "e1", 80, 24)
             await client.close_io("c1")
             assert fake.calls == ["State", "Wait", "Kill", "ResizePty", "CloseIO"]
@@ -124,13 +124,13 @@ def test_each_rpc_parses_its_own_response_type(tmp_path: Path) -> None:
 
 def test_a_shim_that_goes_away_mid_call_is_shim_gone(tmp_path: Path) -> None:
     async def body() -> None:
-        async with shim(tmp_path, {"Wait": 30.0}) as (_, address):
-            async with TaskClient.connect(address, "kt") as client:
-                waiting = asyncio.create_task(client.wait("c1"))
-                await asyncio.sleep(0.2)
-                client._client._conn.close()  # the peer's end, as a SIGKILL leaves it
-                with pytest.raises(ShimGone, match="shim is gone"):
-                    await waiting
+        async with shim(tmp_path, {"Wait": 30.0}) as (_, address), \
+                TaskClient.connect(address, "kt") as client:
+            waiting = asyncio.create_task(client.wait("c1"))
+            await asyncio.sleep(0.2)
+            client._client._conn.close()  # the connection breaks, as a SIGKILL leaves it
+            with pytest.raises(ShimGone, match="shim is gone"):
+                await waiting
     run(body())
 
 
