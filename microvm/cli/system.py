@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,21 +74,7 @@ async def prune(all_images: bool) -> tuple[list[str], int]:
             await detached.remove(meta.name, force=False)
             removed.append(f"container {meta.name}")
     used = {m.image for m, s in containers if s in RUNNING and m.image}
-    with store._locked():
-        # Under the lock no writer is active: these are interrupted writes.
-        root = store.store_root()
-        for leftover in [*(root / "tmp").iterdir(), *(root / "blobs/sha256").glob(".*"),
-                         *(root / "refs").glob("*.tmp")]:
-            if leftover.is_dir():
-                shutil.rmtree(leftover, ignore_errors=True)
-            else:
-                leftover.unlink(missing_ok=True)
-        if all_images:
-            for img in store.list_images():
-                if img.ref not in used:
-                    store._ref_file(img.ref).unlink()
-                    removed.append(f"image {img.ref}")
-        store._collect()
+    removed += [f"image {ref}" for ref in store.prune(keep=used, images=all_images)]
     freed = before - du(store.store_root()) - du(detached.root())
     kept = sum(size for _, size in template.list_templates())
     removed += template.prune()

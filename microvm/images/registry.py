@@ -157,7 +157,7 @@ class Client:
         `.partial-<hex>`: its bytes are hashed again and the rest is asked for
         with Range (a registry that ignores Range sends it all, and we start
         over).  Nothing is trusted before the digest matches."""
-        digest, size = store._digest(desc.get("digest")), int(desc.get("size", -1))
+        digest, size = store.checked_digest(desc.get("digest")), int(desc.get("size", -1))
         if dest.exists():
             progress.exists(digest)
             return
@@ -258,7 +258,7 @@ def _platform(index: dict[str, Any], name: str) -> str:
     for m in index.get("manifests", []):
         p = m.get("platform") or {}
         if p.get("os") == "linux" and p.get("architecture") == "amd64":
-            return store._digest(m.get("digest"))
+            return store.checked_digest(m.get("digest"))
     raise KataError(f"{name}: no linux/amd64 image in the index")
 
 
@@ -274,18 +274,18 @@ def pull(ref_text: str, insecure: tuple[str, ...] = (),
     store.check_manifest(doc)  # before a byte is fetched
     digest = "sha256:" + hashlib.sha256(data).hexdigest()
     progress = Progress()
-    with store._locked():
+    with store.locked():
         blobs = store.store_root() / "blobs/sha256"
         try:
             for desc in [doc["config"], *doc.get("layers", [])]:
-                client.blob(desc, blobs / store._digest(desc.get("digest"))[7:], progress)
-            store._put_blob(data, digest)
-            config = store._read_json(store._blob(doc["config"]["digest"]), "image config")
-            return store._save(ref, digest, doc, config)
+                client.blob(desc, blobs / store.checked_digest(desc.get("digest"))[7:], progress)
+            store.put_blob(data, digest)
+            config = store.read_json(store.blob_path(doc["config"]["digest"]), "image config")
+            return store.commit(ref, digest, doc, config)
         except _Transport:
             raise  # what came whole stays, for the next pull to go on from
         except KataError:
-            store._collect()  # bad content: the store is as it was before
+            store.collect()  # bad content: the store is as it was before
             raise
 
 

@@ -49,7 +49,7 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 def _add_blob(tar: tarfile.TarFile, digest: str, written: set[str],
               data: bytes | None = None) -> str:
     """The stored blob, once per archive; data: its bytes, if read already."""
-    name = "blobs/sha256/" + store._digest(digest)[7:]
+    name = "blobs/sha256/" + store.checked_digest(digest)[7:]
     if name in written:
         return name
     if data is not None:
@@ -58,7 +58,7 @@ def _add_blob(tar: tarfile.TarFile, digest: str, written: set[str],
         info = tarfile.TarInfo(name)
         info.mode = 0o644
         try:
-            with open(store._blob(digest), "rb") as f:
+            with open(store.blob_path(digest), "rb") as f:
                 info.size = os.fstat(f.fileno()).st_size
                 tar.addfile(info, f)
         except FileNotFoundError:
@@ -69,7 +69,7 @@ def _add_blob(tar: tarfile.TarFile, digest: str, written: set[str],
 
 def write(refs: list[str], out: IO[bytes]) -> list[store.Image]:
     """Write the images named by refs (references or IDs) to out as a tar."""
-    with store._locked():
+    with store.locked():
         chosen: list[store.Image] = []
         for wanted in refs:
             found = store.find(wanted)
@@ -82,7 +82,7 @@ def write(refs: list[str], out: IO[bytes]) -> list[store.Image]:
             docker: dict[str, dict[str, Any]] = {}
             for img in chosen:
                 try:
-                    manifest_bytes = store._blob(img.manifest).read_bytes()
+                    manifest_bytes = store.blob_path(img.manifest).read_bytes()
                 except FileNotFoundError:
                     raise _lost(img.manifest) from None
                 manifest_path = _add_blob(tar, img.manifest, written, manifest_bytes)

@@ -110,7 +110,7 @@ class Image:
 
 
 @contextlib.contextmanager
-def _locked() -> Iterator[None]:
+def locked() -> Iterator[None]:
     root = store_root()
     for d in ("blobs/sha256", "layers", "refs", "tmp"):
         (root / d).mkdir(parents=True, exist_ok=True)
@@ -123,7 +123,7 @@ def _ref_file(ref: str) -> Path:
     return store_root() / "refs" / (ref.replace("/", "%2F").replace(":", "%3A") + ".json")
 
 
-def _put_blob(data: bytes, digest: str) -> None:
+def put_blob(data: bytes, digest: str) -> None:
     _put_blob_file(io.BytesIO(data), digest)
 
 
@@ -151,14 +151,14 @@ def _put_blob_file(f: IO[bytes], digest: str | None = None) -> tuple[str, int]:
         raise
 
 
-def _digest(value: object) -> str:
+def checked_digest(value: object) -> str:
     """A digest from an untrusted document: it becomes a file name."""
     if not isinstance(value, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", value):
         raise KataError(f"invalid digest {value!r}")
     return value
 
 
-def _blob(digest: str) -> Path:
+def blob_path(digest: str) -> Path:
     return store_root() / "blobs/sha256" / digest.removeprefix("sha256:")
 
 
@@ -203,14 +203,14 @@ def check_manifest(doc: object) -> None:
             or not isinstance(doc.get("layers", []), list) \
             or not all(isinstance(d, dict) for d in doc.get("layers", [])):
         raise KataError("malformed image manifest")
-    _digest(doc["config"].get("digest"))
+    checked_digest(doc["config"].get("digest"))
     for desc in doc.get("layers", []):
-        _digest(desc.get("digest"))
+        checked_digest(desc.get("digest"))
         if desc.get("mediaType") not in LAYER_TYPES:
             raise KataError(f"unsupported layer media type {desc.get('mediaType')!r}")
 
 
-def _save(ref: Reference, manifest_digest: str, manifest: dict[str, Any],
+def commit(ref: Reference, manifest_digest: str, manifest: dict[str, Any],
           config: dict[str, Any]) -> Image:
     img = _unpacked(ref, manifest_digest, manifest, config)
     _record(img)
@@ -229,7 +229,7 @@ def _unpacked(ref: Reference, manifest_digest: str, manifest: dict[str, Any],
     if len(diff_ids) != len(layers):
         raise KataError("image config and manifest disagree on the number of layers")
     for desc, diff in zip(layers, diff_ids, strict=True):
-        _unpack_layer(_blob(_digest(desc.get("digest"))), _digest(diff))
+        _unpack_layer(blob_path(checked_digest(desc.get("digest"))), checked_digest(diff))
     return Image(ref.name, manifest_digest, config, list(diff_ids),
                  sum(int(d.get("size", 0)) for d in layers),
                  str(config.get("created", "")), manifest["config"]["digest"])
@@ -249,7 +249,7 @@ def get(ref: str) -> Image | None:
         record = json.loads(_ref_file(name).read_text())
     except FileNotFoundError:
         return None
-    config = json.loads(_blob(record["config"]).read_bytes())
+    config = json.loads(blob_path(record["config"]).read_bytes())
     return Image(record["ref"], record["manifest"], config, record["layers"], record["size"],
                  record["created"], record["config"])
 
@@ -280,17 +280,38 @@ def find(ref: str) -> list[Image]:
 
 def remove(ref: str) -> list[Image]:
     """What find(ref) finds, then the blobs and layers no image uses."""
-    with _locked():
+    with locked():
         found = find(ref)
         if not found:
             raise KataError(f"no such image: {ref}")
         for i in found:
             _ref_file(i.ref).unlink()
-        _collect()
+        collect()
     return found
 
 
-def _collect(only: set[str] | None = None) -> None:
+def prune(keep: set[str], images: bool) -> list[str]:
+    """Interrupted writes, then (images) every image not in keep, then the
+    blobs and layers nothing uses.  Returns the references removed."""
+    removed = []
+    with locked():
+        # Under the lock no writer is active: these are interrupted writes.
+        root = store_root()
+        for leftover in [*(root / "tmp").iterdir(), *(root / "blobs/sha256").glob(".*"),
+                         *(root / "refs").glob("*.tmp")]:
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+        for img in list_images() if images else []:
+            if img.ref not in keep:
+                _ref_file(img.ref).unlink()
+                removed.append(img.ref)
+        collect()
+    return removed
+
+
+def collect(only: set[str] | None = None) -> None:
     """Remove blobs and layers no image refers to any more (only: of these names)."""
     used_layers: set[str] = set()
     used_blobs: set[str] = set()
@@ -298,7 +319,7 @@ def _collect(only: set[str] | None = None) -> None:
         used_layers |= {d.removeprefix("sha256:") for d in img.layers}
         used_blobs |= {img.manifest.removeprefix("sha256:"),
                        img.config_digest.removeprefix("sha256:")}
-        manifest = json.loads(_blob(img.manifest).read_bytes())
+        manifest = json.loads(blob_path(img.manifest).read_bytes())
         used_blobs |= {d["digest"].removeprefix("sha256:") for d in manifest["layers"]}
     for d in (store_root() / "layers").iterdir():
         if d.name not in used_layers and (only is None or d.name in only):
@@ -321,7 +342,7 @@ def import_archive(path: Path) -> list[Image]:
         raise KataError(f"{path}: no such file or directory")
     # The lock covers the extraction too: prune takes what is in tmp/ for
     # an interrupted write.
-    with _locked(), _all_or_nothing(), _opened(path) as archive:
+    with locked(), _all_or_nothing(), _opened(path) as archive:
         if archive.has("index.json"):
             found = _import_oci(archive)
         elif archive.has("manifest.json"):
@@ -345,7 +366,7 @@ def _all_or_nothing() -> Iterator[None]:
             (store_root() / "refs" / name).unlink(missing_ok=True)
         # Never hiding the reason: a store broken otherwise keeps the rest.
         with contextlib.suppress(OSError, KataError, ValueError, KeyError):
-            _collect(only=added["blobs/sha256"] | added["layers"])
+            collect(only=added["blobs/sha256"] | added["layers"])
         raise
 
 
@@ -398,7 +419,7 @@ class _Archive:
 
     def blob(self, digest: object) -> str:
         """An OCI layout's file name for a digest."""
-        return "blobs/" + _digest(digest).replace(":", "/")
+        return "blobs/" + checked_digest(digest).replace(":", "/")
 
 
 @contextlib.contextmanager
@@ -467,7 +488,7 @@ def _tmp_dir() -> Path:
     return d
 
 
-def _read_json(path: Path, what: str) -> Any:
+def read_json(path: Path, what: str) -> Any:
     try:
         return _parse_json(path.read_bytes(), what)
     except OSError as e:
@@ -507,7 +528,7 @@ def _import_oci(archive: _Archive) -> list[Image]:
             annotations.get("org.opencontainers.image.ref.name")
         if not name:
             continue
-        digest = _digest(desc.get("digest"))
+        digest = checked_digest(desc.get("digest"))
         if desc.get("mediaType") not in MANIFEST_TYPES:
             raise KataError(f"{src}: unsupported manifest media type {desc.get('mediaType')!r}")
 
@@ -515,16 +536,16 @@ def _import_oci(archive: _Archive) -> list[Image]:
             return f"{src}: blob {d} is missing from the layout"
 
         manifest_bytes = archive.read(archive.blob(digest), missing(digest))
-        _put_blob(manifest_bytes, digest)
+        put_blob(manifest_bytes, digest)
         manifest = _parse_json(manifest_bytes, f"{src}: manifest")
         check_manifest(manifest)
         config_digest = manifest["config"]["digest"]
         config_bytes = archive.read(archive.blob(config_digest), missing(config_digest))
-        _put_blob(config_bytes, config_digest)
+        put_blob(config_bytes, config_digest)
         for layer in manifest["layers"]:
             # Opened even if stored already: a layout that is not ours to read is refused.
             with archive.open(archive.blob(layer["digest"]), missing(layer["digest"])) as f:
-                if not _blob(layer["digest"]).exists():
+                if not blob_path(layer["digest"]).exists():
                     _put_blob_file(f, layer["digest"])
         found.append(_unpacked(parse_reference(name), digest, manifest,
                                _parse_json(config_bytes, f"{src}: image config")))
@@ -539,7 +560,7 @@ def _import_docker(archive: _Archive) -> list[Image]:
     for entry in _list_of_dicts(archive.json("manifest.json"), f"{src}: manifest.json"):
         config_bytes = archive.read(entry.get("Config"))
         config_digest = "sha256:" + hashlib.sha256(config_bytes).hexdigest()
-        _put_blob(config_bytes, config_digest)
+        put_blob(config_bytes, config_digest)
         layers = []
         for name in _list(entry.get("Layers"), f"{src}: manifest.json: Layers"):
             with archive.open(name) as f:
@@ -553,7 +574,7 @@ def _import_docker(archive: _Archive) -> list[Image]:
                     "layers": layers}
         manifest_bytes = json.dumps(manifest, sort_keys=True).encode()
         manifest_digest = "sha256:" + hashlib.sha256(manifest_bytes).hexdigest()
-        _put_blob(manifest_bytes, manifest_digest)
+        put_blob(manifest_bytes, manifest_digest)
         config = _parse_json(config_bytes, f"{src}: image config")
         for tag in _list(entry.get("RepoTags"), f"{src}: manifest.json: RepoTags"):
             found.append(_unpacked(parse_reference(tag), manifest_digest, manifest, config))

@@ -234,11 +234,10 @@ class Machine:
         self.proc: subprocess.Popen[bytes] | None = None
         self.qmp = QMPClient(spec.name)
         self.argv: list[str] = []
-        self.events_seen: list[str] = []
+        self.events_seen: list[str] = []  # the last 32 QMP events, by name
         self._events = _Events()
         self._event_task: asyncio.Task[None] | None = None
         self._qmp_sock: socket.socket | None = None
-        self.shutdown_event = asyncio.Event()
 
     async def __aenter__(self) -> Machine:
         return self
@@ -303,8 +302,6 @@ class Machine:
             log.debug("qmp event %s", name)
             self.events_seen.append(name)
             del self.events_seen[:-32]
-            if name == "SHUTDOWN":
-                self.shutdown_event.set()
 
     async def execute(self, cmd: str, args: dict[str, Any] | None = None) -> Any:
         return await self.qmp.execute(cmd, args)
@@ -318,9 +315,6 @@ class Machine:
 
     async def resume(self) -> None:
         await self.execute("cont")
-
-    async def system_powerdown(self) -> None:
-        await self.execute("system_powerdown")
 
     async def _migrate_until_done(self, what: str) -> None:
         while True:

@@ -151,7 +151,7 @@ def archive(kind: str, where: Path, files: Files) -> Path:
 
 
 def empty_store() -> Path:
-    with store._locked():
+    with store.locked():
         pass
     return paths.LIB
 
