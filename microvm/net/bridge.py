@@ -34,9 +34,8 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from microvm import linux, paths
+from microvm import linux, owner, paths
 from microvm.config import Config
-from microvm.core import owner
 from microvm.errors import KataError
 from microvm.net import netlink
 

@@ -24,15 +24,25 @@ import shlex
 import socket
 import struct
 import subprocess
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from microvm.errors import KataError
 from microvm.net import netlink
 
-if TYPE_CHECKING:
-    from microvm.core.sandbox import Sandbox
-
 log = logging.getLogger(__name__)
+
+
+class Guest(Protocol):
+    """What a forward needs of its sandbox (the core's Sandbox): a connection
+    to a guest port, named conn, whose bytes then flow as a process's
+    stdin and stdout do, with container id "" and exec id conn."""
+
+    async def connect_port(self, conn: str, port: int) -> None: ...
+    async def close_port(self, conn: str) -> None: ...
+    async def write_input(self, cid: str, data: bytes, exec_id: str = "") -> None: ...
+    async def close_input(self, cid: str, exec_id: str = "") -> None: ...
+    async def read_output(self, cid: str, stream: str, exec_id: str = "",
+                          max_bytes: int = 1 << 20) -> bytes: ...
 
 COMMENT = "kata-py port-forward"
 CHUNK = 1 << 20  # per ReadStdout: the agent answers with what it has buffered (<= 256 KiB)
@@ -85,7 +95,7 @@ def _listen() -> socket.socket:
 class PortForward:
     """The listener and rule of one sandbox's pod namespace."""
 
-    def __init__(self, sandbox: Sandbox, path: str) -> None:
+    def __init__(self, sandbox: Guest, path: str) -> None:
         self.sandbox, self.path = sandbox, path
         self.server: asyncio.AbstractServer | None = None
         self.sessions: set[asyncio.Task[None]] = set()

@@ -37,8 +37,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ifinfmsg import IFT_MULTI_QUEUE, IFT_NO_PI, IFT_TAP, IFT_VNET_HDR
 from pyroute2.netlink.rtnl.ifinfmsg.tuntap import TUNSETIFF
 
-from microvm import paths
-from microvm.core import owner
+from microvm import owner, paths
 from microvm.errors import KataError
 from microvm.net import netlink
 

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from microvm import paths
-from microvm.core import owner
+from microvm import owner, paths
 from microvm.net import tcfilter
 
 
