@@ -35,7 +35,7 @@ from typing import Any
 from google.protobuf import any_pb2, json_format
 
 from microvm import paths
-from microvm.core import oci
+from microvm.core import oci, rootmount
 from microvm.core.volumes import Volume
 from microvm.errors import KataError, VMError
 from microvm.net.network import NetworkSpec, to_annotations
@@ -171,9 +171,7 @@ async def run_detached(name: str | None, rootfs: Path | list[Path], process: age
                                                         annotations, volumes, privileges)))
         # Where the shim writes its own diagnostics (containerd passes a FIFO here).
         (d / "log").touch(mode=0o600)
-        # An image's layers, bottom first; overlayfs lists the top first.
-        lowers = rootfs if isinstance(rootfs, list) else [rootfs]
-        lowerdir = ":".join(str(p) for p in reversed(lowers))
+        lowers = rootfs if isinstance(rootfs, list) else [rootfs]  # bottom first
         meta = Meta(name, str(lowers[-1]), list(process.args), time.time(), read_only,
                     process.terminal, image=image,
                     ports=[str(p) for p in (network.ports if network else ())])
@@ -184,14 +182,8 @@ async def run_detached(name: str | None, rootfs: Path | list[Path], process: age
             timeout=SHIM_START_TIMEOUT)
         if start.returncode != 0:
             raise KataError(f"shim start failed: {start.stdout.strip() or start.stderr.strip()}")
-        if read_only and len(lowers) == 1:
-            mount = task_pb2.Mount(type="bind", source=str(lowers[0]), options=["rbind", "ro"])
-        elif read_only:
-            mount = task_pb2.Mount(type="overlay", source="overlay",
-                                   options=["ro", f"lowerdir={lowerdir}"])
-        else:
-            mount = task_pb2.Mount(type="overlay", source="overlay", options=[
-                f"lowerdir={lowerdir}", f"upperdir={d / 'upper'}", f"workdir={d / 'work'}"])
+        root = rootmount.plan(lowers, read_only, d / "upper", d / "work")
+        mount = task_pb2.Mount(type=root.type, source=root.source, options=list(root.options))
         log = f"file://{d / 'container.log'}"
         options = None
         if config_path:
@@ -337,7 +329,7 @@ async def _shim_gone(d: Path, timeout: float) -> bool:
 
 
 async def exec_process(name: str, process: agent_pb2.Process, interactive: bool) -> int:
-    from microvm.core.stdio import FORWARDED, Terminal, copy_fd
+    from microvm.core.stdio import Terminal, copy_fd, forwarding
 
     exec_id = "exec-" + secrets.token_hex(4)
     with tempfile.TemporaryDirectory(prefix="microvm-exec-") as tmp:
@@ -356,7 +348,6 @@ async def exec_process(name: str, process: agent_pb2.Process, interactive: bool)
                 stderr="" if process.terminal else str(fifos["stderr"]),
                 spec=any_pb2.Any(type_url="types.containerd.io/opencontainers/runtime-spec/1/"
                                  "Process", value=json.dumps(spec).encode())))
-            loop = asyncio.get_running_loop()
             with Terminal(sys.stdin.fileno()) if process.terminal and interactive \
                     else contextlib.nullcontext():
                 await client.start(name, exec_id)
@@ -367,23 +358,19 @@ async def exec_process(name: str, process: agent_pb2.Process, interactive: bool)
                 if interactive:
                     feeder = asyncio.create_task(_feed_stdin(in_fd))
 
-                def forward(sig: int) -> None:
-                    loop.create_task(_quiet(client.kill(name, sig, exec_id)))
+                async def resize(rows: int, cols: int) -> None:
+                    await client.resize_pty(name, exec_id, cols, rows)
 
-                for sig in FORWARDED:
-                    loop.add_signal_handler(sig, forward, sig)
-                if process.terminal:
-                    def resized() -> None:
-                        rows, cols = Terminal(sys.stdout.fileno()).size()
-                        loop.create_task(_quiet(client.resize_pty(name, exec_id, cols, rows)))
-                    loop.add_signal_handler(signal.SIGWINCH, resized)
+                async def signal_(sig: int) -> None:
+                    await client.kill(name, sig, exec_id)
+
                 try:
-                    w = await client.wait(name, exec_id)
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(asyncio.gather(*pumps), 5)
+                    with forwarding(signal_, resize if process.terminal else None,
+                                    sys.stdout.fileno()):
+                        w = await client.wait(name, exec_id)
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(asyncio.gather(*pumps), 5)
                 finally:
-                    for sig in (*FORWARDED, signal.SIGWINCH):
-                        loop.remove_signal_handler(sig)
                     for t in [*pumps, *([feeder] if feeder else [])]:
                         t.cancel()
                 with contextlib.suppress(KataError):
@@ -405,11 +392,6 @@ def _death(name: str) -> str:
         return (_dir(name) / paths.BUNDLE_DEATH).read_text().strip()[:500]
     except OSError:
         return ""
-
-
-async def _quiet(aw: Any) -> None:
-    with contextlib.suppress(Exception):
-        await aw
 
 
 async def _feed_stdin(fifo_fd: int) -> None:

@@ -25,6 +25,7 @@ from google.protobuf.message import Message
 
 from microvm import linux
 from microvm.config import Config
+from microvm.core import rootmount
 from microvm.core.volumes import Volume
 from microvm.errors import KataError, VMError, from_rpc
 from microvm.net import ports
@@ -475,33 +476,19 @@ class Sandbox:
             raise KataError(f"container {cid} already exists")
         target = self.shared / cid / "rootfs"
         target.mkdir(parents=True)
-        # An image's layers, bottom first; overlayfs wants the top first.
-        lowers = rootfs if isinstance(rootfs, list) else [rootfs]
-        lowerdir = ":".join(str(p) for p in reversed(lowers))
+        layers = rootfs if isinstance(rootfs, list) else [rootfs]
+        # The container writes to its own upper layer, never to the rootfs
+        # it was given; the upper layer lives in our tmpfs.
+        upper, work = self.dir / "rw" / cid / "upper", self.dir / "rw" / cid / "work"
+        if overlay and not readonly:
+            upper.mkdir(parents=True)
+            work.mkdir()
+        m = rootmount.plan(layers, readonly, upper, work) if overlay \
+            else rootmount.snapshot(layers[0])
         try:
-            if len(lowers) > 1 and readonly:
-                # Lower layers only: overlayfs mounts that read-only.
-                linux.mount("overlay", str(target), "overlay", linux.MS_RDONLY,
-                            f"lowerdir={lowerdir}")
-            elif readonly and overlay:
-                # A CLI rootfs is a template: read-only here, on the host.
-                linux.bind_tree(str(lowers[0]), str(target), readonly=True)
-            elif readonly or not overlay:
-                # A containerd snapshot is the container's own, bound as is: as
-                # runc does, the guest makes the mount points it lacks (/proc,
-                # /dev...) and then turns the root read-only (CRI's pause image
-                # has none of them).
-                linux.mount(str(lowers[0]), str(target), None, linux.MS_BIND | linux.MS_REC)
-            else:
-                # The container writes to its own upper layer, never to the
-                # rootfs it was given; the upper layer lives in our tmpfs.
-                upper, work = self.dir / "rw" / cid / "upper", self.dir / "rw" / cid / "work"
-                upper.mkdir(parents=True)
-                work.mkdir()
-                linux.mount("overlay", str(target), "overlay", 0,
-                            f"lowerdir={lowerdir},upperdir={upper},workdir={work}")
+            rootmount.mount(m, target)
         except OSError as e:
-            raise KataError(f"cannot mount rootfs {lowerdir}: {e.strerror}") from None
+            raise KataError(f"cannot mount rootfs {m.source}: {e.strerror}") from None
         if etc and not readonly:
             try:
                 write_etc(target, etc_files(hostname, self.bridge.ip if self.bridge else None))

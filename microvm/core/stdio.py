@@ -17,7 +17,7 @@ import stat
 import sys
 import termios
 import tty
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from microvm.core.sandbox import Sandbox
@@ -144,10 +144,41 @@ class Terminal:
             termios.tcsetattr(self.fd, termios.TCSADRAIN, self._saved)
 
 
+@contextlib.contextmanager
+def forwarding(to_signal: Callable[[int], Awaitable[None]],
+               to_resize: Callable[[int, int], Awaitable[None]] | None,
+               tty_fd: int) -> Iterator[None]:
+    """While inside: the signals docker forwards go to to_signal(sig), and
+    (with to_resize) our terminal's size, at each SIGWINCH, to
+    to_resize(rows, cols).  Failures are dropped: the process may be gone."""
+    loop = asyncio.get_running_loop()
+    pending: set[asyncio.Task[None]] = set()  # held: the loop keeps tasks weakly
+
+    def later(aw: Awaitable[None]) -> None:
+        task = loop.create_task(_quietly(aw))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    def forward(sig: int) -> None:
+        later(to_signal(sig))
+
+    def resized(resize: Callable[[int, int], Awaitable[None]]) -> None:
+        later(resize(*Terminal(tty_fd).size()))
+
+    for sig in FORWARDED:
+        loop.add_signal_handler(sig, forward, sig)
+    if to_resize is not None:
+        loop.add_signal_handler(signal.SIGWINCH, resized, to_resize)
+    try:
+        yield
+    finally:
+        for sig in (*FORWARDED, signal.SIGWINCH):
+            loop.remove_signal_handler(sig)
+
+
 async def attach(sb: Sandbox, cid: str, *, stdin: bool, terminal: bool,
                  exec_id: str = "") -> int:
     """Stream until the process exits and its output is drained; its exit status."""
-    loop = asyncio.get_running_loop()
     out_fd, err_fd = sys.stdout.fileno(), sys.stderr.fileno()
     for fd in (out_fd, err_fd):
         os.set_blocking(fd, False)
@@ -158,23 +189,18 @@ async def attach(sb: Sandbox, cid: str, *, stdin: bool, terminal: bool,
     if stdin:
         input_task = asyncio.create_task(pump_input(sb, cid, sys.stdin.fileno(), exec_id))
 
-    def forward(sig: int) -> None:
-        loop.create_task(_signal_quietly(sb, cid, sig, exec_id))
+    async def resize(rows: int, cols: int) -> None:
+        await sb.resize(cid, rows, cols, exec_id)
 
-    for sig in FORWARDED:
-        loop.add_signal_handler(sig, forward, sig)
-    if terminal and os.isatty(out_fd):
-        def resized() -> None:
-            rows, cols = Terminal(out_fd).size()
-            loop.create_task(_quietly(sb.resize(cid, rows, cols, exec_id)))
-        loop.add_signal_handler(signal.SIGWINCH, resized)
+    async def signal_(sig: int) -> None:
+        await sb.signal(cid, sig, exec_id)
+
     try:
-        status = await sb.wait(cid, exec_id)
-        await asyncio.gather(*tasks)
-        return status
+        with forwarding(signal_, resize if terminal and os.isatty(out_fd) else None, out_fd):
+            status = await sb.wait(cid, exec_id)
+            await asyncio.gather(*tasks)
+            return status
     finally:
-        for sig in (*FORWARDED, signal.SIGWINCH):
-            loop.remove_signal_handler(sig)
         for t in [*tasks, *([input_task] if input_task else [])]:
             t.cancel()
         await asyncio.gather(*tasks, *([input_task] if input_task else []),
@@ -183,10 +209,6 @@ async def attach(sb: Sandbox, cid: str, *, stdin: bool, terminal: bool,
             os.set_blocking(fd, True)
 
 
-async def _quietly(aw: object) -> None:
+async def _quietly(aw: Awaitable[None]) -> None:
     with contextlib.suppress(Exception):
-        await aw  # type: ignore[misc]
-
-
-async def _signal_quietly(sb: Sandbox, cid: str, sig: int, exec_id: str) -> None:
-    await _quietly(sb.signal(cid, sig, exec_id))
+        await aw

@@ -28,7 +28,7 @@ from google.protobuf import empty_pb2
 
 from microvm import config as config_mod
 from microvm import linux, paths
-from microvm.core import hostcgroup, metrics, mountns, oci
+from microvm.core import hostcgroup, metrics, mountns, oci, rootmount
 from microvm.core.sandbox import Sandbox
 from microvm.core.stdio import pump_input, pump_output
 from microvm.errors import KataError, to_rpc
@@ -320,14 +320,8 @@ class TaskService:
         target = bundle / "rootfs"
         target.mkdir(exist_ok=True)
         for m in mounts:
-            flags, data = oci.mount_options(list(m.options))
             try:
-                if flags & linux.MS_BIND and flags & linux.MS_RDONLY:
-                    # mount(2) ignores MS_RDONLY on a new bind; and the guest
-                    # must never be able to write what the host lends it read-only.
-                    linux.bind_tree(m.source, str(target), readonly=True)
-                    continue
-                linux.mount(m.source, str(target), m.type or None, flags, data or None)
+                rootmount.mount(rootmount.RootMount(m.type, m.source, tuple(m.options)), target)
             except OSError as e:
                 raise ttrpc.InvalidArgument(f"rootfs mount {m.type} {m.source}: {e}") from None
 
