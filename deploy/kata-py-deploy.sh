@@ -1,5 +1,6 @@
 #!/bin/sh
-# kata-py-deploy install|uninstall: put kata-py on this node, or take it off.
+# kata-py-deploy install|uninstall|monitor: put kata-py on this node, take it
+# off, or serve its sandboxes' metrics (microvm monitor, kata-monitor's role).
 # Runs in a privileged pod with hostPID and the host's / at /host; every
 # change is made in the host's own namespaces (nsenter -t 1).  Idempotent.
 #
@@ -74,7 +75,9 @@ uninstall() {
 case "${1:-install}" in
     install) install ;;
     uninstall) uninstall ;;
-    *) echo "usage: kata-py-deploy install|uninstall" >&2; exit 2 ;;
+    # In the host's namespaces: the shims' sockets, their /proc, its network.
+    monitor) exec $HOST_EXEC "$MICROVM" monitor --listen "${LISTEN:-0.0.0.0:8090}" ;;
+    *) echo "usage: kata-py-deploy install|uninstall|monitor" >&2; exit 2 ;;
 esac
 # A DaemonSet's pod stays Running once its work is done (NO_WAIT=1: exit).
 [ -n "${NO_WAIT:-}" ] || exec sleep infinity

@@ -469,6 +469,28 @@ class Agent:
             mem_total_bytes=mem, boot_id=boot_id, agent_started=self.started_at,
             agent_ready=self.ready_at)
 
+    async def GuestStats(self, req: agent_pb2.Empty,
+                         ctx: ttrpc.CallContext) -> agent_pb2.GuestStatsResponse:
+        mem: dict[str, int] = {}
+        with open("/proc/meminfo") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("MemTotal", "MemAvailable"):
+                    mem[key] = int(rest.split()[0]) * 1024
+        with open("/proc/loadavg") as f:
+            load = [float(x) for x in f.read().split()[:3]]
+        rx = tx = 0
+        with open("/proc/net/dev") as f:
+            for line in f.readlines()[2:]:
+                name, _, counters = line.partition(":")
+                if name.strip() != "lo":
+                    fields = counters.split()
+                    rx, tx = rx + int(fields[0]), tx + int(fields[8])
+        return agent_pb2.GuestStatsResponse(
+            mem_total_bytes=mem.get("MemTotal", 0),
+            mem_available_bytes=mem.get("MemAvailable", 0), load1=load[0], load5=load[1],
+            load15=load[2], containers=len(self.containers), rx_bytes=rx, tx_bytes=tx)
+
     async def CreateContainer(self, req: agent_pb2.CreateContainerRequest,
                               ctx: ttrpc.CallContext) -> agent_pb2.ProcessResponse:
         _check_id("container id", req.container_id)

@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import statistics
 import subprocess
 import tempfile
 import time
+import urllib.request
 from collections import defaultdict
 
 from microvm.shim.manager import BINARY
 
-from .bench_containerd import pod_pids, pss_kib
+from .bench_containerd import pod_pids, proc_kib, pss_kib
 
 COUNT = 20
 SETTLE = 5.0  # seconds idle before measuring: the guests' start-up work done
@@ -71,11 +73,50 @@ def timed_cli(microvm: str, *argv: str) -> float:
     return time.perf_counter() - t0
 
 
+SCRAPE_AT = (1, 10, 20)  # sandboxes up when the exporter's scrape is timed
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_exporter(microvm: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = subprocess.Popen([microvm, "monitor", "--listen", f"127.0.0.1:{port}"],
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/metrics"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=10).close()
+            return proc, url
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("microvm monitor did not serve") from None
+            time.sleep(0.1)
+
+
+def timed_scrape(url: str, repeat: int = 3) -> float:
+    """Median time of a whole /metrics scrape."""
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        with urllib.request.urlopen(url, timeout=60) as resp:
+            resp.read()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def run(microvm: str, count: int = COUNT) -> dict[str, object]:
     prefix = f"kb-dens{os.getpid()}-"
     names = [f"{prefix}{i}" for i in range(count)]
     cold = f"{prefix}cold"
     started: list[str] = []
+    exporter, url = start_exporter(microvm)
+    scrapes: dict[int, float] = {}
     try:
         t0 = time.perf_counter()
         starts = []
@@ -83,6 +124,8 @@ def run(microvm: str, count: int = COUNT) -> dict[str, object]:
             starts.append(timed_cli(microvm, "run", "-d", "--network", "none", "--name", n,
                                "busybox", "sleep", "3600"))
             started.append(n)
+            if len(started) in SCRAPE_AT:
+                scrapes[len(started)] = timed_scrape(url)
         all_started = time.perf_counter() - t0
         with tempfile.NamedTemporaryFile("w", suffix=".yaml") as cfg:
             # Detached mode takes --no-template from the config.
@@ -96,7 +139,10 @@ def run(microvm: str, count: int = COUNT) -> dict[str, object]:
         running = shims()
         per = [pss_by_process(running[n]) for n in names if n in running]
         cold_pss = pss_by_process(running[cold]) if cold in running else {}
+        exporter_rss_mib = proc_kib(exporter.pid, "status", "VmRSS") / 1024
     finally:
+        exporter.terminate()
+        exporter.wait(10)
         for n in started:
             subprocess.run([microvm, "rm", "-f", n], stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, check=False)
@@ -110,6 +156,7 @@ def run(microvm: str, count: int = COUNT) -> dict[str, object]:
         "pss_mib_by_process": {k: statistics.median(p.get(k, 0.0) for p in per)
                                for k in parts},
         "cold_pss_mib": sum(cold_pss.values()), "cold_pss_mib_by_process": cold_pss,
+        "scrape_seconds": scrapes, "exporter_rss_mib": exporter_rss_mib,
     }
 
 
@@ -121,4 +168,8 @@ def report(r: dict[str, object]) -> None:
           f"median exec {r['exec_median']:.3f}s):")
     print(f"  PSS per container {r['pss_mib_median']:.1f} MiB ({by})")
     print(f"  one cold container beside them {r['cold_pss_mib']:.1f} MiB ({cold})")
+    scrapes = ", ".join(f"{n} sandboxes {s:.3f}s"
+                        for n, s in r["scrape_seconds"].items())  # type: ignore[attr-defined]
+    print(f"  microvm monitor: one /metrics scrape with {scrapes}; "
+          f"its RSS {r['exporter_rss_mib']:.1f} MiB")
 

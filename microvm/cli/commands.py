@@ -366,6 +366,50 @@ def image_inspect(ref: str) -> None:
                            "layers": img.layers, "config": img.config}, indent=2))
 
 
+@cli.command("stats")
+@click.option("--no-stream", is_flag=True, help="One table, then exit.")
+@click.argument("names", nargs=-1, metavar="[NAME...]")
+def stats_cmd(no_stream: bool, names: tuple[str, ...]) -> None:
+    """Live figures of detached containers (all running ones by default)."""
+    from microvm.cli import detached, observe
+    if not names:
+        names = tuple(m.name for m, status, _ in asyncio.run(detached.list_all())
+                      if status in ("running", "paused"))
+    addresses = {n: detached.address(n) for n in names}
+    tty = sys.stdout.isatty()
+    before: dict[str, observe.Sample] = {}
+    first = True
+    while True:
+        found = asyncio.run(observe.scan(list(addresses.values())))
+        by_address = {s.address: s for s in found}
+        if first:  # CPU % needs a second look
+            time.sleep(1.0)
+            before = {n: by_address[a] for n, a in addresses.items() if a in by_address}
+            found = asyncio.run(observe.scan(list(addresses.values())))
+            by_address = {s.address: s for s in found}
+            first = False
+        rows: list[tuple[str, ...]] = [observe.STATS_HEADER]
+        for n, a in addresses.items():
+            if a in by_address:
+                rows.append(observe.stats_row(n, by_address[a], before.get(n)))
+        if tty and not no_stream:
+            click.echo("\033[2J\033[H", nl=False)
+        click.echo(observe.table(rows))
+        if no_stream:
+            return
+        before = {n: by_address[a] for n, a in addresses.items() if a in by_address}
+        time.sleep(1.0)
+
+
+@cli.command("monitor")
+@click.option("--listen", default="127.0.0.1:8090", show_default=True, metavar="HOST:PORT",
+              help="Where to serve /metrics.")
+def monitor_cmd(listen: str) -> None:
+    """Serve every running sandbox's figures as Prometheus metrics."""
+    from microvm.cli import monitor
+    monitor.serve(listen)
+
+
 @cli.command("ps")
 @click.option("-a", "--all", "show_all", is_flag=True, help="Also exited containers.")
 def ps_cmd(show_all: bool) -> None:

@@ -96,6 +96,17 @@ SHIM_START_TIMEOUT = 30.0
 SHIM_POLITE = 3.0
 
 
+def address(name: str) -> str:
+    """The socket of the shim serving container name ("" if it has none)."""
+    d = _dir(name)
+    if not d.exists():
+        raise KataError(f"no such container: {name}")
+    try:
+        return _address(d)
+    except OSError:
+        return ""
+
+
 def _address(d: Path) -> str:
     """The path of the shim's socket, from the bundle (OSError if it has none)."""
     return (d / "address").read_text().strip().removeprefix("unix://")

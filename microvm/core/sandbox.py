@@ -102,6 +102,9 @@ class Sandbox:
         self.creds: qemuuser.Credentials | None = None
         self.containers: dict[str, ContainerState] = {}
         self.timings = Timings()
+        self.boot = ""  # "clone" or "cold", once started
+        # The host processes that are this sandbox, by role ("QEMU", "virtiofsd", ...).
+        self.processes: dict[str, int] = {}
         # Why the VM is gone, once a watcher saw QEMU or a helper end.
         self.death = ""
         self._stopping = False
@@ -173,6 +176,7 @@ class Sandbox:
             booted = await self._boot_from_template(spec)
             if not booted:
                 await self._boot_cold(spec)
+            self.boot = "clone" if booted else "cold"
         finally:
             if self.network is not None:
                 self.network.close_fds()  # QEMU holds the taps now
@@ -256,6 +260,8 @@ class Sandbox:
             else:
                 self._died(f"{name_} {helpers.describe_exit(proc_)}")
         stack.callback(helpers.on_exit(proc, ended))
+        self.processes[name] = proc.pid
+        stack.callback(self.processes.pop, name, None)
 
     def _died(self, reason: str) -> None:
         if self._stopping or self.death:
@@ -575,6 +581,10 @@ class Sandbox:
 
     async def resume(self, cid: str) -> None:
         await self._call("ResumeContainer", agent_pb2.ContainerRequest(container_id=cid))
+
+    async def guest_stats(self) -> agent_pb2.GuestStatsResponse:
+        stats: agent_pb2.GuestStatsResponse = await self._call("GuestStats", agent_pb2.Empty())
+        return stats
 
     async def stats(self, cid: str) -> agent_pb2.CgroupStats:
         stats: agent_pb2.CgroupStats = await self._call(

@@ -143,6 +143,26 @@ class GuestDetails(_message.Message):
     agent_ready: float
     def __init__(self, protocol_version: _Optional[int] = ..., kernel_release: _Optional[str] = ..., mem_total_bytes: _Optional[int] = ..., boot_id: _Optional[str] = ..., agent_started: _Optional[float] = ..., agent_ready: _Optional[float] = ...) -> None: ...
 
+class GuestStatsResponse(_message.Message):
+    __slots__ = ("mem_total_bytes", "mem_available_bytes", "load1", "load5", "load15", "containers", "rx_bytes", "tx_bytes")
+    MEM_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MEM_AVAILABLE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOAD1_FIELD_NUMBER: _ClassVar[int]
+    LOAD5_FIELD_NUMBER: _ClassVar[int]
+    LOAD15_FIELD_NUMBER: _ClassVar[int]
+    CONTAINERS_FIELD_NUMBER: _ClassVar[int]
+    RX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    mem_total_bytes: int
+    mem_available_bytes: int
+    load1: float
+    load5: float
+    load15: float
+    containers: int
+    rx_bytes: int
+    tx_bytes: int
+    def __init__(self, mem_total_bytes: _Optional[int] = ..., mem_available_bytes: _Optional[int] = ..., load1: _Optional[float] = ..., load5: _Optional[float] = ..., load15: _Optional[float] = ..., containers: _Optional[int] = ..., rx_bytes: _Optional[int] = ..., tx_bytes: _Optional[int] = ...) -> None: ...
+
 class User(_message.Message):
     __slots__ = ("uid", "gid", "additional_gids")
     UID_FIELD_NUMBER: _ClassVar[int]

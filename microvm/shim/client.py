@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,7 +20,7 @@ from google.protobuf import message_factory
 from google.protobuf.message import Message
 
 from microvm.errors import KataError, from_rpc
-from microvm.protocol import task_pb2, ttrpc
+from microvm.protocol import MONITOR_SERVICE, monitor_pb2, task_pb2, ttrpc
 
 SERVICE = "containerd.task.v2.Task"
 _METHODS = task_pb2.DESCRIPTOR.services_by_name["Task"].methods_by_name
@@ -39,10 +40,15 @@ class TaskClient:
 
     @classmethod
     @contextlib.asynccontextmanager
-    async def connect(cls, address: str, namespace: str) -> AsyncIterator[TaskClient]:
-        """address: the shim's socket path (unix:// accepted).  OSError if
-        nothing listens there."""
-        reader, writer = await asyncio.open_unix_connection(address.removeprefix("unix://"))
+    async def connect(cls, address: str, namespace: str,
+                      sock: socket.socket | None = None) -> AsyncIterator[TaskClient]:
+        """address: the shim's socket path (unix:// accepted), or sock, a
+        socket already connected to it.  OSError if nothing listens there."""
+        if sock is not None:
+            reader, writer = await asyncio.open_unix_connection(sock=sock)
+        else:
+            reader, writer = await asyncio.open_unix_connection(
+                address.removeprefix("unix://"))
         client = ttrpc.Client(reader, writer, {"containerd-namespace-ttrpc": namespace})
         try:
             yield cls(client)
@@ -51,8 +57,12 @@ class TaskClient:
 
     async def call(self, method: str, request: Message, timeout: float | None = 30) -> Any:
         response_type = message_factory.GetMessageClass(_METHODS[method].output_type)
+        return await self._call(SERVICE, method, request, response_type, timeout)
+
+    async def _call(self, service: str, method: str, request: Message,
+                    response_type: type[Message], timeout: float | None) -> Any:
         try:
-            return await self._client.call(SERVICE, method, request, response_type, timeout)
+            return await self._client.call(service, method, request, response_type, timeout)
         except ConnectionError:
             raise ShimGone() from None
         except ttrpc.RpcError as e:
@@ -103,6 +113,13 @@ class TaskClient:
 
     async def shutdown(self, id: str, timeout: float | None = 30) -> None:
         await self.call("Shutdown", task_pb2.ShutdownRequest(id=id), timeout)
+
+    async def describe(self, timeout: float | None = 10) -> monitor_pb2.SandboxInfo:
+        """Our own service beside the Task API (a shim of ours only)."""
+        info: monitor_pb2.SandboxInfo = await self._call(
+            MONITOR_SERVICE, "Describe", monitor_pb2.DescribeRequest(), monitor_pb2.SandboxInfo,
+            timeout)
+        return info
 
     async def release(self, id: str, running: bool = True) -> None:
         """The teardown containerd does for a task, each step best-effort and

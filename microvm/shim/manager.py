@@ -178,6 +178,8 @@ async def _release(path: Path, args: Args) -> None:
 async def serve(args: Args) -> None:
     # Here, not at the top: `start` and `delete`, which containerd runs for
     # every container, need none of the sandbox core.
+    from microvm.protocol import MONITOR_SERVICE, monitor_pb2
+    from microvm.shim.monitor import MonitorService
     from microvm.shim.task_service import SERVICE, TaskService
 
     loop = asyncio.get_running_loop()
@@ -190,6 +192,8 @@ async def serve(args: Args) -> None:
     server = ttrpc.Server(ttrpc.Limits())
     server.register_service(SERVICE, service, task_pb2.DESCRIPTOR.services_by_name["Task"],
                             task_pb2)
+    server.register_service(MONITOR_SERVICE, MonitorService(service),
+                            monitor_pb2.DESCRIPTOR.services_by_name["Monitor"], monitor_pb2)
     listener = socket.socket(fileno=3) if not args.socket else None
     if listener is None:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -97,6 +97,7 @@ class Container:
     execs: dict[str, Proc] = field(default_factory=dict)
     # The spec's seccomp program: runc loads it for every exec too.
     seccomp: bytes = b""
+    annotations: dict[str, str] = field(default_factory=dict)
 
 
 _LOGGER_EXEC = """import os, sys
@@ -372,7 +373,7 @@ class TaskService:
         spec.process.stdin = bool(req.stdin)
         p = Proc(req.id, "", req.stdin, req.stdout, req.stderr, req.terminal, spec.process)
         c = Container(req.id, req.bundle, p, rootfs_mounted=bool(req.rootfs),
-                      seccomp=spec.seccomp)
+                      seccomp=spec.seccomp, annotations=dict(spec.annotations))
         self.containers[req.id] = c
         try:
             await sb.create_container(req.id, rootfs, spec.process, readonly=spec.root_readonly,

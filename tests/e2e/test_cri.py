@@ -27,7 +27,8 @@ from harness import cristack
 from harness.cristack import CGROUP_PARENT, Cri
 from microvm.core import hostcgroup, oci
 from microvm.shim.manager import BINARY
-from tests.conftest import helper_processes, network_leftovers, shim_processes
+from tests.conftest import MICROVM, helper_processes, network_leftovers, shim_processes
+from tests.metrics import exporter, one, scrape
 from tests.netns import CNI_BIN, fetch, links, namespace
 
 pytestmark = [pytest.mark.vm, pytest.mark.skipif(
@@ -524,3 +525,24 @@ def test_a_guest_kernel_panic_ends_the_pods_containers(cri: Cri) -> None:
     finally:
         cri.remove_pod(pod)
     _nothing_left(cri)
+
+
+def test_the_exporter_names_each_pod_and_container(cri: Cri) -> None:
+    """`microvm monitor` beside containerd's CRI: the pod's sandbox carries
+    the pod's name and namespace from CRI's annotations, each container its
+    name, and the containerd namespace is k8s.io."""
+    pod = cri.run_pod("metrics")
+    try:
+        cri.container(pod, "app", "sh", "-c", "sleep 3600 & wait")
+        with exporter([MICROVM]) as url:
+            m = scrape(url)
+        mine = [lab for lab, _ in m["kata_py_container_pids"] if lab["pod"] == "metrics"]
+        assert {lab["pod_namespace"] for lab in mine} == {"default"}
+        assert {lab["namespace"] for lab in mine} == {"k8s.io"}
+        assert sorted(lab["container"] for lab in mine) == ["", "app"]  # the pause has none
+        assert len({lab["sandbox"] for lab in mine}) == 1  # one VM for the pod
+        app = next(lab for lab in mine if lab["container"] == "app")
+        assert one(m, "kata_py_container_pids", container_id=app["container_id"]) == 2
+        assert one(m, "kata_py_guest_containers", sandbox=app["sandbox"]) == 2
+    finally:
+        cri.remove_pod(pod)

@@ -33,7 +33,8 @@ def by_kind(name: str) -> dict[str, dict[str, Any]]:
 
 
 @pytest.mark.parametrize("name", ["runtimeclass.yaml", "example-pod.yaml",
-                                  "kata-py-deploy.yaml", "kata-py-cleanup.yaml"])
+                                  "kata-py-deploy.yaml", "kata-py-cleanup.yaml",
+                                  "kata-py-monitor.yaml"])
 def test_every_object_has_what_the_api_requires(name: str) -> None:
     for d in docs(name):
         assert {"apiVersion", "kind", "metadata"} <= d.keys(), d
@@ -79,6 +80,44 @@ def test_daemonsets(name: str) -> None:
     accounts = {d["metadata"]["name"] for d in docs("kata-py-deploy.yaml")
                 if d["kind"] == "ServiceAccount"}
     assert pod["serviceAccountName"] in accounts
+
+
+def test_the_monitor_runs_where_kata_py_is_and_serves_the_node() -> None:
+    ds = by_kind("kata-py-monitor.yaml")["DaemonSet"]
+    pod = ds["spec"]["template"]["spec"]
+    # Where the installer put kata-py: its label, as the RuntimeClass uses it.
+    rc = by_kind("runtimeclass.yaml")["RuntimeClass"]
+    assert pod["nodeSelector"] == rc["scheduling"]["nodeSelector"]
+    assert pod["hostPID"] is True and pod["hostNetwork"] is True
+    c = pod["containers"][0]
+    assert c["args"] == ["monitor"]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    port = int(env["LISTEN"].rpartition(":")[2])
+    assert c["ports"][0]["containerPort"] == port
+    assert ds["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"] == str(port)
+    assert all(QUANTITY.match(v) for v in c["resources"]["limits"].values())
+
+
+def test_the_monitor_action_runs_microvm_monitor_on_the_host(tmp_path: Path) -> None:
+    """The entrypoint's monitor action, with a stand-in for nsenter and microvm."""
+    record = tmp_path / "argv"
+    fake = tmp_path / "microvm"
+    fake.write_text(f'#!/bin/sh\necho "$@" > {record}\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "HOST_EXEC": "", "MICROVM": str(fake), "LISTEN": "127.0.0.1:9999"}
+    r = subprocess.run(["sh", str(DEPLOY / "kata-py-deploy.sh"), "monitor"], env=env,
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    assert record.read_text().split() == ["monitor", "--listen", "127.0.0.1:9999"]
+
+
+def test_the_systemd_unit_runs_the_installed_microvm() -> None:
+    unit = (DEPLOY / "kata-py-monitor.service").read_text()
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    argv = exec_start.removeprefix("ExecStart=").split()
+    assert argv[0] == "/opt/kata-py/venv/bin/microvm" and argv[1:3] == ["monitor", "--listen"]
+    setup = (DEPLOY.parent / "scripts/setup").read_text()
+    assert "/opt/kata-py/venv" in setup  # where setup installs it
 
 
 def test_rbac_lets_the_installer_label_its_node() -> None:
