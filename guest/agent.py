@@ -22,6 +22,8 @@ from guest import adopt, cgroups, container, network
 from microvm import capabilities, linux
 from microvm.protocol import (
     AGENT_SERVICE,
+    DEBUG_CONSOLE_PARAM,
+    GUEST_SHARED_ROOT,
     PROTOCOL_VERSION,
     REASON_COMMAND_NOT_EXECUTABLE,
     REASON_COMMAND_NOT_FOUND,
@@ -285,6 +287,7 @@ class Agent:
         self.ready_at = 0.0
         self.containers: dict[str, Container] = {}
         self.ports: dict[str, PortConnection] = {}
+        self.consoles: dict[str, Process] = {}
         self._by_pid: dict[int, Process] = {}
         # Exits seen before the pid was known to us (a child can die fast),
         # with when they were seen (monotonic): an entry older than a
@@ -438,12 +441,16 @@ class Agent:
         forwarded connection's (container_id "")."""
         if not ref.container_id:
             conn = self.ports.get(ref.exec_id)
-            if conn is None:
-                raise ttrpc.NotFound(f"port connection {ref.exec_id!r} not found")
-            return conn
+            if conn is not None:
+                return conn
         return self._process(ref)
 
     def _process(self, ref: agent_pb2.ProcessRef) -> Process:
+        if not ref.container_id:  # the debug console's
+            console = self.consoles.get(ref.exec_id)
+            if console is None:
+                raise ttrpc.NotFound(f"no console or port connection {ref.exec_id!r}")
+            return console
         c = self._container(ref.container_id)
         if not ref.exec_id:
             return c.init
@@ -762,10 +769,45 @@ class Agent:
 
     async def ClosePort(self, req: agent_pb2.ProcessRef,
                         ctx: ttrpc.CallContext) -> agent_pb2.Empty:
-        conn = self.ports.pop(req.exec_id, None)
+        conn = self.ports.pop(req.exec_id, None) or self.consoles.pop(req.exec_id, None)
+        if isinstance(conn, Process):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(conn.pid, signal.SIGKILL)  # a console's shell goes with it
+            conn.stdout.close()
         if conn is not None:
             conn.close()
         return agent_pb2.Empty()
+
+    async def StartConsole(self, req: agent_pb2.ConsoleRequest,
+                           ctx: ttrpc.CallContext) -> agent_pb2.ProcessResponse:
+        with open("/proc/cmdline") as f:
+            if DEBUG_CONSOLE_PARAM not in f.read().split():
+                raise ttrpc.PermissionDenied("the debug console is off in this VM "
+                                             "(debug_console: true in the config)")
+        _check_id("console id", req.console_id)
+        if req.console_id in self.consoles or req.console_id in self.ports:
+            raise ttrpc.AlreadyExists(f"console {req.console_id} already exists")
+        if not req.shell.startswith(GUEST_SHARED_ROOT + "/") or not os.path.isfile(req.shell):
+            raise ttrpc.FailedPrecondition(f"no shell at {req.shell!r}")
+        master, slave = os.openpty()
+        container.set_winsize(master, req.rows, req.cols)
+        forked_at = time.monotonic()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(master)
+                container.run_console(slave, req.shell, req.term)
+            finally:
+                os._exit(127)
+        os.close(slave)
+        os.set_blocking(master, False)
+        proc = Process("", req.console_id, pid, InputStream(os.dup(master)),
+                       OutputStream(master), OutputStream(None), os.dup(master),
+                       self._loop.create_future())
+        self._track(proc, forked_at)
+        self.consoles[req.console_id] = proc
+        log.info("debug console %s: pid %d", req.console_id, pid)
+        return agent_pb2.ProcessResponse(pid=pid)
 
     async def Shutdown(self, req: agent_pb2.Empty, ctx: ttrpc.CallContext) -> agent_pb2.Empty:
         # Answer first; the VM goes away right after.

@@ -291,6 +291,24 @@ def resolve_executable(argv0: str, env: list[str]) -> str:
     raise ChildError(ERR_NOT_FOUND, f"{argv0}: executable file not found in $PATH")
 
 
+def run_console(pty_slave: int, shell: str, term: str) -> None:
+    """Between fork and exec of the debug console: its own session with the
+    pty as its terminal, busybox's applets on its PATH, then the shell.
+    Never returns."""
+    os.setsid()
+    fcntl.ioctl(pty_slave, termios.TIOCSCTTY, 0)
+    for fd in (0, 1, 2):
+        os.dup2(pty_slave, fd)
+    if pty_slave > 2:
+        os.close(pty_slave)
+    os.chdir("/")
+    applets = "/run/kata-py/console-bin"
+    env = {"PATH": f"{applets}:/usr/sbin:/usr/bin:/sbin:/bin", "TERM": term or "xterm",
+           "HOME": "/", "PS1": "kata-py-guest# "}
+    script = f"mkdir -p {applets}; {shell} --install -s {applets} 2>/dev/null; exec {shell} sh -i"
+    os.execve(shell, ["sh", "-c", script], env)
+
+
 def set_winsize(fd: int, rows: int, cols: int) -> None:
     if rows and cols:
         fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))

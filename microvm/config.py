@@ -60,6 +60,9 @@ class Config:
     shutdown_timeout: float = 10.0
     kernel_params: str = ""
     log_level: str = "warning"
+    # `microvm console`: a root shell in the guest, outside every container.
+    # A way into the VM, so off unless asked for (the guest checks it too).
+    debug_console: bool = False
     # Where console and helper logs go; empty: kept only while the VM runs.
     log_dir: str = ""
     # microvm run's default --network, and its bridge.
@@ -70,6 +73,13 @@ class Config:
     # only the gateway and the outside (false: isolated bridge ports).
     bridge_icc: bool = True
     source: str = field(default="defaults", compare=False, repr=False)
+
+    def guest_kernel_params(self) -> list[str]:
+        """The guest kernel's command line beyond what the VM layer adds."""
+        from microvm.protocol import DEBUG_CONSOLE_PARAM
+        return [*self.kernel_params.split(),
+                *(["kata_py.debug=1"] if self.log_level == "debug" else []),
+                *([DEBUG_CONSOLE_PARAM] if self.debug_console else [])]
 
     def validate(self) -> None:
         where = self.source

@@ -231,7 +231,7 @@ def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ..
         process.stdin = False
         click.echo(asyncio.run(detached.run_detached(
             name, root, process, hostname or secrets.token_hex(6), read_only,
-            obj.config_path, image_ref, net, volumes, privileges)))
+            obj.config_path, image_ref, net, volumes, privileges, image_arg=rootfs_name)))
         return
     run_dir = mountns.enter()
     status = asyncio.run(_run(cfg, run_dir, root, process, read_only,
@@ -373,8 +373,9 @@ def stats_cmd(no_stream: bool, names: tuple[str, ...]) -> None:
     """Live figures of detached containers (all running ones by default)."""
     from microvm.cli import detached, observe
     if not names:
-        names = tuple(m.name for m, status, _ in asyncio.run(detached.list_all())
-                      if status in ("running", "paused"))
+        names = tuple(c.meta.name for c in asyncio.run(detached.list_all())
+                      if c.status in ("running", "paused"))
+    names = tuple(detached.resolve(n) for n in names)
     addresses = {n: detached.address(n) for n in names}
     tty = sys.stdout.isatty()
     before: dict[str, observe.Sample] = {}
@@ -401,6 +402,49 @@ def stats_cmd(no_stream: bool, names: tuple[str, ...]) -> None:
         time.sleep(1.0)
 
 
+@cli.command("events")
+@click.option("--since", default=None, metavar="TIME",
+              help="Also what happened since TIME (10m, 1h, epoch seconds, RFC 3339).")
+@click.option("--until", default=None, metavar="TIME", help="Stop at TIME.")
+@click.option("--format", "template", default=None, metavar="'{{json .}}'",
+              help="'{{json .}}': one JSON object per event, as docker's.")
+@click.option("--namespace", default="microvm", show_default=True,
+              help="The containerd namespace (k8s.io: containerd's CRI pods).")
+def events_cmd(since: str | None, until: str | None, template: str | None,
+               namespace: str) -> None:
+    """Container lifecycle events, as they happen."""
+    from microvm.cli import events
+    if template not in (None, "{{json .}}", "{{ json . }}"):
+        raise KataError("--format: only '{{json .}}' is understood")
+    now = time.time()
+    start = events.when(since, now) if since else now
+    end = events.when(until, now) if until else None
+    try:
+        for e in events.follow(namespace, start, end):
+            click.echo(events.emit(e, template is not None))
+    except KeyboardInterrupt:
+        pass
+
+
+@cli.command("console")
+@click.option("--sandbox", "sandbox_id", default=None, metavar="ID",
+              help="A shim's sandbox (a CRI pod's VM) by its ID or a prefix of it.")
+@click.argument("name", required=False)
+def console_cmd(sandbox_id: str | None, name: str | None) -> None:
+    """A root shell in the guest, outside every container (debug_console: true)."""
+    from microvm.cli import detached, observe
+    if (name is None) == (sandbox_id is None):
+        raise KataError("give a container NAME or --sandbox ID")
+    if name is not None:
+        address = detached.address(detached.resolve(name))
+        sample = asyncio.run(observe.ask(address)) if address else None
+        if sample is None:
+            raise KataError(f"container {name} is not running")
+    else:
+        sample = observe.find_sandbox(sandbox_id or "", asyncio.run(observe.scan()))
+    asyncio.run(observe.console(sample))
+
+
 @cli.command("monitor")
 @click.option("--listen", default="127.0.0.1:8090", show_default=True, metavar="HOST:PORT",
               help="Where to serve /metrics.")
@@ -412,18 +456,18 @@ def monitor_cmd(listen: str) -> None:
 
 @cli.command("ps")
 @click.option("-a", "--all", "show_all", is_flag=True, help="Also exited containers.")
-def ps_cmd(show_all: bool) -> None:
-    """List detached containers."""
-    from microvm.cli import detached
-    rows = asyncio.run(detached.list_all())
-    click.echo(f"{'NAME':<16}{'STATUS':<14}{'CREATED':<21}{'ROOTFS':<28}COMMAND")
-    for meta, status, code in rows:
-        if not show_all and status not in ("running", "paused", "created", "creating"):
-            continue
-        shown = f"exited ({code})" if status == "exited" else status
-        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(meta.created))
-        click.echo(f"{meta.name:<16}{shown:<14}{created:<21}{meta.rootfs[-27:]:<28}"
-                   f"{' '.join(meta.command)[:40]}")
+@click.option("-q", "--quiet", is_flag=True, help="Only the IDs.")
+@click.option("--format", "template", default=None, metavar="TEMPLATE",
+              help="Go-template-like fields, e.g. 'table {{.Names}}\\t{{.Status}}'.")
+def ps_cmd(show_all: bool, quiet: bool, template: str | None) -> None:
+    """List detached containers, newest first."""
+    from microvm.cli import detached, listing
+    now = time.time()
+    rows = [listing.fields(c, now) for c in reversed(asyncio.run(detached.list_all()))
+            if show_all or c.status in ("running", "paused", "created", "creating")]
+    template = "{{.ID}}" if quiet else template or listing.DEFAULT
+    for line in listing.render(template, rows):
+        click.echo(line.rstrip())
 
 
 @cli.command("exec", context_settings={"allow_interspersed_args": False})
@@ -449,7 +493,7 @@ def exec_cmd(interactive: bool, tty: bool, env: tuple[str, ...], workdir: str, u
         env=_env(env) + (["TERM=xterm"] if tty else []), cwd=workdir,
         user=agent_pb2.User(uid=int(uid), gid=int(gid or 0)), terminal=tty, rows=rows,
         cols=cols, stdin=interactive)
-    sys.exit(asyncio.run(detached.exec_process(name, process, interactive)))
+    sys.exit(asyncio.run(detached.exec_process(detached.resolve(name), process, interactive)))
 
 
 @cli.command("kill")
@@ -460,7 +504,7 @@ def kill_cmd(sig: str, names: tuple[str, ...]) -> None:
     from microvm.cli import detached
     number = _signal_number(sig)
     for n in names:
-        asyncio.run(detached.kill(n, number))
+        asyncio.run(detached.kill(detached.resolve(n), number))
         click.echo(n)
 
 
@@ -482,7 +526,7 @@ def stop_cmd(timeout: int, names: tuple[str, ...]) -> None:
     """Stop detached containers: SIGTERM, then SIGKILL."""
     from microvm.cli import detached
     for n in names:
-        asyncio.run(detached.stop(n, timeout))
+        asyncio.run(detached.stop(detached.resolve(n), timeout))
         click.echo(n)
 
 
@@ -493,7 +537,7 @@ def rm_cmd(force: bool, names: tuple[str, ...]) -> None:
     """Remove detached containers (their VM, shim and state)."""
     from microvm.cli import detached
     for n in names:
-        asyncio.run(detached.remove(n, force))
+        asyncio.run(detached.remove(detached.resolve(n), force))
         click.echo(n)
 
 
@@ -503,7 +547,7 @@ def rm_cmd(force: bool, names: tuple[str, ...]) -> None:
 def logs_cmd(follow: bool, name: str) -> None:
     """Print a detached container's output."""
     from microvm.cli import detached
-    asyncio.run(detached.logs(name, follow))
+    asyncio.run(detached.logs(detached.resolve(name), follow))
 
 
 @cli.command("inspect")
@@ -513,7 +557,7 @@ def inspect_cmd(name: str) -> None:
     import json
 
     from microvm.cli import detached
-    click.echo(json.dumps(asyncio.run(detached.inspect(name)), indent=2))
+    click.echo(json.dumps(asyncio.run(detached.inspect(detached.resolve(name))), indent=2))
 
 
 @cli.group("system")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -69,6 +70,22 @@ class Meta:
     labels: dict[str, str] = field(default_factory=dict)
     image: str = ""             # the image reference, when run from one
     ports: list[str] = field(default_factory=list)   # published, as docker ps shows them
+    id: str = ""                # 64 hex digits, as docker's; derived for older records
+    image_arg: str = ""         # the image (or rootfs) as the user named it, for ps
+
+    def __post_init__(self) -> None:
+        if not self.id:
+            self.id = hashlib.sha256(f"{self.name}\0{self.created}".encode()).hexdigest()
+
+
+@dataclass
+class Listed:
+    """A container as ps shows it."""
+
+    meta: Meta
+    status: str            # creating, created, running, paused, exited, gone
+    exit_status: int = 0
+    exited_at: float = 0.0  # seconds since the epoch, once exited
 
 
 def _dir(name: str) -> Path:
@@ -76,6 +93,23 @@ def _dir(name: str) -> Path:
     if not _NAME.fullmatch(name):
         raise KataError(f"invalid container name {_shown(name)}")
     return root() / name
+
+
+def resolve(name: str) -> str:
+    """The container's name, from its name or (docker's habit) a unique
+    prefix of its ID; name itself if neither matches (the verb then says
+    there is no such container)."""
+    if _dir(name).exists() or not re.fullmatch(r"[0-9a-f]{1,64}", name) \
+            or not root().exists():
+        return name
+    found = [m.parent.name for m in root().glob("*/meta.json") if read_meta(m).id.startswith(name)]
+    if len(found) > 1:
+        raise KataError(f"{name} names more than one container: give more of the ID")
+    return found[0] if found else name
+
+
+def read_meta(path: Path) -> Meta:
+    return Meta(**json.loads(path.read_text()))
 
 
 def check_name(name: str) -> None:
@@ -162,7 +196,7 @@ async def run_detached(name: str | None, rootfs: Path | list[Path], process: age
                        hostname: str, read_only: bool, config_path: str | None,
                        image: str = "", network: NetworkSpec | None = None,
                        volumes: list[Volume] | None = None,
-                       privileges: oci.Privileges | None = None) -> str:
+                       privileges: oci.Privileges | None = None, image_arg: str = "") -> str:
     if name is None:
         name = secrets.token_hex(6)
     else:
@@ -177,7 +211,11 @@ async def run_detached(name: str | None, rootfs: Path | list[Path], process: age
         (d / "upper").mkdir()
         (d / "work").mkdir()
         # The shim makes the network (it owns the namespace, and the ports).
-        annotations = to_annotations(network or NetworkSpec())
+        meta_id = secrets.token_hex(32)
+        # For the events journal (shim/journal.py): docker's event attributes.
+        annotations = {**to_annotations(network or NetworkSpec()),
+                       "io.containerd.kata-py.id": meta_id,
+                       "io.containerd.kata-py.image": image_arg}
         (d / "config.json").write_text(json.dumps(_spec(process, hostname, read_only,
                                                         annotations, volumes, privileges)))
         # Where the shim writes its own diagnostics (containerd passes a FIFO here).
@@ -185,7 +223,8 @@ async def run_detached(name: str | None, rootfs: Path | list[Path], process: age
         lowers = rootfs if isinstance(rootfs, list) else [rootfs]  # bottom first
         meta = Meta(name, str(lowers[-1]), list(process.args), time.time(), read_only,
                     process.terminal, image=image,
-                    ports=[str(p) for p in (network.ports if network else ())])
+                    ports=[str(p) for p in (network.ports if network else ())],
+                    id=meta_id, image_arg=image_arg)
         (d / "meta.json").write_text(json.dumps(asdict(meta)))
         start = subprocess.run(
             [_shim_binary(), "-namespace", NAMESPACE, "-address", str(paths.RUN / "microvm"),
@@ -216,6 +255,12 @@ async def run_detached(name: str | None, rootfs: Path | list[Path], process: age
 async def state(name: str) -> tuple[str, int, int]:
     """(status, pid, exit status); status "gone" when the shim is not there,
     "creating" while it is but its VM and task are still being made."""
+    status, pid, code, _ = await _state(name)
+    return status, pid, code
+
+
+async def _state(name: str) -> tuple[str, int, int, float]:
+    """state(), and when it exited (seconds since the epoch; 0 if it has not)."""
     d = _dir(name)
     if not (d / "address").exists():
         # run -d writes the bundle first, then starts the shim, which
@@ -223,27 +268,28 @@ async def state(name: str) -> tuple[str, int, int]:
         # (unless that run -d died long ago).
         with contextlib.suppress(OSError):
             if time.time() - (d / "meta.json").stat().st_mtime < SHIM_START_TIMEOUT:
-                return "creating", 0, 0
-        return "gone", 0, 0
+                return "creating", 0, 0, 0.0
+        return "gone", 0, 0, 0.0
     try:
         async with _client(name) as client:
             try:
                 s = await client.state(name, timeout=2)
             except KataError as e:
                 # NotFound: the shim runs, its Create has not come yet.
-                return ("creating" if e.status == ttrpc.NOT_FOUND else "gone"), 0, 0
-            return STATES.get(s.status, "unknown"), s.pid, s.exit_status
+                return ("creating" if e.status == ttrpc.NOT_FOUND else "gone"), 0, 0, 0.0
+            exited = s.exited_at.seconds + s.exited_at.nanos / 1e9 \
+                if s.status == task_pb2.STOPPED else 0.0
+            return STATES.get(s.status, "unknown"), s.pid, s.exit_status, exited
     except KataError:
-        return "gone", 0, 0
+        return "gone", 0, 0, 0.0
 
 
-async def list_all() -> list[tuple[Meta, str, int]]:
-    out = []
-    for d in sorted(root().glob("*/meta.json")) if root().exists() else []:
-        meta = Meta(**json.loads(d.read_text()))
-        status, _pid, code = await state(meta.name)
-        out.append((meta, status, code))
-    return out
+async def list_all() -> list[Listed]:
+    """Every container, oldest first (ps shows the newest first)."""
+    metas = [read_meta(d) for d in root().glob("*/meta.json")] if root().exists() else []
+    states = await asyncio.gather(*(_state(m.name) for m in metas))
+    return sorted((Listed(m, status, code, exited) for m, (status, _, code, exited)
+                   in zip(metas, states, strict=True)), key=lambda x: x.meta.created)
 
 
 async def kill(name: str, sig: int) -> None:
@@ -442,7 +488,7 @@ async def inspect(name: str) -> dict[str, Any]:
     d = _dir(name)
     if not (d / "meta.json").exists():
         raise KataError(f"no such container: {name}")
-    meta = json.loads((d / "meta.json").read_text())
+    meta = asdict(read_meta(d / "meta.json"))
     status, pid, code = await state(name)
     return {**meta, "state": {"status": status, "pid": pid, "exit_code": code},
             "bundle": str(d), "log_path": str(d / "container.log"), "shim_log": str(d / "log"),

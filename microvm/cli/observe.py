@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import socket
 import struct
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,3 +166,51 @@ def table(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("   ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
                      for r in rows)
+
+
+# --- `microvm console` -------------------------------------------------------------
+
+async def console(sample: Sample) -> None:
+    """Our terminal on the sandbox's debug console until its shell exits."""
+    from microvm.core.console import reachable_path
+    from microvm.core.stdio import Terminal, read_chunks
+    if not sample.info.console_socket:
+        raise KataError("the debug console is off in this sandbox (start it with "
+                        "debug_console: true in the config)")
+    shim = next(p.pid for p in sample.info.processes if p.role == "shim")
+    path = reachable_path(shim, sample.info.console_socket)
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(path))
+    except OSError as e:
+        raise KataError(f"cannot reach the console: {e.strerror}") from None
+    stdin, stdout = sys.stdin.fileno(), sys.stdout.fileno()
+    term = Terminal(stdout)
+    rows, cols = term.size() if os.isatty(stdout) else (0, 0)
+    writer.write(json.dumps({"rows": rows, "cols": cols,
+                             "term": os.environ.get("TERM", "xterm")}).encode() + b"\n")
+
+    async def up() -> None:
+        async for data in read_chunks(stdin):
+            writer.write(data)
+            await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+
+    feeding = asyncio.create_task(up())
+    try:
+        with Terminal(stdin) if os.isatty(stdin) else contextlib.nullcontext():
+            while data := await reader.read(65536):
+                os.write(stdout, data)
+    finally:
+        feeding.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError, OSError):
+            await feeding
+        writer.close()
+
+
+def find_sandbox(prefix: str, samples: list[Sample]) -> Sample:
+    found = [s for s in samples if s.info.sandbox_id.startswith(prefix)] if prefix else []
+    if len(found) != 1:
+        raise KataError(f"no sandbox {prefix!r}" if not found else
+                        f"{prefix!r} names more than one sandbox: give more of its ID")
+    return found[0]

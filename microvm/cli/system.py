@@ -39,7 +39,7 @@ class Usage:
 
 
 async def _containers() -> list[tuple[detached.Meta, str]]:
-    return [(meta, status) for meta, status, _ in await detached.list_all()]
+    return [(c.meta, c.status) for c in await detached.list_all()]
 
 
 async def df() -> list[Usage]:

@@ -39,6 +39,7 @@ from microvm.vm.qemu import Machine, Nic, VMSpec, host_tsc_khz, tail
 from microvm.vm.virtiofsd import Virtiofsd
 
 if TYPE_CHECKING:  # pyroute2 costs ~75 ms to import: only networked sandboxes pay it
+    from microvm.core.console import ConsoleServer
     from microvm.net import bridge, tcfilter
     from microvm.net.portforward import PortForward
 
@@ -103,6 +104,7 @@ class Sandbox:
         self.containers: dict[str, ContainerState] = {}
         self.timings = Timings()
         self.boot = ""  # "clone" or "cold", once started
+        self.console: ConsoleServer | None = None
         # The host processes that are this sandbox, by role ("QEMU", "virtiofsd", ...).
         self.processes: dict[str, int] = {}
         # Why the VM is gone, once a watcher saw QEMU or a helper end.
@@ -152,8 +154,7 @@ class Sandbox:
             name=f"kata-py-{self.id[:12]}", kernel=self.config.kernel,
             image=self.config.guest_image, memory_mib=self.config.memory_mib,
             vcpus=self.config.vcpus, accel=self.accel.accel,
-            kernel_params=self.config.kernel_params.split()
-            + (["kata_py.debug=1"] if self.config.log_level == "debug" else []),
+            kernel_params=self.config.guest_kernel_params(),
             transport=self.transport,
             tsc_khz=host_tsc_khz() if self.accel.accel == "tcg" else 0,
             tb_mib=self.config.tcg_tb_mib)
@@ -195,6 +196,11 @@ class Sandbox:
             await self.proxy.start(self.bridge.ip)
         if self.port_forward is not None:
             await self.port_forward.ready()
+        if self.config.debug_console:
+            from microvm.core.console import ConsoleServer
+            self.console = ConsoleServer(self)
+            await self.console.start()
+            self._stack.push_async_callback(self.console.close)
         self.timings.ready = time.monotonic()
         self.timings.guest = {"agent_started": self.details.agent_started,
                               "agent_ready": self.details.agent_ready}
@@ -384,14 +390,33 @@ class Sandbox:
         self._stack.push_async_callback(asyncio.to_thread, self.bridge.close)  # iptables
         return self.bridge.netns_path
 
+    def _share_tools(self) -> str:
+        """busybox, bound read-only into the shared directory (once); its
+        path in the guest."""
+        tools = self.shared / TOOLS_DIR
+        if not (tools / "busybox").exists():
+            tools.mkdir(exist_ok=True)
+            (tools / "busybox").touch(mode=0o555)
+            linux.bind_tree(self.config.busybox, str(tools / "busybox"), readonly=True)
+            self._stack.callback(_umount, tools / "busybox")
+        return f"{GUEST_SHARED_ROOT}/{TOOLS_DIR}/busybox"
+
+    async def start_console(self, console_id: str, rows: int, cols: int, term: str) -> None:
+        """A root shell in the guest, outside every container; its bytes then
+        flow as a port connection's (container "", exec console_id)."""
+        if not self.config.debug_console:
+            raise KataError("the debug console is off (debug_console: true in the config)")
+        shell = self._share_tools()
+        await self._call("StartConsole", agent_pb2.ConsoleRequest(
+            console_id=console_id, shell=shell, rows=rows, cols=cols, term=term))
+
+    async def close_console(self, console_id: str) -> None:
+        await self._call("ClosePort", agent_pb2.ProcessRef(exec_id=console_id))
+
     async def _configure_network(self, net: tcfilter.Network) -> None:
         """The guest copies the namespace's veths, with busybox's ip, shared
         read-only for this (the guest image has no networking tools)."""
-        tools = self.shared / TOOLS_DIR
-        tools.mkdir(exist_ok=True)
-        (tools / "busybox").touch(mode=0o555)
-        linux.bind_tree(self.config.busybox, str(tools / "busybox"), readonly=True)
-        self._stack.callback(_umount, tools / "busybox")
+        busybox = self._share_tools()
         by_name = {i.name: i.mac for i in net.interfaces}
         req = agent_pb2.NetworkConfig(
             interfaces=[agent_pb2.NetworkInterface(
@@ -401,7 +426,7 @@ class Sandbox:
                 dest=r.dest, gateway=r.gateway, device_mac=by_name[r.device],
                 source=r.source, scope=r.scope, ipv6=r.family == socket.AF_INET6,
                 metric=r.metric) for r in net.routes],
-            ip_command=[f"{GUEST_SHARED_ROOT}/{TOOLS_DIR}/busybox", "ip"])
+            ip_command=[busybox, "ip"])
         assert self.agent is not None
         try:
             await self.agent.call("ConfigureNetwork", req)

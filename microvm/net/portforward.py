@@ -159,18 +159,9 @@ class PortForward:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 writer.transport.abort()
                 return
-            up = asyncio.ensure_future(self._up(reader, conn))
-            down = asyncio.ensure_future(self._down(writer, conn))
             try:
-                # Until both directions end, or either fails (the client
-                # reset, the VM died): then the other goes too.
-                await asyncio.wait({up, down}, return_when=asyncio.FIRST_EXCEPTION)
+                await splice(sb, conn, reader, writer)
             finally:
-                for t in (up, down):
-                    t.cancel()
-                for r in await asyncio.gather(up, down, return_exceptions=True):
-                    if isinstance(r, Exception):
-                        log.debug("port-forward %s to port %d: %s", conn, port, r)
                 with contextlib.suppress(KataError, ConnectionError):
                     await sb.close_port(conn)
         except (KataError, ConnectionError, OSError) as e:
@@ -179,15 +170,36 @@ class PortForward:
             writer.close()
             self.sessions.discard(task)
 
-    async def _up(self, reader: asyncio.StreamReader, conn: str) -> None:
-        """The client's bytes to the guest; its end of sending, a half-close."""
-        while data := await reader.read(CHUNK):
-            await self.sandbox.write_input("", data, conn)
-        await self.sandbox.close_input("", conn)
 
-    async def _down(self, writer: asyncio.StreamWriter, conn: str) -> None:
-        while data := await self.sandbox.read_output("", "stdout", conn, CHUNK):
+async def splice(guest: Guest, conn: str, reader: asyncio.StreamReader,
+                 writer: asyncio.StreamWriter, end_with_guest: bool = False) -> None:
+    """A client's stream to and from a guest stream (container_id "", exec_id
+    conn), half-closes included, until both directions end or either fails
+    (the client reset, the VM died); end_with_guest: or the guest's side ends
+    (a console's shell exits: the client must not wait on its own input)."""
+    async def up() -> None:
+        while data := await reader.read(CHUNK):
+            await guest.write_input("", data, conn)
+        await guest.close_input("", conn)
+
+    async def down() -> None:
+        while data := await guest.read_output("", "stdout", conn, CHUNK):
             writer.write(data)
             await writer.drain()
         if writer.can_write_eof():
             writer.write_eof()
+
+    tasks = {asyncio.create_task(up()), down_task := asyncio.create_task(down())}
+    done: set[asyncio.Task[None]] = set()
+    try:
+        while tasks:
+            done, tasks = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if any(t.exception() for t in done if not t.cancelled()) or \
+                    (end_with_guest and down_task in done):
+                break
+    finally:
+        for t in tasks:
+            t.cancel()
+        for r in await asyncio.gather(*tasks, *done, return_exceptions=True):
+            if isinstance(r, Exception):
+                log.debug("%s: %s", conn, r)

@@ -8,7 +8,7 @@ PROTOCOL_VERSION = 10  # 2: ConfigureNetwork; 3: mounts; 4: shared namespaces;
 #                        6: AdoptSandbox (VM templates); 7: sysctls;
 #                        8: ConnectPort, ClosePort (port-forward);
 #                        9: error reasons (ErrorInfo in the status details),
-#                           SignalRequest.all; 10: GuestStats
+#                           SignalRequest.all; 10: GuestStats, StartConsole
 AGENT_SERVICE = "katapy.agent.v1.Agent"
 # Served by each shim beside containerd's Task API (monitor.proto).
 MONITOR_SERVICE = "katapy.monitor.v1.Monitor"
@@ -16,6 +16,8 @@ MONITOR_SERVICE = "katapy.monitor.v1.Monitor"
 SERIAL_PORT_NAME = "kata-py.agent"
 # AF_VSOCK port the agent listens on when the transport is vsock.
 VSOCK_PORT = 1024
+# On the guest kernel's command line when the config allows the debug console.
+DEBUG_CONSOLE_PARAM = "kata_py.debug_console=1"
 # virtio-fs tag of the sandbox's shared directory.
 SHARED_FS_TAG = "kata-py-shared"
 # Where the guest mounts it.

@@ -143,6 +143,20 @@ class GuestDetails(_message.Message):
     agent_ready: float
     def __init__(self, protocol_version: _Optional[int] = ..., kernel_release: _Optional[str] = ..., mem_total_bytes: _Optional[int] = ..., boot_id: _Optional[str] = ..., agent_started: _Optional[float] = ..., agent_ready: _Optional[float] = ...) -> None: ...
 
+class ConsoleRequest(_message.Message):
+    __slots__ = ("console_id", "shell", "rows", "cols", "term")
+    CONSOLE_ID_FIELD_NUMBER: _ClassVar[int]
+    SHELL_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    COLS_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    console_id: str
+    shell: str
+    rows: int
+    cols: int
+    term: str
+    def __init__(self, console_id: _Optional[str] = ..., shell: _Optional[str] = ..., rows: _Optional[int] = ..., cols: _Optional[int] = ..., term: _Optional[str] = ...) -> None: ...
+
 class GuestStatsResponse(_message.Message):
     __slots__ = ("mem_total_bytes", "mem_available_bytes", "load1", "load5", "load15", "containers", "rx_bytes", "tx_bytes")
     MEM_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]

@@ -54,7 +54,7 @@ class Histogram(_message.Message):
     def __init__(self, bounds: _Optional[_Iterable[float]] = ..., counts: _Optional[_Iterable[int]] = ..., sum: _Optional[float] = ...) -> None: ...
 
 class SandboxInfo(_message.Message):
-    __slots__ = ("sandbox_id", "namespace", "boot", "boot_seconds", "processes", "containers", "guest_mem_total_bytes", "guest_mem_available_bytes", "guest_load1", "guest_rx_bytes", "guest_tx_bytes", "guest_containers", "agent_rpc_seconds", "vm_memory_bytes")
+    __slots__ = ("sandbox_id", "namespace", "boot", "boot_seconds", "processes", "containers", "guest_mem_total_bytes", "guest_mem_available_bytes", "guest_load1", "guest_rx_bytes", "guest_tx_bytes", "guest_containers", "agent_rpc_seconds", "vm_memory_bytes", "console_socket")
     class AgentRpcSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class SandboxInfo(_message.Message):
     GUEST_CONTAINERS_FIELD_NUMBER: _ClassVar[int]
     AGENT_RPC_SECONDS_FIELD_NUMBER: _ClassVar[int]
     VM_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CONSOLE_SOCKET_FIELD_NUMBER: _ClassVar[int]
     sandbox_id: str
     namespace: str
     boot: str
@@ -90,4 +91,5 @@ class SandboxInfo(_message.Message):
     guest_containers: int
     agent_rpc_seconds: _containers.MessageMap[str, Histogram]
     vm_memory_bytes: int
-    def __init__(self, sandbox_id: _Optional[str] = ..., namespace: _Optional[str] = ..., boot: _Optional[str] = ..., boot_seconds: _Optional[float] = ..., processes: _Optional[_Iterable[_Union[HostProcess, _Mapping]]] = ..., containers: _Optional[_Iterable[_Union[Container, _Mapping]]] = ..., guest_mem_total_bytes: _Optional[int] = ..., guest_mem_available_bytes: _Optional[int] = ..., guest_load1: _Optional[float] = ..., guest_rx_bytes: _Optional[int] = ..., guest_tx_bytes: _Optional[int] = ..., guest_containers: _Optional[int] = ..., agent_rpc_seconds: _Optional[_Mapping[str, Histogram]] = ..., vm_memory_bytes: _Optional[int] = ...) -> None: ...
+    console_socket: str
+    def __init__(self, sandbox_id: _Optional[str] = ..., namespace: _Optional[str] = ..., boot: _Optional[str] = ..., boot_seconds: _Optional[float] = ..., processes: _Optional[_Iterable[_Union[HostProcess, _Mapping]]] = ..., containers: _Optional[_Iterable[_Union[Container, _Mapping]]] = ..., guest_mem_total_bytes: _Optional[int] = ..., guest_mem_available_bytes: _Optional[int] = ..., guest_load1: _Optional[float] = ..., guest_rx_bytes: _Optional[int] = ..., guest_tx_bytes: _Optional[int] = ..., guest_containers: _Optional[int] = ..., agent_rpc_seconds: _Optional[_Mapping[str, Histogram]] = ..., vm_memory_bytes: _Optional[int] = ..., console_socket: _Optional[str] = ...) -> None: ...

@@ -46,6 +46,8 @@ class MonitorService:
             return info
         info.sandbox_id, info.boot = sb.id, sb.boot
         info.vm_memory_bytes = sb.config.memory_mib << 20
+        if sb.console is not None:
+            info.console_socket = str(sb.console.path)
         if sb.timings.ready:
             info.boot_seconds = sb.timings.ready - sb.timings.start
         for role, pid in sorted(sb.processes.items()):

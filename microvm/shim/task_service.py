@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from google.protobuf import empty_pb2
+from google.protobuf.message import Message
 
 from microvm import config as config_mod
 from microvm import linux, paths
@@ -35,6 +36,7 @@ from microvm.errors import KataError, to_rpc
 from microvm.net import network
 from microvm.net.network import NetworkSpec
 from microvm.protocol import agent_pb2, events_pb2, task_pb2, ttrpc
+from microvm.shim import journal
 from microvm.shim.events import Publisher, timestamp
 from microvm.shim.lifecycle import Event, Lifecycle, Status
 from microvm.shim.options import runtime_options_config
@@ -177,9 +179,12 @@ class TaskService:
 
     # -- helpers -------------------------------------------------------------
 
-    def _publish(self, topic: str, event: object) -> None:
+    def _publish(self, topic: str, event: Message) -> None:
         if self.publisher is not None:
-            self.publisher.publish(topic, event)  # type: ignore[arg-type]
+            self.publisher.publish(topic, event)
+        c = self.containers.get(getattr(event, "container_id", ""))
+        journal.write(self.namespace, topic, event,
+                      attributes=journal.attributes(c.annotations) if c else {})
 
     def _container(self, cid: str) -> Container:
         c = self.containers.get(cid)
@@ -531,11 +536,11 @@ class TaskService:
         if c.rootfs_mounted:
             with contextlib.suppress(OSError):
                 linux.umount(str(Path(c.bundle) / "rootfs"), linux.MNT_DETACH)
-        del self.containers[req.id]
         p.lc.advance(Event.DELETE)
         self._publish("/tasks/delete", events_pb2.TaskDelete(
             container_id=req.id, pid=p.pid, exit_status=p.exit_status,
             exited_at=p.exit_time()))  # type: ignore[arg-type]
+        del self.containers[req.id]
         return resp
 
     async def Pids(self, req: task_pb2.PidsRequest,

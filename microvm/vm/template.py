@@ -106,8 +106,7 @@ def key(cfg: Config, accel: str, nics: int, tsc_khz: int) -> str:
     from microvm.vm.qemu import MACHINE
     parts = [f"protocol {PROTOCOL_VERSION}", MACHINE, *map(_file_id, _inputs(cfg)),
              accel, str(cfg.vcpus), str(cfg.memory_mib),
-             f"nics {nics}", cfg.transport, cfg.kernel_params, cfg.log_level == "debug",
-             str(tsc_khz)]
+             f"nics {nics}", cfg.transport, cfg.guest_kernel_params(), str(tsc_khz)]
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:20]
 
 
@@ -285,8 +284,7 @@ async def build(cfg: Config, accel: str, k: str, nics: int, creds: Credentials |
             spec = VMSpec(
                 name=f"kata-py-template-{k[:8]}", kernel=cfg.kernel, image=cfg.guest_image,
                 memory_mib=cfg.memory_mib, vcpus=cfg.vcpus, accel=accel,
-                kernel_params=cfg.kernel_params.split() + [KERNEL_PARAM] + (
-                    ["kata_py.debug=1"] if cfg.log_level == "debug" else []),
+                kernel_params=[*cfg.guest_kernel_params(), KERNEL_PARAM],
                 transport="serial", serial_fd=serial_theirs.fileno(),
                 tsc_khz=host_tsc_khz() if accel == "tcg" else 0, tb_mib=cfg.tcg_tb_mib,
                 memory_file=f"/proc/self/fd/{mem}", memory_shared=True,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -211,6 +212,7 @@ def test_volumes_oom_and_pod_stats(cri: Cri, tmp_path: Path) -> None:
         assert r.stdout.split() == [b"s3cret", b"ro-refused"], r.stderr
         assert (rw / "out").read_text() == "hi\n"
         assert (ro / "token").read_text() == "s3cret\n"
+        t0 = time.time()
         hog = cri.container(pod, "hog", "tail", "/dev/zero", memory=32 << 20)
         deadline = time.monotonic() + 60
         while True:
@@ -219,6 +221,13 @@ def test_volumes_oom_and_pod_stats(cri: Cri, tmp_path: Path) -> None:
                 break
             time.sleep(0.5)
         assert st.state == cri.pb.CONTAINER_EXITED and st.reason == "OOMKilled", st
+        # `microvm events` tells it too, from the events the pod's shim published.
+        out = subprocess.run([MICROVM, "events", "--namespace", "k8s.io", "--since", str(t0),
+                              "--until", str(time.time() + 1), "--format", "{{json .}}"],
+                             capture_output=True, text=True, timeout=60)
+        actions = [e["Action"] for e in map(json.loads, out.stdout.splitlines())
+                   if e["Actor"]["Attributes"]["name"] == hog]
+        assert actions[:3] == ["create", "start", "oom"] and "die" in actions, actions
         # containerd reads the pod's host cgroup, which holds the shim, QEMU
         # and virtiofsd: the VM's memory is the pod's.
         stats = cri.rt.PodSandboxStats(cri.pb.PodSandboxStatsRequest(pod_sandbox_id=pod))

@@ -15,6 +15,7 @@ import sys
 from microvm import config
 from microvm.core import mountns
 from microvm.core.sandbox import Sandbox
+from microvm.errors import KataError
 from microvm.images import rootfs
 from microvm.protocol import agent_pb2
 from microvm.vm import accel
@@ -92,6 +93,17 @@ async def scenario_qmp(sb: Sandbox) -> dict[str, object]:
     await asyncio.sleep(0.2)
     return {"states": [before, paused, after], "events": sb.machine.events_seen[seen:],
             "status": status}
+
+
+async def scenario_console_refused_by_the_guest(sb: Sandbox) -> dict[str, object]:
+    """The host asks for a console the config does not allow, past the
+    host's own check: the guest refuses it by its kernel command line."""
+    shell = sb._share_tools()
+    try:
+        await sb._call("StartConsole", agent_pb2.ConsoleRequest(console_id="c1", shell=shell))
+    except KataError as e:
+        return {"refused": str(e), "status": e.status}
+    return {"refused": ""}
 
 
 async def main() -> None:

@@ -34,9 +34,9 @@ def cli(microvm: Microvm, node: str, tmp_path: Path) -> Iterator[Microvm]:
     m = Microvm(microvm.log_dir, write_config(tmp_path / "bridge.yaml", microvm.log_dir,
                                               network="bridge")).in_netns(node)
     yield m
-    for line in m.run("ps", "-a").stdout.splitlines()[1:]:
-        if line.split()[0].startswith("kt-"):
-            m.run("rm", "-f", line.split()[0])
+    for name in m.run("ps", "-a", "--format", "{{.Names}}").stdout.split():
+        if name.startswith("kt-"):
+            m.run("rm", "-f", name)
     deadline = time.monotonic() + 10
     while [n for n in links(node) if n != "lo"] and time.monotonic() < deadline:
         time.sleep(0.1)

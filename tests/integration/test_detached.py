@@ -54,9 +54,12 @@ def status(cli: Microvm, name: str) -> str:
         return ""
     st = json.loads(r.stdout)["state"]
     shown = f"exited ({st['exit_code']})" if st["status"] == "exited" else st["status"]
-    # ps shows the same.
-    assert any(line.split()[:1] == [name] and shown in line
-               for line in cli.run("ps", "-a").stdout.splitlines()[1:])
+    # ps shows the same, in docker's words.
+    ps = cli.run("ps", "-a", "--format", "{{.Names}}\t{{.State}}\t{{.Status}}").stdout
+    row = next(line.split("\t") for line in ps.splitlines() if line.startswith(name + "\t"))
+    assert row[1] == {"gone": "dead"}.get(st["status"], st["status"]), row
+    if st["status"] == "exited":
+        assert row[2].startswith(f"Exited ({st['exit_code']})"), row
     return str(shown)
 
 

@@ -32,7 +32,7 @@ VICTIMS = [
 
 def _running(m: Microvm, name: str) -> None:
     deadline = time.monotonic() + 60
-    while "running" not in m.run("ps", "-a").stdout:
+    while "running" not in m.run("ps", "-a", "--format", "{{.State}}").stdout:
         assert time.monotonic() < deadline, f"{name} never ran"
         time.sleep(0.1)
 
@@ -68,7 +68,7 @@ def test_a_helper_killed_under_a_detached_container(microvm: Microvm, flags: tup
         _running(microvm, "kt-fault")
         os.kill(pid_of(victim), signal.SIGKILL)
         deadline = time.monotonic() + 2
-        while "exited (255)" not in (ps := microvm.run("ps", "-a").stdout):
+        while "Exited (255)" not in (ps := microvm.run("ps", "-a").stdout):
             assert time.monotonic() < deadline, f"still: {ps}"
             time.sleep(0.1)
         e = microvm.run("exec", "kt-fault", "true")
@@ -97,11 +97,12 @@ def test_ps_never_says_gone_while_a_container_is_made(microvm: Microvm) -> None:
     seen = []
     try:
         while p.poll() is None:
-            for line in microvm.run("ps", "-a").stdout.splitlines()[1:]:
+            for line in microvm.run("ps", "-a", "--format", "{{.Names}} {{.State}}"
+                                     ).stdout.splitlines():
                 if line.startswith("kt-making "):
                     seen.append(line.split()[1])
         assert p.returncode == 0, p.stderr.read() if p.stderr else ""
-        assert "gone" not in seen, seen
+        assert "dead" not in seen, seen
     finally:
         microvm.run("rm", "-f", "kt-making")
 
@@ -141,7 +142,7 @@ def test_a_detached_guest_panic_is_told(microvm: Microvm) -> None:
     try:
         microvm.run("exec", "kt-panic", "sh", "-c", "echo c > /proc/sysrq-trigger")
         deadline = time.monotonic() + 10
-        while "exited" not in microvm.run("ps", "-a").stdout:
+        while "exited" not in microvm.run("ps", "-a", "--format", "{{.State}}").stdout:
             assert time.monotonic() < deadline
             time.sleep(0.1)
         e = microvm.run("exec", "kt-panic", "true")
