@@ -19,7 +19,8 @@ from microvm.protocol import monitor_pb2, ttrpc
 from microvm.vm.agent_client import BUCKETS
 
 if TYPE_CHECKING:
-    from microvm.shim.task_service import Container, TaskService
+    from microvm.shim.process import Container
+    from microvm.shim.task_service import TaskService
 
 # CRI's annotations (containerd 1.6), as the exporter's labels.
 LABELS = {

@@ -17,7 +17,8 @@ from google.protobuf import any_pb2
 
 from microvm.protocol import agent_pb2, task_pb2, ttrpc
 from microvm.shim.lifecycle import Event, Lifecycle, Status
-from microvm.shim.task_service import Container, Proc, TaskService
+from microvm.shim.process import Container, Proc
+from microvm.shim.task_service import TaskService
 
 S, E = Status, Event
 

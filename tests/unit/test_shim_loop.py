@@ -14,7 +14,8 @@ from microvm.config import Config
 from microvm.core.sandbox import ContainerState, Sandbox
 from microvm.core.stdio import pump_input
 from microvm.protocol import agent_pb2, task_pb2
-from microvm.shim.task_service import Container, Proc, TaskService
+from microvm.shim.process import Container, Proc
+from microvm.shim.task_service import TaskService
 from microvm.vm import accel
 
 
