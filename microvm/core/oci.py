@@ -16,7 +16,7 @@ from typing import Any
 from microvm import capabilities, linux
 from microvm.core import seccomp
 from microvm.core.volumes import Volume, from_oci
-from microvm.protocol import agent_pb2, ttrpc
+from microvm.protocol import CRI_SANDBOX_ID, agent_pb2, ttrpc
 
 # containerd's parseMountOptions: these words are flags, the rest is data.
 _FLAGS = {
@@ -250,7 +250,7 @@ def read_bundle_linux(bundle: Path) -> tuple[str, str]:
 
 
 # CRI's name for the pod: the pause container's id, on every container of it.
-SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
+SANDBOX_ID = CRI_SANDBOX_ID
 
 # Pod-level resources that containerd's CRI (1.7+) puts on the sandbox spec.
 SANDBOX_CPU_QUOTA = "io.kubernetes.cri.sandbox-cpu-quota"
@@ -277,16 +277,6 @@ def pod_size(annotations: dict[str, str], vcpus: int, memory_mib: int,
     if memory:
         memory_mib += -(-memory // (1 << 20))
     return min(vcpus, max_vcpus), min(memory_mib, max_memory_mib)
-
-
-def read_annotations(bundle: Path) -> dict[str, str]:
-    """Just the annotations (for grouping at start), tolerant of a bad spec."""
-    try:
-        data = json.loads((bundle / "config.json").read_text())
-        found = data.get("annotations") or {}
-        return {str(k): str(v) for k, v in found.items()} if isinstance(found, dict) else {}
-    except (OSError, ValueError, AttributeError):
-        return {}
 
 
 # What docker masks and makes read-only in a container that is not
