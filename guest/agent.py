@@ -23,7 +23,7 @@ from microvm import capabilities, linux
 from microvm.protocol import (
     AGENT_SERVICE,
     DEBUG_CONSOLE_PARAM,
-    GUEST_SHARED_ROOT,
+    GUEST_BUSYBOX,
     PROTOCOL_VERSION,
     REASON_COMMAND_NOT_EXECUTABLE,
     REASON_COMMAND_NOT_FOUND,
@@ -787,7 +787,7 @@ class Agent:
         _check_id("console id", req.console_id)
         if req.console_id in self.consoles or req.console_id in self.ports:
             raise ttrpc.AlreadyExists(f"console {req.console_id} already exists")
-        if not req.shell.startswith(GUEST_SHARED_ROOT + "/") or not os.path.isfile(req.shell):
+        if req.shell != GUEST_BUSYBOX or not os.path.isfile(req.shell):
             raise ttrpc.FailedPrecondition(f"no shell at {req.shell!r}")
         master, slave = os.openpty()
         container.set_winsize(master, req.rows, req.cols)

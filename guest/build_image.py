@@ -30,6 +30,8 @@ from pathlib import Path
 
 import google.protobuf
 
+from microvm.protocol import GUEST_BUSYBOX
+
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("KATA_PY_CACHE", "/var/cache/kata-py"))
 LIB = Path(os.environ.get("KATA_PY_LIB", "/var/lib/kata-py"))
@@ -40,6 +42,9 @@ PACKAGES = [
     # protobuf's upb extension is C++; without it protobuf falls back to pure
     # Python, which imports far more and runs far slower under emulation.
     "libstdc++6", "libgcc-s1",
+    # The guest's `ip` (network set-up) and the debug console's shell: in the
+    # image, a clone reads it from RAM, not over its virtio-9p share.
+    "busybox-static",
 ]
 # The agent's own code, as the guest sees it under /opt/kata-py.
 AGENT_FILES = [
@@ -206,7 +211,7 @@ def build(key: str, debs: list[str], quiet: bool) -> Path:
         for d in (stage_root, root, result):
             d.mkdir()
         stage(paths, stage_root)
-        files = trace(stage_root)
+        files = [*trace(stage_root), GUEST_BUSYBOX]
         assemble(stage_root, files, root)
         pack(root, result)
         manifest = {"key": key, "debs": debs, "protobuf": google.protobuf.__version__,

@@ -50,8 +50,6 @@ class Config:
     # Whom QEMU runs as: dynamic (a uid of its own per VM), root, or a user.
     qemu_user: str = "dynamic"
     virtiofsd: str = "/usr/lib/qemu/virtiofsd"
-    # A static busybox, shared read-only into networked sandboxes for `ip`.
-    busybox: str = "/bin/busybox"
     # Start every sandbox as a clone of a booted VM (microvm/vm/template.py);
     # false: every sandbox boots its own kernel.
     template: bool = True

@@ -13,6 +13,7 @@ from microvm import linux
 from microvm.config import Config
 from microvm.core.sandbox import vhost_vsock_usable
 from microvm.errors import KataError
+from microvm.images import rootfs
 from microvm.vm import accel as accel_mod
 from microvm.vm import qemuuser, template
 
@@ -70,10 +71,10 @@ def run_checks(cfg: Config) -> int:
     tun = os.path.exists("/dev/net/tun")
     _line(True if tun else None, "tun", "/dev/net/tun present" if tun else "missing",
           "modprobe tun (needed for networking)")
-    bb = os.access(cfg.busybox, os.X_OK)
+    bb = os.access(rootfs.BUSYBOX, os.X_OK)
     _line(True if bb else None, "busybox",
-          f"{cfg.busybox} (the guest's ip, for networked sandboxes)" if bb
-          else f"{cfg.busybox} not found: only --network none works",
+          f"{rootfs.BUSYBOX} (the built-in busybox image)" if bb
+          else f"{rootfs.BUSYBOX} not found: `run busybox` needs an image instead",
           "apt-get install busybox-static")
     ipt = shutil.which("iptables")
     _line(True if ipt else None, "iptables",

@@ -7,7 +7,7 @@ DEBUG_CONSOLE_PARAM (the agent refuses without it) and its owner listens on
 owner's private tmpfs: root reaches it through /proc/<owner>/root, and it
 goes with the owner, even after a SIGKILL.  Containers never reach it: they
 have no way to the agent (its port is the VM's, not theirs) nor to the
-host's file system.
+host's file system.  The shell is the guest image's static busybox.
 
 A client sends one JSON line ({"rows", "cols", "term"}), then the
 terminal's bytes; it gets the shell's, until the shell exits.

@@ -30,7 +30,7 @@ from microvm.core.volumes import Volume
 from microvm.errors import KataError, VMError, from_rpc
 from microvm.net import ports
 from microvm.net.network import NetworkSpec, etc_files, write_etc
-from microvm.protocol import GUEST_SHARED_ROOT, PROTOCOL_VERSION, agent_pb2, ttrpc
+from microvm.protocol import GUEST_BUSYBOX, PROTOCOL_VERSION, agent_pb2, ttrpc
 from microvm.vm import accel as accel_mod
 from microvm.vm import helpers, qemuuser
 from microvm.vm.agent_client import AgentClient
@@ -46,7 +46,6 @@ if TYPE_CHECKING:  # pyroute2 costs ~75 ms to import: only networked sandboxes p
 log = logging.getLogger(__name__)
 
 # Host tools shared read-only into the VM, under shared/.
-TOOLS_DIR = ".kata-py-tools"
 
 
 def vhost_vsock_usable() -> bool:
@@ -390,33 +389,20 @@ class Sandbox:
         self._stack.push_async_callback(asyncio.to_thread, self.bridge.close)  # iptables
         return self.bridge.netns_path
 
-    def _share_tools(self) -> str:
-        """busybox, bound read-only into the shared directory (once); its
-        path in the guest."""
-        tools = self.shared / TOOLS_DIR
-        if not (tools / "busybox").exists():
-            tools.mkdir(exist_ok=True)
-            (tools / "busybox").touch(mode=0o555)
-            linux.bind_tree(self.config.busybox, str(tools / "busybox"), readonly=True)
-            self._stack.callback(_umount, tools / "busybox")
-        return f"{GUEST_SHARED_ROOT}/{TOOLS_DIR}/busybox"
-
     async def start_console(self, console_id: str, rows: int, cols: int, term: str) -> None:
         """A root shell in the guest, outside every container; its bytes then
         flow as a port connection's (container "", exec console_id)."""
         if not self.config.debug_console:
             raise KataError("the debug console is off (debug_console: true in the config)")
-        shell = self._share_tools()
         await self._call("StartConsole", agent_pb2.ConsoleRequest(
-            console_id=console_id, shell=shell, rows=rows, cols=cols, term=term))
+            console_id=console_id, shell=GUEST_BUSYBOX, rows=rows, cols=cols, term=term))
 
     async def close_console(self, console_id: str) -> None:
         await self._call("ClosePort", agent_pb2.ProcessRef(exec_id=console_id))
 
     async def _configure_network(self, net: tcfilter.Network) -> None:
-        """The guest copies the namespace's veths, with busybox's ip, shared
-        read-only for this (the guest image has no networking tools)."""
-        busybox = self._share_tools()
+        """The guest copies the namespace's veths, with the guest image's
+        busybox ip."""
         by_name = {i.name: i.mac for i in net.interfaces}
         req = agent_pb2.NetworkConfig(
             interfaces=[agent_pb2.NetworkInterface(
@@ -426,7 +412,7 @@ class Sandbox:
                 dest=r.dest, gateway=r.gateway, device_mac=by_name[r.device],
                 source=r.source, scope=r.scope, ipv6=r.family == socket.AF_INET6,
                 metric=r.metric) for r in net.routes],
-            ip_command=[busybox, "ip"])
+            ip_command=[GUEST_BUSYBOX, "ip"])
         assert self.agent is not None
         try:
             await self.agent.call("ConfigureNetwork", req)

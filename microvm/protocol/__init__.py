@@ -16,6 +16,9 @@ MONITOR_SERVICE = "katapy.monitor.v1.Monitor"
 SERIAL_PORT_NAME = "kata-py.agent"
 # AF_VSOCK port the agent listens on when the transport is vsock.
 VSOCK_PORT = 1024
+# A static busybox in the guest image: the guest's `ip` and the debug
+# console's shell.
+GUEST_BUSYBOX = "/bin/busybox"
 # containerd's CRI annotation naming a container's pod sandbox.
 CRI_SANDBOX_ID = "io.kubernetes.cri.sandbox-id"
 # On the guest kernel's command line when the config allows the debug console.

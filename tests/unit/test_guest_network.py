@@ -8,7 +8,7 @@ import pytest
 from guest.network import NetworkError, commands
 from microvm.protocol import agent_pb2
 
-IP = ["/run/kata-py/shared/.kata-py-tools/busybox", "ip"]
+IP = ["/bin/busybox", "ip"]
 MAC = "AA:BB:CC:00:00:01"
 
 
