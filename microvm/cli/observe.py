@@ -126,22 +126,22 @@ async def scan(addresses: list[str] | None = None) -> list[Sample]:
 STATS_HEADER = ("NAME", "CPU %", "MEM USAGE / LIMIT", "MEM %", "NET I/O", "PIDS", "HOST PSS")
 
 
+def _size(n: float, step: int, units: tuple[str, ...], digits: int) -> str:
+    for unit in units:
+        if n < step or unit == units[-1]:
+            return f"{n:.{digits}g}{unit}" if unit != "B" else f"{int(n)}B"
+        n /= step
+    raise AssertionError
+
+
 def binary_size(n: float) -> str:
     """docker's memory figures: 1.5MiB."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.4g}{unit}" if unit != "B" else f"{int(n)}B"
-        n /= 1024
-    raise AssertionError
+    return _size(n, 1024, ("B", "KiB", "MiB", "GiB"), 4)
 
 
 def decimal_size(n: float) -> str:
     """docker's network figures: 1.2kB."""
-    for unit in ("B", "kB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.3g}{unit}" if unit != "B" else f"{int(n)}B"
-        n /= 1000
-    raise AssertionError
+    return _size(n, 1000, ("B", "kB", "MB", "GB"), 3)
 
 
 def stats_row(name: str, now: Sample, before: Sample | None) -> tuple[str, ...]:
