@@ -281,10 +281,19 @@ class Sandbox:
     async def _gone(self) -> str:
         """Why the agent's channel closed: what the watchers saw, once QEMU
         has ended (it does within a second of its channel closing)."""
-        if not self.death and self.machine is not None and self.machine.proc is not None:
-            await self.machine.wait(1.0)
-            await asyncio.sleep(0)  # the pidfd's callback runs
+        await self._settle(1.0)
         return self.death or self._with_console("lost the connection to the agent")
+
+    async def _settle(self, timeout: float) -> None:
+        """Wait for QEMU's end, and have self.death say why it ended even
+        when its pidfd's callback has not run yet (a race seen in CI)."""
+        if self.death or self.machine is None or self.machine.proc is None:
+            return
+        await self.machine.wait(timeout)
+        await asyncio.sleep(0)  # the watchers' callbacks run
+        proc = self.machine.proc
+        if not self.death and proc.poll() not in (None, 0):
+            self._died(f"QEMU {helpers.describe_exit(proc)}")
 
     async def _connect(self, serial_ours: socket.socket | None, spec: VMSpec,
                        stack: contextlib.AsyncExitStack, first_stream: int = 1) -> None:
@@ -436,8 +445,7 @@ class Sandbox:
         with contextlib.suppress(BaseException):
             await task
         if task in done or exited in done:
-            await self.machine.wait(2)
-            await asyncio.sleep(0)  # the watchers' callbacks run
+            await self._settle(2)
         if self.death and not self.death.startswith("the VM exited"):
             raise VMError(self.death)  # a helper's or the kernel's: it says it all
         if task in done:
