@@ -24,8 +24,10 @@ class _Quiet(logging.Filter):
 
 
 def setup(prefix: str, debug: bool) -> None:
-    logging.basicConfig(stream=sys.stderr, format=f"{prefix} %(levelname)s: %(message)s",
-                        level=logging.DEBUG if debug else logging.WARNING)
+    # At --debug, the time to the millisecond: where a start's time goes.
+    stamp = "%(asctime)s.%(msecs)03d " if debug else ""
+    logging.basicConfig(stream=sys.stderr, format=f"{stamp}{prefix} %(levelname)s: %(message)s",
+                        datefmt="%H:%M:%S", level=logging.DEBUG if debug else logging.WARNING)
     for handler in logging.getLogger().handlers:
         handler.addFilter(_Quiet())
     if not debug:

@@ -363,8 +363,10 @@ class Sandbox:
             serial = await self._launch(clone, stack, passed)
             assert self.machine is not None
             await asyncio.wait_for(self.machine.restore_state(state), self.config.boot_timeout)
+            log.debug("sandbox %s: clone restored", self.id)
             await self._connect(serial, clone, stack, tmpl.next_stream_id)
             await self._adopt(mount_share=True)
+            log.debug("sandbox %s: clone adopted (entropy, clock, name, share)", self.id)
         except Exception as e:  # noqa: BLE001 - any failure: this start boots cold
             while passed:
                 os.close(passed.pop())

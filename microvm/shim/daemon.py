@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -19,6 +20,8 @@ from microvm.shim.events import Publisher
 from microvm.shim.manager import BINARY, Args
 from microvm.shim.monitor import MonitorService
 from microvm.shim.task_service import SERVICE, TaskService
+
+log = logging.getLogger(__name__)
 
 
 async def serve(args: Args) -> None:
@@ -42,6 +45,7 @@ async def serve(args: Args) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, done.set)
     srv = await asyncio.start_unix_server(server.serve, sock=listener)
+    log.debug("serving %s", args.id)
     try:
         await done.wait()
     finally:

@@ -227,6 +227,7 @@ class TaskService:
             raise ttrpc.AlreadyExists(f"container {req.id} already exists")
         if req.checkpoint:
             raise ttrpc.Unimplemented("checkpoint restore is not supported by kata-py")
+        log.debug("create %s", req.id)
         bundle = Path(req.bundle)
         spec = oci.load_bundle(bundle)
         # Before the VM boots: what a VM cannot share with the node.
@@ -283,6 +284,7 @@ class TaskService:
                 raise to_rpc(e) from None
             raise
         p.pid = self._vm_pid()
+        log.debug("created %s", req.id)
         self._publish("/tasks/create", events_pb2.TaskCreate(
             container_id=req.id, bundle=req.bundle,
             rootfs=[events_pb2.Mount(type=m.type, source=m.source, target=m.target,
