@@ -498,6 +498,32 @@ class Agent:
             mem_available_bytes=mem.get("MemAvailable", 0), load1=load[0], load5=load[1],
             load15=load[2], containers=len(self.containers), rx_bytes=rx, tx_bytes=tx)
 
+    async def GetMeasurements(self, req: agent_pb2.Empty,
+                              ctx: ttrpc.CallContext) -> agent_pb2.Measurements:
+        """The vTPM's sha256 PCRs and the firmware's event log, as the kernel
+        exposes them; the host compares them with what it expects."""
+        bank = "/sys/class/tpm/tpm0/pcr-sha256"
+        if not os.path.isdir(bank):
+            return agent_pb2.Measurements(error="this VM has no TPM")
+        pcrs = {}
+        for name in os.listdir(bank):
+            if name.isdigit():
+                with open(os.path.join(bank, name)) as f:
+                    pcrs[int(name)] = bytes.fromhex(f.read().strip())
+        security = "/sys/kernel/security"
+        log_path = f"{security}/tpm0/binary_bios_measurements"
+        if not os.path.exists(log_path) and os.path.isdir(security):
+            with contextlib.suppress(OSError):
+                linux.mount("securityfs", security, "securityfs",
+                            linux.MS_NOSUID | linux.MS_NODEV | linux.MS_NOEXEC)
+        try:
+            with open(log_path, "rb") as f:
+                event_log = f.read(4 << 20)
+        except OSError as e:
+            return agent_pb2.Measurements(pcr_sha256=pcrs,
+                                          error=f"no event log: {e.strerror}")
+        return agent_pb2.Measurements(pcr_sha256=pcrs, event_log=event_log)
+
     async def CreateContainer(self, req: agent_pb2.CreateContainerRequest,
                               ctx: ttrpc.CallContext) -> agent_pb2.ProcessResponse:
         _check_id("container id", req.container_id)

@@ -58,7 +58,7 @@ class Containerd:
         if cri_sandbox_image:
             from microvm.cli.install import install_containerd
             (root / "cni").mkdir(exist_ok=True)
-            install_containerd(config)
+            install_containerd(config, secure_config=root / "secure.yaml")
         env = dict(os.environ)
         # containerd finds shims on its PATH: this venv's first.
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}"

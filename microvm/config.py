@@ -23,6 +23,14 @@ ACCELS = ("auto", "kvm", "tcg")
 TRANSPORTS = ("auto", "vsock", "serial")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 NETWORKS = ("bridge", "none")
+# default: QEMU microvm, direct kernel boot.  secure: q35 + OVMF with Secure
+# Boot enforced, a signed kernel, a vTPM, and the boot's measurements checked
+# before any container starts (docs/secure-boot.md).
+FIRMWARES = ("default", "secure")
+# `microvm run -d --firmware secure` asks the shim for the secure flavour
+# with this annotation.  It can only raise the flavour, never lower it: a
+# pod's annotations must not undo RuntimeClass kata-py-secure.
+FIRMWARE_ANNOTATION = "io.containerd.kata-py.firmware"
 # QEMU's microvm cannot address more than the low 3 GiB without the
 # high-memory hole set-up.
 MAX_MEMORY_MIB = 3072
@@ -53,6 +61,8 @@ class Config:
     # Start every sandbox as a clone of a booted VM (microvm/vm/template.py);
     # false: every sandbox boots its own kernel.
     template: bool = True
+    # default or secure (FIRMWARES above); secure sandboxes boot cold.
+    firmware: str = "default"
     # Seconds.  TCG boots take a few seconds; KVM well under one.
     boot_timeout: float = 60.0
     shutdown_timeout: float = 10.0
@@ -91,6 +101,7 @@ class Config:
             raise ConfigError(f"{where}: memory_mib must be between 64 and {MAX_MEMORY_MIB}, "
                               f"not {self.memory_mib}")
         _choice("network", self.network, NETWORKS, where)
+        _choice("firmware", self.firmware, FIRMWARES, where)
         if not self.qemu_user or not all(c.isalnum() or c in "._-" for c in self.qemu_user):
             raise ConfigError(f"{where}: qemu_user must be dynamic, root or a user name, "
                               f"not {_shown(self.qemu_user)}")

@@ -14,6 +14,8 @@ CACHE = Path(os.environ.get("KATA_PY_CACHE", "/var/cache/kata-py"))
 # Mount point of each owner's private tmpfs (see mountns.py); empty on the host.
 RUN = Path(os.environ.get("KATA_PY_RUN", "/run/kata-py"))
 CONFIG = Path("/etc/kata-py/config.yaml")
+# RuntimeClass kata-py-secure's config (`microvm install containerd` writes it).
+SECURE_CONFIG = Path(os.environ.get("KATA_PY_SECURE_CONFIG", "/etc/kata-py/secure.yaml"))
 
 GUEST = LIB / "guest"
 ROOTFS = LIB / "rootfs"

@@ -27,8 +27,50 @@ def _line(ok: bool | None, what: str, detail: str, fix: str = "") -> None:
     click.echo(text)
 
 
-def run_checks(cfg: Config) -> int:
-    """0 when a VM can run here."""
+def _check_secure(cfg: Config, fix: bool) -> bool:
+    """The secure flavour's pieces; True when one it needs is missing and
+    the config asks for it (otherwise only a warning)."""
+    from microvm.vm import firmware
+
+    need = cfg.firmware == "secure"
+    missing = []
+    for what, path, pkg in (("OVMF", firmware.OVMF_CODE, "ovmf"),
+                            ("swtpm", shutil.which("swtpm"), "swtpm swtpm-tools"),
+                            ("sbsign", shutil.which("sbsign"), "sbsigntool")):
+        if not path or not os.path.exists(path):
+            missing.append(f"{what} (apt-get install {pkg})")
+    layout = firmware.Layout()
+    if fix and not missing:
+        try:
+            for line in firmware.prepare(layout):
+                click.echo(f"     {'':<14} {line}")
+        except KataError as e:
+            _line(False, "secure boot", str(e), "kernels/build --flavour secure")
+            return need
+    if missing:
+        _line(False if need else None, "secure boot", "missing: " + ", ".join(missing),
+              "apt-get install ovmf swtpm swtpm-tools sbsigntool (optional: --firmware secure)")
+        return need
+    if not layout.signed.exists() or not layout.varstore.exists():
+        _line(False if need else None, "secure boot",
+              "no keys, varstore or signed kernel yet", "microvm check --fix")
+        return need
+    try:
+        state = firmware.varstore_state(layout.varstore)
+    except KataError as e:
+        _line(False if need else None, "secure boot", str(e), "microvm check --fix")
+        return need
+    db = ", ".join(state.certificates.get("db", [])) or "none"
+    _line(state.secure_boot or (None if not need else False), "secure boot",
+          f"{'enforced' if state.secure_boot else 'NOT enforced'} in {layout.varstore}; "
+          f"PK {len(state.certificates.get('PK', []))}, KEK "
+          f"{len(state.certificates.get('KEK', []))}, db: {db}", "microvm check --fix")
+    return need and not state.secure_boot
+
+
+def run_checks(cfg: Config, fix: bool = False) -> int:
+    """0 when a VM can run here.  fix: make what kata-py can make itself
+    (the secure flavour's keys, varstore and signed kernel)."""
     fatal = False
     qemu = shutil.which(cfg.qemu)
     if qemu:
@@ -114,6 +156,7 @@ def run_checks(cfg: Config) -> int:
         cfg.transport == "auto" and vsock) else "serial"
     ok_t, why_t = template.check(cfg, transport)
     _line(ok_t, "templates", why_t, "template: true, transport: serial or auto")
+    fatal |= _check_secure(cfg, fix)
     root = os.geteuid() == 0
     fatal |= not root
     _line(root, "privileges", "root" if root else "not root", "run as root")

@@ -131,6 +131,9 @@ def _check_run_flags(hostname: str, name: str | None, detach: bool) -> None:
 @click.option("--read-only", is_flag=True, help="Mount the root file system read-only.")
 @click.option("--no-template", is_flag=True,
               help="Boot the VM's own kernel rather than clone a booted template.")
+@click.option("--firmware", type=click.Choice(config_mod.FIRMWARES), default=None,
+              help="secure: boot through OVMF with Secure Boot and a vTPM, and check the "
+                   "measured boot before the container starts (docs/secure-boot.md).")
 @click.option("--privileged", is_flag=True,
               help="Every capability, every device, no masked paths (inside the VM only).")
 @click.option("--cap-add", multiple=True, metavar="CAP", help="Add a capability (or ALL).")
@@ -151,7 +154,8 @@ def _check_run_flags(hostname: str, name: str | None, detach: bool) -> None:
 def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ...],
         workdir: str | None, user: str | None, entrypoint: str | None, hostname: str,
         pull_policy: str, cpus: int | None, memory: int | None, kernel: str | None,
-        accel: str | None, read_only: bool, no_template: bool, privileged: bool,
+        accel: str | None, read_only: bool, no_template: bool, firmware: str | None,
+        privileged: bool,
         cap_add: tuple[str, ...], cap_drop: tuple[str, ...], detach: bool, name: str | None,
         network: str | None, publish: tuple[str, ...], volume: tuple[str, ...],
         rootfs_name: str, command: tuple[str, ...]) -> None:
@@ -170,6 +174,8 @@ def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ..
         cfg.accel = accel
     if no_template:
         cfg.template = False
+    if firmware is not None:
+        cfg.firmware = firmware
     cfg.source = "command line"
     cfg.validate()
     _check_run_flags(hostname, name, detach)
@@ -231,7 +237,8 @@ def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ..
         process.stdin = False
         click.echo(asyncio.run(detached.run_detached(
             name, root, process, hostname or secrets.token_hex(6), read_only,
-            obj.config_path, image_ref, net, volumes, privileges, image_arg=rootfs_name)))
+            obj.config_path, image_ref, net, volumes, privileges, image_arg=rootfs_name,
+            firmware=firmware)))
         return
     run_dir = mountns.enter()
     status = asyncio.run(_run(cfg, run_dir, root, process, read_only,
@@ -560,6 +567,27 @@ def inspect_cmd(name: str) -> None:
     click.echo(json.dumps(asyncio.run(detached.inspect(detached.resolve(name))), indent=2))
 
 
+@cli.command("attest")
+@click.argument("name")
+def attest_cmd(name: str) -> None:
+    """Check a secure container's measured boot: each PCR the host expects
+    against what its vTPM measured.  Exits 1 on a mismatch."""
+    from microvm.cli import detached
+    flavour, result = asyncio.run(detached.attestation(detached.resolve(name)))
+    if result is None:
+        raise KataError(f"{name} runs the {flavour} flavour: nothing is measured "
+                        "(run it with --firmware secure)")
+    for p in result["pcrs"]:
+        ok = "ok      " if p["expected"] == p["measured"] else "MISMATCH"
+        click.echo(f"PCR {p['index']:<2} {ok} {p['what']}: {p['measured']}")
+        if p["expected"] != p["measured"]:
+            click.echo(f"{'':12}expected {p['expected']}")
+    if not result["passed"]:
+        click.echo(f"attestation failed: {result['detail']}", err=True)
+        sys.exit(1)
+    click.echo("attestation passed")
+
+
 @cli.group("system")
 def system_group() -> None:
     """What kata-py keeps on disk."""
@@ -623,12 +651,15 @@ def network_ls(obj: Context) -> None:
 
 
 @cli.command()
+@click.option("--fix", is_flag=True,
+              help="Make what kata-py can make itself: the secure flavour's keys, "
+                   "varstore and signed kernel.")
 @click.pass_obj
-def check(obj: Context) -> None:
+def check(obj: Context, fix: bool) -> None:
     """Tell what a VM needs here, what is missing, and how to fix it."""
     from microvm.cli.check import run_checks
 
-    sys.exit(run_checks(obj.config()))
+    sys.exit(run_checks(obj.config(), fix))
 
 
 @cli.group()

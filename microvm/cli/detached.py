@@ -36,6 +36,7 @@ from typing import Any
 from google.protobuf import any_pb2, json_format
 
 from microvm import paths
+from microvm.config import FIRMWARE_ANNOTATION
 from microvm.core import oci, rootmount
 from microvm.core.volumes import Volume
 from microvm.errors import KataError, VMError
@@ -196,7 +197,8 @@ async def run_detached(name: str | None, rootfs: Path | list[Path], process: age
                        hostname: str, read_only: bool, config_path: str | None,
                        image: str = "", network: NetworkSpec | None = None,
                        volumes: list[Volume] | None = None,
-                       privileges: oci.Privileges | None = None, image_arg: str = "") -> str:
+                       privileges: oci.Privileges | None = None, image_arg: str = "",
+                       firmware: str | None = None) -> str:
     if name is None:
         name = secrets.token_hex(6)
     else:
@@ -216,6 +218,8 @@ async def run_detached(name: str | None, rootfs: Path | list[Path], process: age
         annotations = {**to_annotations(network or NetworkSpec()),
                        "io.containerd.kata-py.id": meta_id,
                        "io.containerd.kata-py.image": image_arg}
+        if firmware == "secure":
+            annotations[FIRMWARE_ANNOTATION] = firmware
         (d / "config.json").write_text(json.dumps(_spec(process, hostname, read_only,
                                                         annotations, volumes, privileges)))
         # Where the shim writes its own diagnostics (containerd passes a FIFO here).
@@ -490,6 +494,24 @@ async def inspect(name: str) -> dict[str, Any]:
         raise KataError(f"no such container: {name}")
     meta = asdict(read_meta(d / "meta.json"))
     status, pid, code = await state(name)
-    return {**meta, "state": {"status": status, "pid": pid, "exit_code": code},
-            "bundle": str(d), "log_path": str(d / "container.log"), "shim_log": str(d / "log"),
-            "config": json.loads((d / "config.json").read_text())}
+    out = {**meta, "state": {"status": status, "pid": pid, "exit_code": code},
+           "bundle": str(d), "log_path": str(d / "container.log"), "shim_log": str(d / "log"),
+           "config": json.loads((d / "config.json").read_text())}
+    if status in ("running", "paused", "created"):
+        with contextlib.suppress(KataError):
+            out["firmware"], out["attestation"] = await attestation(name)
+    return out
+
+
+async def attestation(name: str) -> tuple[str, dict[str, Any] | None]:
+    """The sandbox's firmware flavour, and for the secure one the check of
+    its measured boot, as its shim made it before the container started."""
+    async with _client(name) as client:
+        info = await client.describe()
+    if info.firmware != "secure":
+        return info.firmware or "default", None
+    a = info.attestation
+    return info.firmware, {
+        "passed": a.passed, "detail": a.detail,
+        "pcrs": [{"index": p.index, "what": p.what, "expected": p.expected,
+                  "measured": p.measured} for p in a.pcrs]}

@@ -19,6 +19,9 @@ from microvm import paths
 from microvm.errors import KataError
 
 HANDLER = "kata-py"
+# RuntimeClass kata-py-secure: the same shim, with the secure flavour's
+# config file (docs/secure-boot.md).
+SECURE_HANDLER = "kata-py-secure"
 RUNTIME_TYPE = "io.containerd.kata-py.v2"
 DEFAULT_CONFIG = Path("/etc/containerd/config.toml")
 
@@ -38,13 +41,18 @@ BEGIN = "# BEGIN kata-py (added by `microvm install containerd`; " \
 END = "# END kata-py"
 
 
-def _block(version: int, config_path: Path) -> str:
-    table = f'plugins."{_CRI_PLUGIN[version]}".containerd.runtimes.{HANDLER}'
-    return (f"# Every pod with runtimeClassName: {HANDLER} runs in its own microVM.\n"
-            f"[{table}]\n"
-            f'  runtime_type = "{RUNTIME_TYPE}"\n'
-            f"[{table}.options]\n"
-            f'  ConfigPath = "{config_path}"\n')
+def _block(version: int, config_path: Path, secure_config: Path) -> str:
+    out = ""
+    for handler, config, why in (
+            (HANDLER, config_path, "runs in its own microVM"),
+            (SECURE_HANDLER, secure_config, "boots with Secure Boot, its boot measured")):
+        table = f'plugins."{_CRI_PLUGIN[version]}".containerd.runtimes.{handler}'
+        out += (f"# Every pod with runtimeClassName: {handler} {why}.\n"
+                f"[{table}]\n"
+                f'  runtime_type = "{RUNTIME_TYPE}"\n'
+                f"[{table}.options]\n"
+                f'  ConfigPath = "{config}"\n')
+    return out
 
 
 def _default_runtime_block(doc: dict[str, Any], version: int) -> str:
@@ -64,8 +72,10 @@ def _default_runtime_block(doc: dict[str, Any], version: int) -> str:
             f'  runtime_type = "io.containerd.runc.v2"\n')
 
 
-def plan(text: str, where: str, config_path: Path = paths.CONFIG) -> str | None:
+def plan(text: str, where: str, config_path: Path = paths.CONFIG,
+         secure_config: Path | None = None) -> str | None:
     """The new file text, or None when the runtime is already there."""
+    secure_config = secure_config or paths.SECURE_CONFIG
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -76,7 +86,12 @@ def plan(text: str, where: str, config_path: Path = paths.CONFIG) -> str | None:
     existing = _runtimes(doc, version).get(HANDLER)
     if existing is not None:
         if isinstance(existing, dict) and existing.get("runtime_type") == RUNTIME_TYPE:
-            return None
+            if SECURE_HANDLER in _runtimes(doc, version) or BEGIN not in text.splitlines():
+                return None
+            # Our block from before kata-py-secure: made again, whole.
+            older = unplan(text, where)
+            assert older is not None
+            return plan(older, where, config_path, secure_config)
         raise KataError(f"{where}: a runtime named {HANDLER} exists with runtime_type "
                         f"{existing.get('runtime_type') if isinstance(existing, dict) else '?'}"
                         f"; not changing it")
@@ -84,7 +99,7 @@ def plan(text: str, where: str, config_path: Path = paths.CONFIG) -> str | None:
     if new and not new.endswith("\n"):
         new += "\n"
     new += (f"\n{BEGIN}\n" + _default_runtime_block(doc, version)
-            + _block(version, config_path) + f"{END}\n")
+            + _block(version, config_path, secure_config) + f"{END}\n")
     try:
         check = _runtimes(tomllib.loads(new), version).get(HANDLER, {})
     except tomllib.TOMLDecodeError as e:
@@ -152,16 +167,28 @@ def uninstall_containerd(path: Path = DEFAULT_CONFIG, dry_run: bool = False) -> 
     return f"{path}: removed the {HANDLER} runtime; restart containerd"
 
 
+SECURE_CONFIG_TEXT = """\
+# kata-py's config for RuntimeClass kata-py-secure (written by `microvm
+# install containerd`; keys as in config.yaml, docs/config.md).  This file
+# is read instead of config.yaml, so repeat here what you set there.
+firmware: secure
+"""
+
+
 def install_containerd(path: Path = DEFAULT_CONFIG, dry_run: bool = False,
-                       config_path: Path = paths.CONFIG) -> str:
-    """Apply (or with dry_run, show) the change; returns what to tell the user."""
+                       config_path: Path = paths.CONFIG,
+                       secure_config: Path | None = None) -> str:
+    """Apply (or with dry_run, show) the change; returns what to tell the user.
+    secure_config: kata-py-secure's config file (paths.SECURE_CONFIG),
+    written if missing."""
+    secure_config = secure_config or paths.SECURE_CONFIG
     try:
         text = path.read_text()
     except FileNotFoundError:
         text = ""
     except OSError as e:
         raise KataError(f"{path}: {e.strerror}") from None
-    new = plan(text, str(path), config_path)
+    new = plan(text, str(path), config_path, secure_config)
     if new is None:
         return f"{path}: the {HANDLER} runtime is already installed; nothing to do"
     diff = "".join(difflib.unified_diff(text.splitlines(keepends=True),
@@ -170,5 +197,7 @@ def install_containerd(path: Path = DEFAULT_CONFIG, dry_run: bool = False,
     if dry_run:
         return diff.rstrip("\n")
     _replace(path, new)
-    return (f"{path}: added the {HANDLER} runtime ({RUNTIME_TYPE}); "
-            "restart containerd to use it")
+    if not secure_config.exists():
+        _replace(secure_config, SECURE_CONFIG_TEXT)
+    return (f"{path}: added the {HANDLER} and {SECURE_HANDLER} runtimes ({RUNTIME_TYPE}); "
+            "restart containerd to use them")

@@ -17,6 +17,7 @@ import shutil
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,11 +36,12 @@ from microvm.vm import accel as accel_mod
 from microvm.vm import helpers, qemuuser
 from microvm.vm.agent_client import AgentClient
 from microvm.vm.ninep import ProxyHelper
-from microvm.vm.qemu import Machine, Nic, VMSpec, host_tsc_khz, tail
+from microvm.vm.qemu import Machine, Nic, VMSpec, host_tsc_khz, kernel_cmdline, tail
 from microvm.vm.virtiofsd import Virtiofsd
 
 if TYPE_CHECKING:  # pyroute2 costs ~75 ms to import: only networked sandboxes pay it
     from microvm.core.console import ConsoleServer
+    from microvm.core.secureboot import SecureBoot
     from microvm.net import bridge, tcfilter
     from microvm.net.portforward import PortForward
 
@@ -103,6 +105,7 @@ class Sandbox:
         self.containers: dict[str, ContainerState] = {}
         self.timings = Timings()
         self.boot = ""  # "clone" or "cold", once started
+        self.secure: SecureBoot | None = None  # the secure flavour's firmware and vTPM
         self.console: ConsoleServer | None = None
         # The host processes that are this sandbox, by role ("QEMU", "virtiofsd", ...).
         self.processes: dict[str, int] = {}
@@ -157,6 +160,10 @@ class Sandbox:
             transport=self.transport,
             tsc_khz=host_tsc_khz() if self.accel.accel == "tcg" else 0,
             tb_mib=self.config.tcg_tb_mib)
+        if self.config.firmware == "secure":
+            from microvm.core.secureboot import SecureBoot
+            self.secure = SecureBoot(self.dir, self.log_dir)
+            self.secure.check_installed()  # before the network is made
         netns = await self._network_namespace()
         if netns:
             from microvm.net import tcfilter
@@ -206,7 +213,9 @@ class Sandbox:
         log.debug("sandbox %s ready in %.2fs", self.id, self.timings.ready - self.timings.start)
 
     async def _launch(self, spec: VMSpec, stack: contextlib.AsyncExitStack,
-                      passed: list[int]) -> socket.socket | None:
+                      passed: list[int],
+                      spawned: Callable[[subprocess.Popen[bytes]], None] | None = None,
+                      ) -> socket.socket | None:
         """QEMU with the fds in passed (closed here once QEMU has its
         copies) and the agent's channel; returns our end of the serial port."""
         extra_fds = [*passed, *(fd for nic in spec.nics for fd in nic.fds)]
@@ -230,7 +239,7 @@ class Sandbox:
             self.machine = machine
             stack.push_async_callback(machine.shutdown)
             try:
-                await machine.launch(extra_fds)
+                await machine.launch(extra_fds, spawned)
             except VMError:
                 await asyncio.sleep(0)  # a helper's watcher may know better
                 if self.death:
@@ -314,9 +323,32 @@ class Sandbox:
         assert vfs.proc is not None
         self._watch_process(vfs.proc, "virtiofsd", self._stack)
         spec.virtiofs_fd = vfs_qemu_end.detach()
-        serial = await self._launch(spec, self._stack, [spec.virtiofs_fd])
+        passed = [spec.virtiofs_fd]
+        spawned = None
+        if self.secure is not None:
+            secure = self.secure
+            self._stack.push_async_callback(secure.stop)
+            spec.firmware = secure.firmware(spec.image, kernel_cmdline(spec))
+            passed += [*spec.firmware.vars_fds, spec.firmware.tpm_fd]
+            creds = self.creds
+
+            def spawned(qemu: subprocess.Popen[bytes]) -> None:
+                secure.start_tpm(qemu, creds)
+                assert secure.tpm.proc is not None
+                self._watch_process(secure.tpm.proc, "swtpm", self._stack)
+        serial = await self._launch(spec, self._stack, passed, spawned)
         await self._connect(serial, spec, self._stack)
+        if self.secure is not None:
+            await self._attest(spec)
         await self._adopt(mount_share=False)
+
+    async def _attest(self, spec: VMSpec) -> None:
+        """The secure flavour: the vTPM's PCRs, read before anything else
+        runs in the guest, against the host's values; a mismatch ends here."""
+        assert self.agent is not None and self.secure is not None
+        report = await self._race(self.agent.call("GetMeasurements", agent_pb2.Empty()),
+                                  asyncio.get_running_loop().time() + self.config.boot_timeout)
+        self.secure.check(report)
 
     async def _adopt(self, mount_share: bool) -> None:
         """Make the guest this sandbox's own before any container starts:

@@ -6,6 +6,23 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class Measurements(_message.Message):
+    __slots__ = ("pcr_sha256", "event_log", "error")
+    class PcrSha256Entry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: bytes
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[bytes] = ...) -> None: ...
+    PCR_SHA256_FIELD_NUMBER: _ClassVar[int]
+    EVENT_LOG_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    pcr_sha256: _containers.ScalarMap[int, bytes]
+    event_log: bytes
+    error: str
+    def __init__(self, pcr_sha256: _Optional[_Mapping[int, bytes]] = ..., event_log: _Optional[bytes] = ..., error: _Optional[str] = ...) -> None: ...
+
 class PortRequest(_message.Message):
     __slots__ = ("id", "port")
     ID_FIELD_NUMBER: _ClassVar[int]

@@ -54,7 +54,7 @@ class Histogram(_message.Message):
     def __init__(self, bounds: _Optional[_Iterable[float]] = ..., counts: _Optional[_Iterable[int]] = ..., sum: _Optional[float] = ...) -> None: ...
 
 class SandboxInfo(_message.Message):
-    __slots__ = ("sandbox_id", "namespace", "boot", "boot_seconds", "processes", "containers", "guest_mem_total_bytes", "guest_mem_available_bytes", "guest_load1", "guest_rx_bytes", "guest_tx_bytes", "guest_containers", "agent_rpc_seconds", "vm_memory_bytes", "console_socket")
+    __slots__ = ("sandbox_id", "namespace", "boot", "boot_seconds", "processes", "containers", "guest_mem_total_bytes", "guest_mem_available_bytes", "guest_load1", "guest_rx_bytes", "guest_tx_bytes", "guest_containers", "agent_rpc_seconds", "vm_memory_bytes", "console_socket", "firmware", "attestation")
     class AgentRpcSecondsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,8 @@ class SandboxInfo(_message.Message):
     AGENT_RPC_SECONDS_FIELD_NUMBER: _ClassVar[int]
     VM_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
     CONSOLE_SOCKET_FIELD_NUMBER: _ClassVar[int]
+    FIRMWARE_FIELD_NUMBER: _ClassVar[int]
+    ATTESTATION_FIELD_NUMBER: _ClassVar[int]
     sandbox_id: str
     namespace: str
     boot: str
@@ -92,4 +94,28 @@ class SandboxInfo(_message.Message):
     agent_rpc_seconds: _containers.MessageMap[str, Histogram]
     vm_memory_bytes: int
     console_socket: str
-    def __init__(self, sandbox_id: _Optional[str] = ..., namespace: _Optional[str] = ..., boot: _Optional[str] = ..., boot_seconds: _Optional[float] = ..., processes: _Optional[_Iterable[_Union[HostProcess, _Mapping]]] = ..., containers: _Optional[_Iterable[_Union[Container, _Mapping]]] = ..., guest_mem_total_bytes: _Optional[int] = ..., guest_mem_available_bytes: _Optional[int] = ..., guest_load1: _Optional[float] = ..., guest_rx_bytes: _Optional[int] = ..., guest_tx_bytes: _Optional[int] = ..., guest_containers: _Optional[int] = ..., agent_rpc_seconds: _Optional[_Mapping[str, Histogram]] = ..., vm_memory_bytes: _Optional[int] = ..., console_socket: _Optional[str] = ...) -> None: ...
+    firmware: str
+    attestation: Attestation
+    def __init__(self, sandbox_id: _Optional[str] = ..., namespace: _Optional[str] = ..., boot: _Optional[str] = ..., boot_seconds: _Optional[float] = ..., processes: _Optional[_Iterable[_Union[HostProcess, _Mapping]]] = ..., containers: _Optional[_Iterable[_Union[Container, _Mapping]]] = ..., guest_mem_total_bytes: _Optional[int] = ..., guest_mem_available_bytes: _Optional[int] = ..., guest_load1: _Optional[float] = ..., guest_rx_bytes: _Optional[int] = ..., guest_tx_bytes: _Optional[int] = ..., guest_containers: _Optional[int] = ..., agent_rpc_seconds: _Optional[_Mapping[str, Histogram]] = ..., vm_memory_bytes: _Optional[int] = ..., console_socket: _Optional[str] = ..., firmware: _Optional[str] = ..., attestation: _Optional[_Union[Attestation, _Mapping]] = ...) -> None: ...
+
+class Attestation(_message.Message):
+    __slots__ = ("passed", "pcrs", "detail")
+    PASSED_FIELD_NUMBER: _ClassVar[int]
+    PCRS_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    passed: bool
+    pcrs: _containers.RepeatedCompositeFieldContainer[PcrCheck]
+    detail: str
+    def __init__(self, passed: _Optional[bool] = ..., pcrs: _Optional[_Iterable[_Union[PcrCheck, _Mapping]]] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class PcrCheck(_message.Message):
+    __slots__ = ("index", "expected", "measured", "what")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_FIELD_NUMBER: _ClassVar[int]
+    WHAT_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    expected: str
+    measured: str
+    what: str
+    def __init__(self, index: _Optional[int] = ..., expected: _Optional[str] = ..., measured: _Optional[str] = ..., what: _Optional[str] = ...) -> None: ...

@@ -47,6 +47,9 @@ class MonitorService:
             return info
         info.sandbox_id, info.boot = sb.id, sb.boot
         info.vm_memory_bytes = sb.config.memory_mib << 20
+        info.firmware = sb.config.firmware
+        if sb.secure is not None and sb.secure.attestation is not None:
+            info.attestation.CopyFrom(sb.secure.attestation.to_proto())
         if sb.console is not None:
             info.console_socket = str(sb.console.path)
         if sb.timings.ready:

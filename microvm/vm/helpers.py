@@ -74,11 +74,12 @@ def spawn(argv: Sequence[str], *, pass_fds: Sequence[int] = (), stdout: int | No
 
 
 def spawn_logged(argv: Sequence[str], log_path: os.PathLike[str] | str,
-                 pass_fds: Sequence[int] = ()) -> subprocess.Popen[bytes]:
+                 pass_fds: Sequence[int] = (),
+                 creds: Credentials | None = None) -> subprocess.Popen[bytes]:
     """spawn() with stdout and stderr appended to log_path (0600)."""
     out = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     try:
-        return spawn(argv, pass_fds=pass_fds, stdout=out, stderr=out)
+        return spawn(argv, pass_fds=pass_fds, stdout=out, stderr=out, creds=creds)
     finally:
         os.close(out)
 

@@ -15,7 +15,7 @@ import os
 import shlex
 import socket
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,9 @@ TCG_KERNEL_PARAMS = ["tsc=reliable", "no_timer_check", "nolapic_timer", "norepla
 # Part of every VM template's key: a template saved on another board layout
 # cannot be restored.
 MACHINE = "microvm,acpi=off,x-option-roms=off,memory-backend=mem"
+# The secure flavour: OVMF needs a PC with SMM (which guards its varstore
+# from the guest: Secure Boot could be turned off from inside otherwise).
+SECURE_MACHINE = "q35,smm=on,vmport=off,memory-backend=mem"
 
 
 def host_tsc_khz(cpuinfo: str = "/proc/cpuinfo") -> int:
@@ -71,6 +74,17 @@ class Nic:
     mac: str
     fds: list[int]
     mtu: int = 1500
+
+
+@dataclass
+class Firmware:
+    """The secure flavour: OVMF with Secure Boot, a varstore of the VM's own
+    and a vTPM (swtpm) on the other end of tpm_fd."""
+
+    code: str                      # OVMF_CODE (read-only)
+    vars_fds: tuple[int, int]      # the VM's copy of the varstore, read-only and read-write
+    tpm_fd: int                    # QEMU's end of swtpm's control channel
+    esp: str                       # the boot disk: the signed unified kernel image
 
 
 @dataclass
@@ -101,6 +115,7 @@ class VMSpec:
     memory_shared: bool = True
     incoming: bool = False         # wait for migrate-incoming (a clone)
     ninep_fd: int = -1             # a socket to virtfs-proxy-helper (9p)
+    firmware: Firmware | None = None
 
     @property
     def block_root(self) -> bool:
@@ -112,16 +127,34 @@ def _opt(value: str) -> str:
     return value.replace(",", ",,")
 
 
+def kernel_cmdline(spec: VMSpec) -> str:
+    """The guest kernel's command line (the secure flavour's check needs it)."""
+    params = [*BASE_KERNEL_PARAMS]
+    if spec.accel != "kvm":
+        params += TCG_KERNEL_PARAMS
+        if spec.tsc_khz:
+            params.append(f"tsc_early_khz={spec.tsc_khz}")
+    params.append(f"kata_py.transport={spec.transport}")
+    if spec.block_root:
+        params += ["root=/dev/vda", "ro", "rootfstype=ext4", "init=/init"]
+    else:
+        params += ["rdinit=/init"]
+    return " ".join(params + spec.kernel_params)
+
+
 def command_line(qemu: str, spec: VMSpec) -> list[str]:
     """The full argv for one VM; pure, so it is unit-tested."""
     mem = f"{spec.memory_mib}M"
+    fw = spec.firmware
+    # microvm's devices sit on virtio-mmio; q35's (the secure flavour) on PCI.
+    bus = "pci" if fw else "device"
     argv = [
         qemu, "-name", spec.name,
         # No ACPI (faster boot), no option ROMs; memory from a shareable memfd
         # because vhost-user (virtiofsd) maps guest memory.  The RTC stays (the
         # kernel reads the time from it once); the guest has no driver for it
         # (kernels/kata-py.config says why).
-        "-M", MACHINE,
+        "-M", SECURE_MACHINE if fw else MACHINE,
         "-object", (f"memory-backend-file,id=mem,size={mem},mem-path={_opt(spec.memory_file)},"
                     f"share={'on' if spec.memory_shared else 'off'}" if spec.memory_file
                     else f"memory-backend-memfd,id=mem,size={mem},share=on"),
@@ -130,7 +163,6 @@ def command_line(qemu: str, spec: VMSpec) -> list[str]:
         # virtiofsd refuses legacy virtio-mmio devices.
         "-global", "virtio-mmio.force-legacy=false",
     ]
-    params = [*BASE_KERNEL_PARAMS]
     if spec.accel == "kvm":
         argv += ["-accel", "kvm", "-cpu", "host"]
     else:
@@ -138,39 +170,51 @@ def command_line(qemu: str, spec: VMSpec) -> list[str]:
         tcg = "tcg" + (",thread=multi" if spec.vcpus > 1 else "") + (
             f",tb-size={spec.tb_mib}" if spec.tb_mib else "")
         argv += ["-accel", tcg, "-cpu", "max"]
-        params += TCG_KERNEL_PARAMS
-        if spec.tsc_khz:
-            params.append(f"tsc_early_khz={spec.tsc_khz}")
     if spec.sandbox:
         argv += ["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,"
                              "resourcecontrol=deny"]
-    params.append(f"kata_py.transport={spec.transport}")
+    if fw:
+        # OVMF's flash: the code read-only, the varstore writable only from
+        # SMM (secure=on), so the guest's kernel cannot rewrite PK or db.
+        argv += ["-global", "driver=cfi.pflash01,property=secure,value=on",
+                 "-global", "ICH9-LPC.disable_s3=1",
+                 "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={_opt(fw.code)}",
+                 # An fd set: QEMU dups the fds we opened (it may not open
+                 # the file, in a root-only directory, itself), picking one
+                 # by access mode; it opens the image both ways.
+                 "-add-fd", f"fd={fw.vars_fds[0]},set=1", "-add-fd", f"fd={fw.vars_fds[1]},set=1",
+                 "-drive", "if=pflash,format=raw,unit=1,file=/dev/fdset/1",
+                 "-chardev", f"socket,id=tpm,fd={fw.tpm_fd}",
+                 "-tpmdev", "emulator,id=tpm0,chardev=tpm", "-device", "tpm-crb,tpmdev=tpm0"]
     # Entropy from the host: seeds the guest CRNG early, for the agent and
     # for whatever the containers need (TLS, key generation).
     argv += ["-object", "rng-random,id=rng,filename=/dev/urandom",
-             "-device", "virtio-rng-device,rng=rng"]
+             "-device", f"virtio-rng-{bus},rng=rng"]
     if spec.free_page_reporting:
         # The guest hands back the pages it frees (2 MiB blocks, after ~2 s):
         # the initramfs it unpacked, a container's freed heap.
-        argv += ["-device", "virtio-balloon-device,free-page-reporting=on"]
-    argv += ["-kernel", spec.kernel]
-    if spec.block_root:
-        argv += ["-drive", f"if=none,id=root,file={_opt(spec.image)},format=raw,readonly=on",
-                 "-device", "virtio-blk-device,drive=root"]
-        params += ["root=/dev/vda", "ro", "rootfstype=ext4", "init=/init"]
+        argv += ["-device", f"virtio-balloon-{bus},free-page-reporting=on"]
+    if fw:
+        # Kernel, initrd and command line are all in the signed image.
+        argv += ["-drive", f"if=none,id=esp,format=raw,readonly=on,file={_opt(fw.esp)}",
+                 "-device", "virtio-blk-pci,drive=esp,bootindex=0"]
     else:
-        argv += ["-initrd", spec.image]
-        params += ["rdinit=/init"]
-    argv += ["-append", " ".join(params + spec.kernel_params)]
+        argv += ["-kernel", spec.kernel]
+        if spec.block_root:
+            argv += ["-drive", f"if=none,id=root,file={_opt(spec.image)},format=raw,"
+                               "readonly=on", "-device", f"virtio-blk-{bus},drive=root"]
+        else:
+            argv += ["-initrd", spec.image]
+        argv += ["-append", kernel_cmdline(spec)]
     # The console goes to QEMU's stdout, which the owner points at a log file.
     argv += ["-chardev", "stdio,id=console,signal=off", "-serial", "chardev:console"]
     if spec.qmp_fd >= 0:
         argv += ["-chardev", f"socket,id=qmp,fd={spec.qmp_fd}", "-mon", "chardev=qmp,mode=control"]
     if spec.transport == "vsock":
-        argv += ["-device", f"vhost-vsock-device,guest-cid={spec.vsock_cid}"
+        argv += ["-device", f"vhost-vsock-{bus},guest-cid={spec.vsock_cid}"
                             + (f",vhostfd={spec.vsock_fd}" if spec.vsock_fd >= 0 else "")]
     else:
-        argv += ["-device", "virtio-serial-device,max_ports=2",
+        argv += ["-device", f"virtio-serial-{bus},max_ports=2",
                  "-chardev", f"socket,id=agent,fd={spec.serial_fd}",
                  "-device", f"virtserialport,chardev=agent,name={SERIAL_PORT_NAME}"]
     for i, nic in enumerate(spec.nics):
@@ -182,11 +226,11 @@ def command_line(qemu: str, spec: VMSpec) -> list[str]:
         backend = (f"tap,id=net{i},{'fds' if multi else 'fd'}={fds},vhost=off"
                    if nic.fds else f"hubport,id=net{i},hubid={i}")
         argv += ["-netdev", backend,
-                 "-device", f"virtio-net-device,netdev=net{i},mac={nic.mac},"
+                 "-device", f"virtio-net-{bus},netdev=net{i},mac={nic.mac},"
                             f"host_mtu={nic.mtu}" + (",mq=on" if multi else "")]
     if spec.virtiofs_fd >= 0:
         argv += ["-chardev", f"socket,id=vfs,fd={spec.virtiofs_fd}",
-                 "-device", f"vhost-user-fs-device,chardev=vfs,tag={SHARED_FS_TAG},"
+                 "-device", f"vhost-user-fs-{bus},chardev=vfs,tag={SHARED_FS_TAG},"
                             "queue-size=1024"]
     if spec.ninep_fd >= 0:
         # The proxy backend: a root helper does the file operations, QEMU
@@ -194,7 +238,7 @@ def command_line(qemu: str, spec: VMSpec) -> list[str]:
         # vhost-user-fs, virtio-9p can migrate while the guest has not
         # mounted it, so templates use it.
         argv += ["-fsdev", f"proxy,id=fs0,sock_fd={spec.ninep_fd}",
-                 "-device", f"virtio-9p-device,fsdev=fs0,mount_tag={SHARED_FS_TAG}"]
+                 "-device", f"virtio-9p-{bus},fsdev=fs0,mount_tag={SHARED_FS_TAG}"]
     if spec.incoming:
         argv += ["-incoming", "defer"]
     return argv
@@ -245,7 +289,10 @@ class Machine:
     async def __aexit__(self, *exc: object) -> None:
         await self.shutdown()
 
-    async def launch(self, extra_fds: Sequence[int] = ()) -> None:
+    async def launch(self, extra_fds: Sequence[int] = (),
+                     spawned: Callable[[subprocess.Popen[bytes]], None] | None = None) -> None:
+        """spawned: called as soon as QEMU runs, before the QMP handshake,
+        for a helper QEMU waits on at start-up (swtpm) and that needs its pid."""
         ours, theirs = socket.socketpair()
         self._qmp_sock = ours
         self.spec.qmp_fd = theirs.fileno()
@@ -270,6 +317,12 @@ class Machine:
             theirs.close()
             if netns_fd is not None:
                 os.close(netns_fd)
+        if spawned is not None:
+            try:
+                spawned(self.proc)
+            except BaseException:
+                await self.kill()
+                raise
         # Swap the history-keeping default listener for ours (qemu.qmp
         # refuses to remove whatever listener is its `events`).
         default, self.qmp.events = self.qmp.events, self._events

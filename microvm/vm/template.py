@@ -114,6 +114,10 @@ def usable(cfg: Config, transport: str, nics: int) -> str:
     """Why a sandbox cannot be a clone here ("" if it can)."""
     if not cfg.template:
         return "template: false"
+    if cfg.firmware == "secure":
+        # Each VM's boot is measured into a vTPM of its own; a clone would
+        # carry its template's PCRs, not a boot of its own (docs/secure-boot.md).
+        return "the secure flavour (each VM measures its own boot)"
     if transport != "serial":
         return "the vsock transport (vhost-vsock cannot migrate)"
     if nics and cfg.vcpus > 1:

@@ -146,7 +146,8 @@ def test_installer_installs_and_uninstalls(tmp_path: Path) -> None:
            "MICROVM": str(Path(sys.executable).with_name("microvm")),
            "CONTAINERD_CONFIG": str(config),
            "RESTART_CONTAINERD": f"touch {tmp_path / 'restarted'}",
-           "STATE": str(state), "BIN_DIR": str(bins), "NO_WAIT": "1"}
+           "STATE": str(state), "BIN_DIR": str(bins), "NO_WAIT": "1",
+           "KATA_PY_SECURE_CONFIG": str(tmp_path / "secure.yaml")}
     env.pop("KUBERNETES_SERVICE_HOST", None)
 
     def deploy(action: str) -> str:

@@ -12,6 +12,14 @@ import pytest
 from microvm.cli.install import HANDLER, RUNTIME_TYPE, install_containerd
 from microvm.errors import KataError
 
+
+@pytest.fixture(autouse=True)
+def _secure_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """kata-py-secure's config file goes to the test's directory, not /etc."""
+    path = tmp_path / "secure.yaml"
+    monkeypatch.setattr("microvm.paths.SECURE_CONFIG", path)
+    return path
+
 BASE = """# site config: keep me
 version = 2
 root = "/var/lib/containerd"
