@@ -28,6 +28,8 @@ VENV_BIN = Path(sys.executable).parent
 MICROVM = str(VENV_BIN / "microvm")
 RUN_DIR = Path("/run/kata-py/vm")
 HELPERS = ("qemu-system", "virtiofsd", "virtfs-proxy-helper")
+# A secure VM's vTPM (microvm/vm/swtpm.py): its state reached through an fd.
+SWTPM = "swtpm socket --tpm2 --tpmstate dir=/proc/self/fd/"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -85,7 +87,7 @@ def helper_processes() -> list[str]:
     out = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True, text=True).stdout
     # Ours only: QEMU runs as -name kata-py-*, virtiofsd serves /run/kata-py/...
     return [line for line in out.splitlines()
-            if any(h in line for h in HELPERS) and "kata-py" in line
+            if (any(h in line for h in HELPERS) and "kata-py" in line or SWTPM in line)
             and "Z" not in line.split(None, 2)[1]]
 
 

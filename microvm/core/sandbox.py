@@ -337,12 +337,31 @@ class Sandbox:
                 assert secure.tpm.proc is not None
                 self._watch_process(secure.tpm.proc, "swtpm", self._stack)
         serial = await self._launch(spec, self._stack, passed, spawned)
-        await self._connect(serial, spec, self._stack)
+        watch = None
         if self.secure is not None:
-            await self._attest(spec)
+            watch = asyncio.create_task(self._watch_firmware())
+        try:
+            await self._connect(serial, spec, self._stack)
+            if self.secure is not None:
+                await self._attest()  # the agent's first answer
+        finally:
+            if watch is not None:
+                watch.cancel()
         await self._adopt(mount_share=False)
 
-    async def _attest(self, spec: VMSpec) -> None:
+    async def _watch_firmware(self) -> None:
+        """OVMF does not exit when Secure Boot refuses the image: it waits
+        at its boot menu.  Its console says so; that ends the boot at once."""
+        from microvm.core.secureboot import refusal
+        while True:
+            await asyncio.sleep(0.25)
+            with contextlib.suppress(OSError):
+                why = refusal(tail(self.console_log, 20))
+                if why:
+                    self._died(why)
+                    return
+
+    async def _attest(self) -> None:
         """The secure flavour: the vTPM's PCRs, read before anything else
         runs in the guest, against the host's values; a mismatch ends here."""
         assert self.agent is not None and self.secure is not None

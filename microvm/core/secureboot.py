@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
@@ -70,6 +71,22 @@ class Attestation:
             passed=self.passed, detail=self.first_failure(),
             pcrs=[monitor_pb2.PcrCheck(index=c.index, expected=c.expected, measured=c.measured,
                                        what=c.what) for c in self.checks])
+
+
+# OVMF's words when Secure Boot refuses the boot image (from a disk:
+# "Access Denied"; its built-in shell then fails the same way), after which
+# it waits at its boot menu for a key that never comes.
+_REFUSED = re.compile(r"BdsDxe: failed to (?:load|start) Boot\w+ .*: "
+                      r"(Access Denied|Security Violation)")
+
+
+def refusal(console: str) -> str:
+    """The one line to tell when the firmware refused to boot the image."""
+    m = _REFUSED.search(console)
+    if m is None:
+        return ""
+    return (f"Secure Boot refused the boot image ({m.group(1)}): it is not signed by this "
+            "install's db key (microvm check --fix signs the kernel again)")
 
 
 def compare(expected: dict[int, measure.Expected],
@@ -133,7 +150,7 @@ class SecureBoot:
         assert self.disk is not None
         owner = (self.layout.keys / "owner.guid").read_text().strip()
         der = firmware.cert_der(self.layout.cert("db"))
-        return measure.expected(self.layout.varstore, self.disk.image, owner, der)
+        return measure.expected(self.layout.varstore, self.disk.image_hash, owner, der)
 
     def _firmware_pcr(self, measured: bytes) -> measure.Expected:
         """PCR 0 for this OVMF build: what its first secure boot here

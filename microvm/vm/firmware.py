@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -309,10 +310,12 @@ def build_esp(image: Path, out: Path) -> None:
 
 @dataclass(frozen=True)
 class BootDisk:
-    """A secure VM's boot disk, and the signed image on it (for PCR 4)."""
+    """A secure VM's boot disk, the signed image on it, and that image's
+    Authenticode hash as it was built (PCR 4 must show it)."""
 
     esp: Path
     image: Path
+    image_hash: bytes = b""
 
 
 def boot_disk(layout: Layout, initrd: Path, cmdline: str) -> BootDisk:
@@ -326,21 +329,32 @@ def boot_disk(layout: Layout, initrd: Path, cmdline: str) -> BootDisk:
     name = key.hexdigest()[:20]
     d = layout.disks
     d.mkdir(mode=0o755, parents=True, exist_ok=True)
-    disk = BootDisk(d / f"{name}.esp", d / f"{name}.efi")
-    if disk.esp.exists() and disk.image.exists():
-        return disk
+    # The hash of each image as built, where only root writes: what is on
+    # the disk when a VM boots is what the vTPM shows, and must match it.
+    hashes = layout.keys / "images.json"
+    try:
+        known = json.loads(hashes.read_text())
+    except (OSError, ValueError):
+        known = {}
+    esp, image = d / f"{name}.esp", d / f"{name}.efi"
+    if esp.exists() and image.exists() and name in known:
+        return BootDisk(esp, image, bytes.fromhex(known[name]))
+    from microvm.vm import measure
     unsigned = d / f".{name}.{os.getpid()}.unsigned"
     try:
         build_uki(layout.signed, initrd, cmdline, unsigned)
-        sign(layout, unsigned, disk.image)
+        known[name] = measure.image_hash(unsigned).hex()
+        sign(layout, unsigned, image)
         tmp = d / f".{name}.{os.getpid()}.esp"
-        build_esp(disk.image, tmp)
+        build_esp(image, tmp)
         os.chmod(tmp, 0o644)
-        os.replace(tmp, disk.esp)
+        os.replace(tmp, esp)
     finally:
         unsigned.unlink(missing_ok=True)
     # Only the latest few stay: each is the size of the guest image.
     for old in sorted(d.glob("*.esp"), key=lambda p: p.stat().st_mtime)[:-4]:
         old.unlink(missing_ok=True)
         old.with_suffix(".efi").unlink(missing_ok=True)
-    return disk
+        known.pop(old.stem, None)
+    _write(hashes, json.dumps(known).encode(), 0o600)
+    return BootDisk(esp, image, bytes.fromhex(known[name]))
