@@ -124,6 +124,12 @@ class Config:
                 raise ConfigError(f"{where}: {key} must be positive")
 
 
+def raise_firmware(cfg: Config, annotations: dict[str, str]) -> None:
+    """FIRMWARE_ANNOTATION's ask for the secure flavour; nothing lowers it."""
+    if annotations.get(FIRMWARE_ANNOTATION) == "secure":
+        cfg.firmware = "secure"
+
+
 def _shown(value: object, extra: str = "") -> str:
     """value quoted if it looks like a setting's value; else only its kind."""
     if isinstance(value, str) and _TOKEN.fullmatch(value.replace(extra, "") if extra else value):

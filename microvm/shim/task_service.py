@@ -91,8 +91,7 @@ class TaskService:
             if self.sandbox is None:
                 try:
                     cfg = config_mod.load(options_config)
-                    if spec.annotations.get(config_mod.FIRMWARE_ANNOTATION) == "secure":
-                        cfg.firmware = "secure"
+                    config_mod.raise_firmware(cfg, spec.annotations)
                     cfg.vcpus, cfg.memory_mib = oci.pod_size(
                         spec.annotations, cfg.vcpus, cfg.memory_mib,
                         max_vcpus=os.cpu_count() or 1, max_memory_mib=config_mod.MAX_MEMORY_MIB)
