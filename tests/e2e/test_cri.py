@@ -555,3 +555,25 @@ def test_the_exporter_names_each_pod_and_container(cri: Cri) -> None:
         assert one(m, "kata_py_guest_containers", sandbox=app["sandbox"]) == 2
     finally:
         cri.remove_pod(pod)
+
+
+@pytest.mark.secure
+def test_runtime_class_kata_py_secure_boots_the_secure_flavour(cri: Cri) -> None:
+    """RuntimeClass kata-py-secure (`microvm install containerd` registers
+    it with its own config file, firmware: secure): the pod's VM boots
+    through OVMF with Secure Boot and a vTPM, and starts only once its
+    measured boot matched (a mismatch fails RunPodSandbox)."""
+    from microvm.cli.install import SECURE_HANDLER
+    from microvm.paths import GUEST
+    pod = cri.run_pod("secure", handler=SECURE_HANDLER)
+    try:
+        cid = cri.container(pod, "app", "sleep", "3600")
+        r = cri.exec(cid, "uname", "-r")
+        assert r.exit_code == 0
+        assert r.stdout.decode().strip() == (GUEST / "vmlinuz-secure.release").read_text().strip()
+        vms = [Path(f"/proc/{p.split()[0]}/cmdline").read_bytes().replace(b"\0", b" ")
+               for p in helper_processes() if "qemu-system" in p]
+        assert len(vms) == 1 and b"q35,smm=on" in vms[0] and b"tpm-crb" in vms[0], vms
+    finally:
+        cri.remove_pod(pod)
+    _nothing_left(cri)
