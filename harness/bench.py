@@ -169,8 +169,10 @@ def main() -> None:
                     help="skip file sharing (a clone's virtio-9p vs a cold boot's virtio-fs)")
     ap.add_argument("--no-density", action="store_true",
                     help="skip memory per container with 20 detached containers up at once")
+    ap.add_argument("--no-secure", action="store_true",
+                    help="skip the secure flavour (OVMF, swtpm) beside the default one")
     ap.add_argument("--only", choices=["images", "network", "cri", "fs", "density", "tcg",
-                                       "soak"],
+                                       "soak", "secure"],
                     help="run only this part (with its reference)")
     args = ap.parse_args()
     cfg = config.load()
@@ -190,6 +192,9 @@ def main() -> None:
         "density": ("bench_density", not args.no_density, (microvm,)),
         # Under KVM there is no translation cache to size.
         "tcg": ("bench_tcg", not args.no_density and choice.accel == "tcg", (microvm,)),
+        "secure": ("bench_secure", not args.no_secure and Path(
+            "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd").exists(),
+            (max(3, args.n // 2), lambda: timed(floor_), microvm)),
         # 200 lifecycles through one shim: only when asked for (--only soak).
         "soak": ("bench_soak", args.only == "soak", ()),
     }

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from microvm.cli.install import HANDLER, RUNTIME_TYPE
+from microvm.cli.install import HANDLER, RUNTIME_TYPE, SECURE_HANDLER
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|Ki|Mi|Gi|Ti|k|M|G|T)?$")
@@ -32,7 +32,8 @@ def by_kind(name: str) -> dict[str, dict[str, Any]]:
     return {d["kind"]: d for d in docs(name)}
 
 
-@pytest.mark.parametrize("name", ["runtimeclass.yaml", "example-pod.yaml",
+@pytest.mark.parametrize("name", ["runtimeclass.yaml", "runtimeclass-secure.yaml",
+                                  "example-pod.yaml",
                                   "kata-py-deploy.yaml", "kata-py-cleanup.yaml",
                                   "kata-py-monitor.yaml"])
 def test_every_object_has_what_the_api_requires(name: str) -> None:
@@ -41,10 +42,15 @@ def test_every_object_has_what_the_api_requires(name: str) -> None:
         assert NAME.match(d["metadata"]["name"]), d["metadata"]
 
 
-def test_runtimeclass() -> None:
-    rc = by_kind("runtimeclass.yaml")["RuntimeClass"]
+@pytest.mark.parametrize(("name", "handler"), [("runtimeclass.yaml", HANDLER),
+                                               ("runtimeclass-secure.yaml", SECURE_HANDLER)])
+def test_runtimeclass(name: str, handler: str) -> None:
+    """Each class names a handler `microvm install containerd` registers."""
+    rc = by_kind(name)["RuntimeClass"]
     assert rc["apiVersion"] == "node.k8s.io/v1"
-    assert rc["handler"] == HANDLER and rc["metadata"]["name"] == HANDLER
+    assert rc["handler"] == handler and rc["metadata"]["name"] == handler
+    from microvm.cli.install import plan
+    assert f"runtimes.{handler}]" in (plan("", "t") or "")
     fixed = rc["overhead"]["podFixed"]
     assert set(fixed) == {"memory", "cpu"} and all(QUANTITY.match(v) for v in fixed.values())
     # The scheduler may only pick nodes the installer labelled.
