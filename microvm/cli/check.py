@@ -60,11 +60,12 @@ def _check_secure(cfg: Config, fix: bool) -> bool:
     except KataError as e:
         _line(False if need else None, "secure boot", str(e), "microvm check --fix")
         return need
-    db = ", ".join(state.certificates.get("db", [])) or "none"
+    enrolled = "; ".join(f"{n}: {', '.join(state.certificates.get(n, [])) or 'none'}"
+                         for n in firmware.KEY_NAMES)
     _line(state.secure_boot or (None if not need else False), "secure boot",
-          f"{'enforced' if state.secure_boot else 'NOT enforced'} in {layout.varstore}; "
-          f"PK {len(state.certificates.get('PK', []))}, KEK "
-          f"{len(state.certificates.get('KEK', []))}, db: {db}", "microvm check --fix")
+          f"{'enforced' if state.secure_boot else 'NOT enforced'} in {layout.varstore} "
+          f"({enrolled}); OVMF {firmware.OVMF_CODE.name}, swtpm, sbsign present",
+          "microvm check --fix")
     return need and not state.secure_boot
 
 
