@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from pyroute2 import IPRoute
+from pyroute2.iproute.linux import IPRoute
 
 from microvm.images import rootfs
 from microvm.net import netlink

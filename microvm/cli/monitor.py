@@ -62,6 +62,9 @@ def families(samples: list[observe.Sample]) -> Iterator[Metric]:
     boot = gauge("sandbox_boot_seconds", "From the sandbox's start to its agent's answer.",
                  ["boot"])
     vm_mem = gauge("sandbox_memory_bytes", "The VM's memory size.", [])
+    attested = gauge("sandbox_attested",
+                     "The secure flavour: 1 if the measured boot matched (a sandbox whose "
+                     "boot did not match never runs); absent for the default flavour.", [])
     g_total = gauge("guest_memory_total_bytes", "The guest's MemTotal.", [])
     g_avail = gauge("guest_memory_available_bytes", "The guest's MemAvailable.", [])
     g_load = gauge("guest_load1", "The guest's 1-minute load average.", [])
@@ -88,6 +91,8 @@ def families(samples: list[observe.Sample]) -> Iterator[Metric]:
             cpu.add_metric(base + [p.role], p.cpu_seconds)
         boot.add_metric(base + [info.boot], info.boot_seconds)
         vm_mem.add_metric(base, info.vm_memory_bytes)
+        if info.firmware == "secure":
+            attested.add_metric(base, 1.0 if info.attestation.passed else 0.0)
         g_total.add_metric(base, info.guest_mem_total_bytes)
         g_avail.add_metric(base, info.guest_mem_available_bytes)
         g_load.add_metric(base, info.guest_load1)
@@ -106,7 +111,7 @@ def families(samples: list[observe.Sample]) -> Iterator[Metric]:
                 total += n
                 buckets.append(("+Inf" if bound == float("inf") else repr(bound), total))
             rpc.add_metric(base + [method], buckets, h.sum)
-    yield from (count, rss, pss, cpu, boot, vm_mem, g_total, g_avail, g_load, g_rx, g_tx,
+    yield from (count, rss, pss, cpu, boot, vm_mem, attested, g_total, g_avail, g_load, g_rx, g_tx,
                 g_ctr, c_cpu, c_mem, c_lim, c_pids, rpc)
 
 

@@ -15,7 +15,8 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
-from pyroute2 import IPRoute, netns
+from pyroute2 import netns
+from pyroute2.iproute.linux import IPRoute
 
 from microvm.errors import KataError
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,6 +61,10 @@ def test_attest_passes_and_inspect_shows_the_pcrs(microvm: Microvm,
         assert pcrs[4]["measured"] == pcrs[4]["expected"] != "0" * 64
         e = microvm.run("exec", "sec1", "cat", "/proc/cmdline")
         assert e.returncode == 0 and "kata_py.transport=serial" in e.stdout
+        from tests.metrics import exporter, scrape
+        with exporter(microvm.argv()) as url:
+            m = scrape(url)
+        assert [v for _, v in m["kata_py_sandbox_attested"]] == [1.0]
     finally:
         microvm.run("rm", "-f", "sec1")
 
@@ -117,3 +122,29 @@ def test_a_kernel_signed_with_another_key_is_refused(microvm: Microvm, swap_disk
     lines = r.error_lines
     assert r.returncode == 125 and len(lines) == 1, r.stderr
     assert "Secure Boot refused the boot image (Access Denied)" in lines[0]
+
+
+@pytest.mark.parametrize("victim", ["swtpm", "cli"])
+def test_a_kill_during_a_secure_boot_leaves_nothing(microvm: Microvm,
+                                                    boot_disk: firmware.BootDisk,
+                                                    victim: str) -> None:
+    """The vTPM is a helper like the others: its death ends the boot with
+    one line, and the owner's death takes it along (the microvm fixture's
+    leak check covers swtpm and its state directory)."""
+    import os
+    import signal
+    import subprocess
+
+    from tests.conftest import SWTPM, pid_of
+    p = microvm.popen("run", "--rm", "--firmware", "secure", "busybox", "true",
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    tpm = pid_of(SWTPM)
+    time.sleep(1)  # OVMF is booting, talking to the vTPM
+    if victim == "cli":
+        p.kill()
+        p.communicate(timeout=30)
+        return  # the fixture: nothing of it left
+    os.kill(tpm, signal.SIGKILL)
+    _, err = p.communicate(timeout=60)
+    lines = [x for x in err.decode().splitlines() if "TCG" not in x]
+    assert p.returncode == 125 and lines == ["microvm: error: swtpm died (signal 9)"], lines

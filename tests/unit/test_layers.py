@@ -80,3 +80,21 @@ def test_the_check_sees_a_lazy_import_going_up(tmp_path: Path) -> None:
         "microvm.vm.qemu (vm) imports microvm.core (core)",
         "microvm.vm.qemu (vm) imports microvm.shim.client (shim)"]
     assert violations("microvm.cli.commands", src) == []
+
+
+def test_the_network_layer_loads_only_the_pyroute2_it_uses() -> None:
+    """pyroute2's package __init__ (NDB, sqlite3: 8 MiB of heap the shim
+    would keep for a pod's life) is skipped; `from pyroute2 import IPRoute`
+    anywhere in kata-py would bring it back."""
+    import subprocess
+    import sys
+    code = ("import sys, microvm.net.netlink, microvm.net.tcfilter, microvm.net.bridge\n"
+            "print(sorted(m for m in sys.modules if m in ('sqlite3', 'pyroute2.ndb')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"
+    bare = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py")
+            if any(isinstance(n, ast.ImportFrom) and n.module == "pyroute2"
+                   and any(a.name != "netns" for a in n.names)
+                   for n in ast.walk(ast.parse(p.read_text())))]
+    assert bare == []
