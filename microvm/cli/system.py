@@ -8,7 +8,7 @@ from pathlib import Path
 
 from microvm.cli import detached
 from microvm.images import store
-from microvm.vm import template
+from microvm.vm import firmware, template
 
 RUNNING = ("running", "paused", "created", "creating")
 
@@ -60,6 +60,9 @@ async def df() -> list[Usage]:
         # makes the next start build it again.
         Usage("Templates", len(templates := template.list_templates()), 0,
               sum(size for _, size in templates), sum(size for _, size in templates)),
+        # The secure flavour's signed images, by content: made again on need.
+        Usage("Secure disks", len(disks := firmware.list_disks()), 0,
+              sum(size for _, size in disks), sum(size for _, size in disks)),
     ]
 
 
@@ -79,4 +82,6 @@ async def prune(all_images: bool) -> tuple[list[str], int]:
     kept = sum(size for _, size in template.list_templates())
     removed += template.prune()
     freed += kept - sum(size for _, size in template.list_templates())
+    freed += sum(size for _, size in firmware.list_disks())
+    removed += firmware.prune_disks()
     return removed, max(freed, 0)

@@ -308,6 +308,20 @@ def build_esp(image: Path, out: Path) -> None:
             raise FirmwareError(f"{argv[0]} failed: {p.stderr.strip()}")
 
 
+def _lz4(initrd: Path, out: Path) -> None:
+    """The initrd compressed as the kernel unpacks it (lz4's legacy frames):
+    the 19 MiB guest image is hashed three times before the kernel runs
+    (OVMF's Authenticode check, systemd-stub's and the kernel stub's
+    measurements), which under TCG costs more than unpacking 9 MiB."""
+    if shutil.which("lz4") is None:
+        raise FirmwareError("lz4 not found (apt-get install lz4)")
+    _run(["lz4", "-q", "-f", "-l", "-9", str(initrd), str(out)], "compressing the initrd")
+
+
+# Part of each disk's name: how a disk is made (a change makes new ones).
+DISK_FORMAT = "uki, lz4 initrd"
+
+
 @dataclass(frozen=True)
 class BootDisk:
     """A secure VM's boot disk, the signed image on it, and that image's
@@ -323,7 +337,7 @@ def boot_disk(layout: Layout, initrd: Path, cmdline: str) -> BootDisk:
     on its disk: made once, kept under GUEST/secure (nothing secret in it;
     QEMU reads it), by content so a change of any input makes a new one."""
     key = hashlib.sha256()
-    for part in (file_digest(layout.signed), file_digest(initrd), cmdline,
+    for part in (DISK_FORMAT, file_digest(layout.signed), file_digest(initrd), cmdline,
                  file_digest(layout.cert("db")), file_digest(STUB)):
         key.update(part.encode() + b"\0")
     name = key.hexdigest()[:20]
@@ -341,8 +355,10 @@ def boot_disk(layout: Layout, initrd: Path, cmdline: str) -> BootDisk:
         return BootDisk(esp, image, bytes.fromhex(known[name]))
     from microvm.vm import measure
     unsigned = d / f".{name}.{os.getpid()}.unsigned"
+    packed = d / f".{name}.{os.getpid()}.initrd.lz4"
     try:
-        build_uki(layout.signed, initrd, cmdline, unsigned)
+        _lz4(initrd, packed)
+        build_uki(layout.signed, packed, cmdline, unsigned)
         known[name] = measure.image_hash(unsigned).hex()
         sign(layout, unsigned, image)
         tmp = d / f".{name}.{os.getpid()}.esp"
@@ -351,6 +367,7 @@ def boot_disk(layout: Layout, initrd: Path, cmdline: str) -> BootDisk:
         os.replace(tmp, esp)
     finally:
         unsigned.unlink(missing_ok=True)
+        packed.unlink(missing_ok=True)
     # Only the latest few stay: each is the size of the guest image.
     for old in sorted(d.glob("*.esp"), key=lambda p: p.stat().st_mtime)[:-4]:
         old.unlink(missing_ok=True)
@@ -358,3 +375,28 @@ def boot_disk(layout: Layout, initrd: Path, cmdline: str) -> BootDisk:
         known.pop(old.stem, None)
     _write(hashes, json.dumps(known).encode(), 0o600)
     return BootDisk(esp, image, bytes.fromhex(known[name]))
+
+
+def list_disks(layout: Layout | None = None) -> list[tuple[Path, int]]:
+    """The secure flavour's boot disks kept (each with its image), and their
+    sizes in bytes."""
+    layout = layout or Layout()
+    out = []
+    for esp in sorted(layout.disks.glob("*.esp")) if layout.disks.is_dir() else []:
+        with contextlib.suppress(OSError):
+            out.append((esp, esp.stat().st_size + esp.with_suffix(".efi").stat().st_size))
+    return out
+
+
+def prune_disks(layout: Layout | None = None) -> list[str]:
+    """Remove every boot disk (a running VM keeps its open; the next secure
+    start builds its disk again); what went."""
+    layout = layout or Layout()
+    removed = []
+    for esp, _ in list_disks(layout):
+        esp.unlink(missing_ok=True)
+        esp.with_suffix(".efi").unlink(missing_ok=True)
+        removed.append(f"secure boot disk {esp.stem}")
+    if removed:
+        (layout.keys / "images.json").unlink(missing_ok=True)
+    return removed

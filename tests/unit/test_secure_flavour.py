@@ -152,6 +152,10 @@ def test_boot_disk_is_made_once_and_its_hash_kept_apart(layout: firmware.Layout,
     assert again == disk and again.esp.stat().st_mtime == disk.esp.stat().st_mtime
     other = firmware.boot_disk(layout, initrd, "console=ttyS0 quiet")
     assert other.esp != disk.esp and other.image_hash != disk.image_hash
+    assert sorted(p for p, _ in firmware.list_disks(layout)) == sorted([disk.esp, other.esp])
+    assert len(firmware.prune_disks(layout)) == 2  # system prune
+    assert firmware.list_disks(layout) == [] and list(layout.disks.iterdir()) == []
+    assert not (layout.keys / "images.json").exists()
 
 
 def test_swtpm_runs_as_qemus_user_and_leaves_nothing(tmp_path: Path) -> None:
