@@ -176,6 +176,10 @@ def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ..
         cfg.template = False
     if firmware is not None:
         cfg.firmware = firmware
+    if cfg.firmware == "secure" and kernel is not None:
+        # The secure flavour boots only the kernel this install signed.
+        raise KataError("--kernel does not apply to the secure flavour: it boots "
+                        "vmlinuz-secure.signed (kernels/build --flavour secure)")
     cfg.source = "command line"
     cfg.validate()
     _check_run_flags(hostname, name, detach)

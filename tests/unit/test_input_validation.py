@@ -298,3 +298,12 @@ def test_spec_mounts_runc_allows_stay() -> None:
     mounts.append({"destination": "/proc", "type": "proc", "source": "proc"})
     assert [v.destination for v in from_oci(mounts)] == [
         "/proc/meminfo", "/dev/termination-log", "/sys/fs/x", "/data"]
+
+
+def test_cli_secure_flavour_refuses_another_kernel(tmp_path: Path) -> None:
+    one_line(microvm(tmp_path, "run", "--rm", "--firmware", "secure", "--kernel", "/x",
+                     "busybox", "true"), "--kernel does not apply to the secure flavour")
+
+
+def test_cli_attest_of_an_unknown_container(tmp_path: Path) -> None:
+    one_line(microvm(tmp_path, "attest", "no-such-ctr"), "no-such-ctr")
