@@ -103,27 +103,22 @@ def line(e: dict[str, Any]) -> str:
 
 def follow(namespace: str, since: float, until: float | None) -> Iterator[dict[str, Any]]:
     """Journal records from since on, waiting for more until until (forever
-    when None).  Each is told once, whatever the journal's rotations."""
+    when None).  Each is told once, whatever the journal's rotations: the
+    journal is read on from where the last poll stopped."""
     namer = Namer()
-    given: set[str] = set()
+    tail = journal.Tail(namespace)
     while True:
-        newest = since
-        for rec in journal.read(namespace):
+        for rec in tail.read():
             t = float(rec.get("time", 0))
-            key = json.dumps(rec, sort_keys=True)
-            if t < since or key in given:
+            if t < since:
                 continue
             if until is not None and t > until:
                 return
-            given.add(key)
-            newest = max(newest, t)
             e = docker_event(rec, namer)
             if e is not None:
                 yield e
         if until is not None and time.time() > until:
             return
-        since = max(since, newest - 60)  # older records cannot come any more
-        given = {k for k in given if float(json.loads(k).get("time", 0)) >= since}
         time.sleep(POLL)
 
 

@@ -10,6 +10,7 @@ on tmpfs: a reboot ends it, as it ends every container it speaks of.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -62,18 +63,70 @@ def write(namespace: str, topic: str, event: Message, when: float | None = None,
         log.warning("event journal %s: %s", p, e)
 
 
+def _records(data: bytes) -> list[dict[str, Any]]:
+    out = []
+    for line in data.splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut by a crash mid-write
+    return out
+
+
+class Tail:
+    """The journal as it grows, for `microvm events` following it: each
+    read() returns only what was appended since the last, reading on from
+    where it stopped (across a rotation: the rest of the file that became
+    .1, then the new one), so each record is read and parsed once."""
+
+    def __init__(self, namespace: str) -> None:
+        self.path = path(namespace)
+        self._started = False
+        self._inode = 0  # of the file being read; 0: none yet
+        self._offset = 0
+        self._partial = b""
+
+    def _rest(self, f: Path) -> bytes:
+        """f's complete lines from where reading stopped."""
+        with open(f, "rb") as fh:
+            fh.seek(self._offset)
+            new = fh.read()
+        self._offset += len(new)
+        data, sep, self._partial = (self._partial + new).rpartition(b"\n")
+        return data + sep
+
+    def read(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        older = self.path.with_name(self.path.name + ".1")
+        try:
+            inode = os.stat(self.path).st_ino
+        except OSError:
+            inode = 0
+        if not self._started:  # the first read: the older generation whole
+            self._started = True
+            with contextlib.suppress(OSError):
+                out += _records(older.read_bytes())
+        elif self._inode and inode != self._inode:  # rotated: what was read is .1 now
+            try:
+                if os.stat(older).st_ino == self._inode:
+                    out += _records(self._rest(older))
+            except OSError:
+                pass
+            self._offset, self._partial = 0, b""
+        self._inode = inode
+        if inode:
+            with contextlib.suppress(OSError):
+                out += _records(self._rest(self.path))
+        return out
+
+
 def read(namespace: str) -> list[dict[str, Any]]:
     """Every event still kept, oldest first."""
     out: list[dict[str, Any]] = []
     p = path(namespace)
     for f in (p.with_name(p.name + ".1"), p):
         try:
-            text = f.read_text()
+            out += _records(f.read_bytes())
         except OSError:
             continue
-        for line in text.splitlines():
-            try:
-                out.append(json.loads(line))
-            except ValueError:
-                continue  # a line cut by a crash mid-write
     return out

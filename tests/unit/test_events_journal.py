@@ -69,3 +69,28 @@ def test_follow_tells_each_record_once_and_stops_at_until(run: Path) -> None:
                       when=100.0 + i)
     got = list(events.follow("ns", 101.0, 500.0))
     assert [e["time"] for e in got] == [101, 102]
+
+
+def test_tail_reads_each_record_once_across_a_rotation_and_a_torn_write(
+        run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(journal, "MAX_BYTES", 400)
+    tail = journal.Tail("ns")
+    assert tail.read() == []  # no journal yet
+
+    def write(i: int) -> None:
+        journal.write("ns", "/tasks/start", events_pb2.TaskStart(container_id=f"c{i}"),
+                      when=float(i))
+
+    seen: list[float] = []
+    for i in range(12):  # several rotations (about 3 records per file)
+        write(i)
+        if i % 2:
+            seen += [r["time"] for r in tail.read()]
+    with open(journal.path("ns"), "a") as f:
+        f.write('{"time": 99, "to')  # a line still being written
+    seen += [r["time"] for r in tail.read()]
+    with open(journal.path("ns"), "a") as f:
+        f.write('pic": "/tasks/start", "event": {}}\n')
+    seen += [r["time"] for r in tail.read()]
+    assert seen == [float(i) for i in range(12)] + [99.0]
+    assert tail.read() == []
