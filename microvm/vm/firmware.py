@@ -352,6 +352,8 @@ def boot_disk(layout: Layout, initrd: Path, cmdline: str) -> BootDisk:
         known = {}
     esp, image = d / f"{name}.esp", d / f"{name}.efi"
     if esp.exists() and image.exists() and name in known:
+        with contextlib.suppress(OSError):
+            os.utime(esp)  # the latest used is kept longest (below)
         return BootDisk(esp, image, bytes.fromhex(known[name]))
     from microvm.vm import measure
     unsigned = d / f".{name}.{os.getpid()}.unsigned"
@@ -368,7 +370,7 @@ def boot_disk(layout: Layout, initrd: Path, cmdline: str) -> BootDisk:
     finally:
         unsigned.unlink(missing_ok=True)
         packed.unlink(missing_ok=True)
-    # Only the latest few stay: each is the size of the guest image.
+    # Only the four last used stay: each is the size of the guest image.
     for old in sorted(d.glob("*.esp"), key=lambda p: p.stat().st_mtime)[:-4]:
         old.unlink(missing_ok=True)
         old.with_suffix(".efi").unlink(missing_ok=True)

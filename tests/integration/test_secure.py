@@ -24,8 +24,9 @@ INITRD = paths.GUEST / "initrd.cpio"
 
 @pytest.fixture(scope="module")
 def boot_disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[firmware.BootDisk]:
-    """The boot disk a secure run of the tests' configuration uses, made by
-    one such run (which must print the secure kernel's release)."""
+    """The boot disk a secure run of the tests' configuration uses: the
+    last used after one such run (which must print the secure kernel's
+    release)."""
     from tests.conftest import assert_no_leaks, write_config
     tmp = tmp_path_factory.mktemp("secure")
     m = Microvm(tmp, write_config(tmp / "config.yaml", tmp))
