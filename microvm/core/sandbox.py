@@ -162,7 +162,7 @@ class Sandbox:
             tb_mib=self.config.tcg_tb_mib)
         if self.config.firmware == "secure":
             from microvm.core.secureboot import SecureBoot
-            self.secure = SecureBoot(self.dir, self.log_dir)
+            self.secure = SecureBoot(self.dir, self.log_dir, self.config.vcpus)
             self.secure.check_installed()  # before the network is made
         netns = await self._network_namespace()
         if netns:

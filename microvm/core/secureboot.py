@@ -102,9 +102,10 @@ def compare(expected: dict[int, measure.Expected],
 class SecureBoot:
     """One secure sandbox's firmware and vTPM; stop() removes both."""
 
-    def __init__(self, run_dir: Path, log_dir: Path,
+    def __init__(self, run_dir: Path, log_dir: Path, vcpus: int = 1,
                  layout: firmware.Layout | None = None) -> None:
         self.layout = layout or firmware.Layout()
+        self.vcpus = vcpus
         self.run_dir = run_dir
         self.tpm = Swtpm(run_dir / "tpm", log_dir / "swtpm.log")
         self.disk: firmware.BootDisk | None = None
@@ -153,19 +154,20 @@ class SecureBoot:
         return measure.expected(self.layout.varstore, self.disk.image_hash, owner, der)
 
     def _firmware_pcr(self, measured: bytes) -> measure.Expected:
-        """PCR 0 for this OVMF build: what its first secure boot here
-        measured (measure.py says why it is not computed)."""
+        """PCR 0 for this OVMF build and vCPU count: what its first secure
+        boot here measured (measure.py says why it is not computed; the
+        firmware measures the vCPU count with its own code)."""
         pins = self.layout.keys / "pcr0.json"
         try:
             known = json.loads(pins.read_text())
         except (OSError, ValueError):
             known = {}
-        build = firmware.file_digest(firmware.OVMF_CODE)
+        build = f"{firmware.file_digest(firmware.OVMF_CODE)} vcpus={self.vcpus}"
         if build not in known and measured:
             known[build] = measured.hex()
             firmware.write_private(pins, json.dumps(known).encode())
-            log.debug("PCR 0 of %s pinned at its first boot: %s", firmware.OVMF_CODE,
-                      measured.hex())
+            log.debug("PCR 0 of %s with %d vCPUs pinned at its first boot: %s",
+                      firmware.OVMF_CODE, self.vcpus, measured.hex())
         return measure.Expected(bytes.fromhex(known.get(build, "")), "firmware (OVMF)")
 
     def check(self, report: agent_pb2.Measurements) -> Attestation:

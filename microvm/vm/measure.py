@@ -10,9 +10,16 @@ host before the VM runs (sha256 bank).
          (virt-fw-measure's records), then the db certificate that
          passed the image
 
-PCR 0 (the firmware) is pinned per OVMF build by its first boot
-(core/secureboot.py): virt-fw-measure computes the DXE volume's digest
-right, but not the PEI volume's that Debian's OVMF 2022.11 measures.
+PCR 0 (the firmware) is pinned per OVMF build and vCPU count by its first
+boot (core/secureboot.py).  virt-fw-measure computes the DXE volume's digest
+right, but not the PEI volume's that Debian's OVMF 2022.11 measures: OVMF
+runs its PEI modules from the RAM copy it then hashes, and by then
+PlatformPei has written its platform-info global (host bridge, SMM, MMIO
+windows, CPU counts: 116 bytes at PEI FV offset 0xe0d8 in this build) into
+it.  Computing it would mean rebuilding that struct for one exact build; the
+pin takes what the firmware did.  (virt-fw-measure also leaves out the
+version event of a build whose version string is empty; this one measures
+it.)
 PCRs 1-3, 5 and 6 hold the machine's configuration (boot variables OVMF
 writes at first boot, ACPI, ExitBootServices), which depends on QEMU's
 version and the device set more than on anything kata-py chose; they are

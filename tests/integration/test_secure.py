@@ -45,6 +45,16 @@ def test_a_secure_run_prints_the_secure_kernel(boot_disk: firmware.BootDisk) -> 
     assert boot_disk.esp.exists() and boot_disk.image.exists()
 
 
+def test_another_vcpu_count_is_its_own_firmware_measurement(
+        microvm: Microvm, boot_disk: firmware.BootDisk) -> None:
+    """OVMF measures the vCPU count into PCR 0 (with its own code): after the
+    fixture's 1-vCPU boot, a 2-vCPU one must not be held to its PCR 0."""
+    r = microvm.run("run", "--rm", "--firmware", "secure", "--cpus", "2", "busybox", "nproc",
+                    timeout=180)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "2"
+
+
 def test_attest_passes_and_inspect_shows_the_pcrs(microvm: Microvm,
                                                   boot_disk: firmware.BootDisk) -> None:
     r = microvm.run("run", "-d", "--name", "sec1", "--firmware", "secure", "busybox",
