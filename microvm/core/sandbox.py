@@ -47,8 +47,6 @@ if TYPE_CHECKING:  # pyroute2 costs ~75 ms to import: only networked sandboxes p
 
 log = logging.getLogger(__name__)
 
-# Host tools shared read-only into the VM, under shared/.
-
 
 def vhost_vsock_usable() -> bool:
     return os.access("/dev/vhost-vsock", os.R_OK | os.W_OK)

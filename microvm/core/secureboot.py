@@ -122,7 +122,6 @@ class SecureBoot:
         """QEMU's firmware: the boot disk for this initrd and command line,
         its own copy of the varstore, the vTPM's channel; the fds are
         QEMU's to inherit (the caller closes them)."""
-        self.check_installed()
         if initrd.endswith((".ext4", ".img")):
             raise KataError("the secure flavour boots an initramfs guest image (.cpio), "
                             f"not {initrd}")
@@ -175,7 +174,7 @@ class SecureBoot:
         try:
             expected = {0: self._firmware_pcr(report.pcr_sha256.get(0, b"")),
                         **self.expected()}
-        except (OSError, ValueError, KataError, measure.MeasureError) as e:
+        except (OSError, ValueError, KataError) as e:
             self.attestation = Attestation(detail=f"cannot compute the expected PCRs: {e}")
         else:
             self.attestation = compare(expected, report)

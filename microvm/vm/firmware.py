@@ -70,7 +70,7 @@ class FirmwareError(KataError):
 
 
 @contextlib.contextmanager
-def _library_errors(what: str) -> Iterator[None]:
+def library_errors(what: str) -> Iterator[None]:
     """virt-firmware reports a bad file by logging and sys.exit(1): one line
     here instead, naming the file."""
     logging.disable(logging.CRITICAL)
@@ -120,6 +120,12 @@ def _write(path: Path, data: bytes, mode: int) -> None:
     os.replace(tmp, path)
 
 
+def _publish(tmp: Path, out: Path) -> None:
+    """A file made beside its place, readable by QEMU, put there whole."""
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, out)
+
+
 def _tool(name: str) -> str:
     """virt-firmware's command-line tools live beside this Python."""
     here = Path(sys.executable).parent / name
@@ -129,8 +135,8 @@ def _tool(name: str) -> str:
     return found
 
 
-def _run(argv: list[str], what: str) -> None:
-    p = subprocess.run(argv, capture_output=True, text=True)
+def _run(argv: list[str], what: str, env: dict[str, str] | None = None) -> None:
+    p = subprocess.run(argv, capture_output=True, text=True, env=env)
     if p.returncode != 0:
         last = (p.stderr.strip() or p.stdout.strip()).splitlines()[-1:] or ["no output"]
         raise FirmwareError(f"{what} failed: {last[0]}")
@@ -147,8 +153,7 @@ def make_varstore(layout: Layout, template: Path = OVMF_VARS) -> None:
           "--set-pk", owner, str(layout.cert("PK")), "--add-kek", owner,
           str(layout.cert("KEK")), "--add-db", owner, str(layout.cert("db")),
           "--secure-boot"], "virt-fw-vars")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, layout.varstore)
+    _publish(tmp, layout.varstore)
 
 
 def sign(layout: Layout, kernel: Path, out: Path, key: str = "db") -> None:
@@ -158,16 +163,12 @@ def sign(layout: Layout, kernel: Path, out: Path, key: str = "db") -> None:
     tmp = out.with_name(f".{out.name}.{os.getpid()}")
     _run(["sbsign", "--key", str(layout.key(key)), "--cert", str(layout.cert(key)),
           "--output", str(tmp), str(kernel)], f"signing {kernel}")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out)
+    _publish(tmp, out)
 
 
 def file_digest(path: Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -179,7 +180,7 @@ def cert_der(path: Path) -> bytes:
     from cryptography import x509
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    with _library_errors(str(path)):
+    with library_errors(str(path)):
         return x509.load_pem_x509_certificate(path.read_bytes()).public_bytes(Encoding.DER)
 
 
@@ -234,7 +235,7 @@ def varstore_state(path: Path) -> VarstoreState:
     from cryptography.x509.oid import NameOID
     from virt.firmware.varstore.edk2 import Edk2VarStore
 
-    with _library_errors(str(path)):
+    with library_errors(str(path)):
         varlist = Edk2VarStore(str(path)).get_varlist()
     enable = varlist.get("SecureBootEnable")
     state = VarstoreState(secure_boot=bool(enable is not None and enable.data[:1] == b"\x01"))
@@ -257,7 +258,7 @@ def _uki_sections(stub: Path) -> tuple[int, int]:
     """(section alignment, end of the stub's last section) of the stub."""
     import pefile
 
-    with _library_errors(str(stub)):
+    with library_errors(str(stub)):
         pe = pefile.PE(str(stub), fast_load=True)
         try:
             align = pe.OPTIONAL_HEADER.SectionAlignment
@@ -301,11 +302,8 @@ def build_esp(image: Path, out: Path) -> None:
     out.unlink(missing_ok=True)
     _run(["mkfs.fat", "-C", "-n", "KATAPY", str(out), str(size_kib)], "mkfs.fat")
     env = {**os.environ, "MTOOLS_SKIP_CHECK": "1"}
-    for argv in (["mmd", "-i", str(out), "::/EFI", "::/EFI/BOOT"],
-                 ["mcopy", "-i", str(out), str(image), "::/EFI/BOOT/BOOTX64.EFI"]):
-        p = subprocess.run(argv, capture_output=True, text=True, env=env)
-        if p.returncode != 0:
-            raise FirmwareError(f"{argv[0]} failed: {p.stderr.strip()}")
+    _run(["mmd", "-i", str(out), "::/EFI", "::/EFI/BOOT"], "mmd", env)
+    _run(["mcopy", "-i", str(out), str(image), "::/EFI/BOOT/BOOTX64.EFI"], "mcopy", env)
 
 
 def _lz4(initrd: Path, out: Path) -> None:
@@ -365,8 +363,7 @@ def boot_disk(layout: Layout, initrd: Path, cmdline: str) -> BootDisk:
         sign(layout, unsigned, image)
         tmp = d / f".{name}.{os.getpid()}.esp"
         build_esp(image, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, esp)
+        _publish(tmp, esp)
     finally:
         unsigned.unlink(missing_ok=True)
         packed.unlink(missing_ok=True)

@@ -28,14 +28,13 @@ not checked.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import logging
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from microvm.vm.firmware import library_errors
 
 BANK = "sha256"
 EV_EFI_ACTION_BOOT = b"Calling EFI Application from Boot Option"
@@ -46,22 +45,6 @@ SEPARATOR = bytes(4)
 class Expected:
     value: bytes
     what: str
-
-
-class MeasureError(Exception):
-    pass
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """virt-firmware logs and calls sys.exit on a file it cannot read."""
-    logging.disable(logging.CRITICAL)
-    try:
-        yield
-    except SystemExit:
-        raise MeasureError("virt-firmware could not read the firmware files") from None
-    finally:
-        logging.disable(logging.NOTSET)
 
 
 def replay(digests: list[bytes]) -> bytes:
@@ -87,7 +70,7 @@ def secure_boot_records(varstore: Path) -> list[bytes]:
     from virt.firmware import measure as fwmeasure
     from virt.firmware.varstore.edk2 import Edk2VarStore
 
-    with _quiet():
+    with library_errors(str(varstore)):
         varlist = Edk2VarStore(str(varstore)).get_varlist()
         records: list[dict[str, Any]] = fwmeasure.measure_varlist([BANK], varlist,
                                                                   secureboot=True)
@@ -113,7 +96,7 @@ def image_hash(image: Path) -> bytes:
     import pefile
     from virt.peutils import pesign
 
-    with _quiet():
+    with library_errors(str(image)):
         pe = pefile.PE(str(image), fast_load=True)
         try:
             return bytes(pesign.pe_authenticode_hash(pe, BANK))
@@ -123,9 +106,7 @@ def image_hash(image: Path) -> bytes:
 
 def expected(varstore: Path, uki_hash: bytes, owner: str,
              db_cert_der: bytes) -> dict[int, Expected]:
-    """PCRs 4 and 7; PCR 0 (the firmware) is pinned by the first boot with
-    each OVMF build (secureboot.py): virt-fw-measure's PEI volume digest
-    does not match what Debian's OVMF 2022.11 measures."""
+    """PCRs 4 and 7 (PCR 0: the module's docstring says why it is pinned)."""
     return {
         4: Expected(replay([_sha256(EV_EFI_ACTION_BOOT), _sha256(SEPARATOR), uki_hash]),
                     "the signed boot image: kernel, initrd and command line"),
