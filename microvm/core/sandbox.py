@@ -47,6 +47,9 @@ if TYPE_CHECKING:  # pyroute2 costs ~75 ms to import: only networked sandboxes p
 
 log = logging.getLogger(__name__)
 
+# How long a helper that left cleanly waits for QEMU to be named instead.
+HELPER_GRACE = 1.0
+
 
 def vhost_vsock_usable() -> bool:
     return os.access("/dev/vhost-vsock", os.R_OK | os.W_OK)
@@ -261,10 +264,17 @@ class Sandbox:
                        stack: contextlib.AsyncExitStack) -> None:
         """QEMU's or a helper's end is this sandbox's: seen at once (a pidfd),
         it kills QEMU, so every call waiting on the agent fails with it."""
-        def ended() -> None:
+        def ended(waited: bool = False) -> None:
             qemu = self.machine.proc if self.machine is not None else None
             if name != "QEMU" and qemu is not None and qemu.poll() is not None:
                 proc_, name_ = qemu, "QEMU"  # a helper ends when QEMU does
+            elif name != "QEMU" and qemu is not None and proc.poll() == 0 and not waited:
+                # A helper leaves cleanly when QEMU closes its socket, which
+                # the kernel does before QEMU can be reaped (seen in CI): give
+                # QEMU's own watcher a second to name the real cause.
+                later = asyncio.get_running_loop().call_later(HELPER_GRACE, ended, True)
+                stack.callback(later.cancel)
+                return
             else:
                 proc_, name_ = proc, name
             if name_ == "QEMU" and proc_.poll() == 0:

@@ -4,11 +4,12 @@ pidfd watcher has run.  A real process stands in for QEMU; no VM is needed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 from pathlib import Path
 
 from microvm.config import Config
-from microvm.core.sandbox import Sandbox
+from microvm.core.sandbox import HELPER_GRACE, Sandbox
 from microvm.vm import accel, helpers
 
 
@@ -33,3 +34,35 @@ def test_a_killed_qemu_is_named_even_before_its_watcher_runs(tmp_path: Path) -> 
         return await sb._gone()
 
     assert asyncio.run(go()) == "QEMU died (signal 9)"
+
+
+class _Running(_Killed):
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(["sleep", "30"])
+
+
+async def _watch_a_clean_helper_exit(tmp_path: Path, kill_qemu_after: float | None) -> str:
+    sb = Sandbox(Config(), "sb", tmp_path, accel.Choice("tcg", "test", False))
+    qemu = _Running()
+    sb.machine = qemu  # type: ignore[assignment]
+    helper = subprocess.Popen(["true"])
+    async with contextlib.AsyncExitStack() as stack:
+        sb._watch_process(helper, "virtiofsd", stack)
+        sb._watch_process(qemu.proc, "QEMU", stack)
+        if kill_qemu_after is not None:
+            await asyncio.sleep(kill_qemu_after)
+            qemu.proc.kill()
+        await qemu.wait(HELPER_GRACE + 2)
+        await asyncio.sleep(0)
+    helper.wait()
+    return sb.death
+
+
+def test_a_helper_that_left_because_qemu_died_names_qemu(tmp_path: Path) -> None:
+    """CI once saw "virtiofsd exited (status 0)" for a SIGKILLed QEMU:
+    virtiofsd saw its socket close before QEMU could be reaped."""
+    assert asyncio.run(_watch_a_clean_helper_exit(tmp_path, 0.2)) == "QEMU died (signal 9)"
+
+
+def test_a_helper_that_left_cleanly_on_its_own_is_named_and_ends_the_vm(tmp_path: Path) -> None:
+    assert asyncio.run(_watch_a_clean_helper_exit(tmp_path, None)) == "virtiofsd exited (status 0)"
