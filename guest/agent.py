@@ -251,6 +251,36 @@ def _check_id(kind: str, value: str) -> None:
         raise ttrpc.InvalidArgument(f"invalid {kind} {value!r}")
 
 
+_OWN_PID_NS: int | None = None
+
+
+def fork_in_pid_namespace(of: int) -> int:
+    """os.fork(), the child being pid 1 of a new pid namespace (of 0) or a
+    process in of's.  One fork, where child-then-grandchild cost a second
+    copy of the agent (unshare and setns of a pid namespace apply to the
+    caller's later children only); the agent's own pid namespace is its
+    children's again once the child exists."""
+    global _OWN_PID_NS
+    if _OWN_PID_NS is None:
+        _OWN_PID_NS = os.open("/proc/self/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+    if of:
+        fd = os.open(f"/proc/{of}/ns/pid", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            linux.setns(fd, linux.CLONE_NEWPID)
+        finally:
+            os.close(fd)
+    else:
+        linux.unshare(linux.CLONE_NEWPID)
+    try:
+        pid = os.fork()
+    except BaseException:
+        linux.setns(_OWN_PID_NS, linux.CLONE_NEWPID)
+        raise
+    if pid:
+        linux.setns(_OWN_PID_NS, linux.CLONE_NEWPID)
+    return pid
+
+
 async def _recv(sock: socket.socket) -> tuple[dict[str, object] | None, list[int]]:
     """One message from a child; (None, []) at EOF (the child exec'd or died)."""
     loop = asyncio.get_running_loop()
@@ -353,8 +383,9 @@ class Agent:
             self._by_pid[proc.pid] = proc
 
     async def _spawn(self, container_id: str, exec_id: str, p: agent_pb2.Process,
-                     child: object, *args: object) -> Process:
-        """Fork a child running child(sock, spec, stdio, *args); wait until it is ready."""
+                     child: object, *args: object, pid_ns_of: int = 0) -> Process:
+        """Fork a child running child(sock, spec, stdio, *args) in a new pid
+        namespace (or pid_ns_of's); wait until it is ready."""
         spec = _spec(p)
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         ours: list[int] = []
@@ -371,7 +402,14 @@ class Agent:
             theirs += [stdout_w, stderr_w]
         stdio = container.Stdio(stdin_r, stdout_w, stderr_w)
         forked_at = time.monotonic()
-        pid = os.fork()
+        try:
+            pid = fork_in_pid_namespace(pid_ns_of)
+        except OSError as e:
+            for fd in ours + theirs:
+                os.close(fd)
+            parent_sock.close()
+            child_sock.close()
+            raise ttrpc.FailedPrecondition(f"cannot make the process: {e}") from None
         if pid == 0:
             code = 125
             try:
@@ -385,13 +423,9 @@ class Agent:
         for fd in theirs:
             os.close(fd)
         parent_sock.setblocking(False)
-        proc_pid = 0
-        ready = False
         tty = None
         try:
-            # "pid" comes from child A and "ready" from the grandchild, which
-            # may run first: they arrive in either order.
-            while not (ready and proc_pid):
+            while True:
                 msg, fds = await _recv(parent_sock)
                 if fds:
                     tty = fds[0]
@@ -401,30 +435,23 @@ class Agent:
                     raise ttrpc.FailedPrecondition("process set-up ended without a word")
                 if "error" in msg:
                     raise _child_error(msg)
-                if "pid" in msg:
-                    proc_pid = int(msg["pid"])  # type: ignore[call-overload]
-                ready = ready or bool(msg.get("ready"))
+                if msg.get("ready"):
+                    break
         except BaseException:
             for fd in ours + ([tty] if tty is not None else []):
                 os.close(fd)
             parent_sock.close()
-            if proc_pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc_pid, signal.SIGKILL)
-                self._waiter(proc_pid, forked_at)  # its exit is nobody's
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            self._waiter(pid, forked_at)  # its exit is nobody's
             raise
-        finally:
-            # Child A forks the process and exits; nobody reports its exit,
-            # but it must not wait in _early_exits for ever.
-            if pid != proc_pid:
-                self._waiter(pid, forked_at)
         if tty is not None:
             stdin = InputStream(os.dup(tty) if p.stdin else None)
             stdout, stderr = OutputStream(tty), OutputStream(None)
         else:
             stdin = InputStream(ours[0] if p.stdin else None)
             stdout, stderr = OutputStream(ours[-2]), OutputStream(ours[-1])
-        proc = Process(container_id, exec_id, proc_pid, stdin, stdout, stderr,
+        proc = Process(container_id, exec_id, pid, stdin, stdout, stderr,
                        os.dup(tty) if tty is not None else None,
                        self._loop.create_future(), parent_sock)
         self._track(proc, forked_at)
@@ -535,7 +562,7 @@ class Agent:
             if owner.init.exited.done():
                 raise ttrpc.FailedPrecondition(f"container {owner.id} has exited: "
                                                "its namespaces are gone")
-            unknown = set(shared) - set(container.NAMESPACE_FLAGS)
+            unknown = set(shared) - set(container.SHAREABLE_NAMESPACES)
             if unknown:
                 raise ttrpc.InvalidArgument(f"cannot share namespaces {sorted(unknown)}")
             share_pid = owner.init.pid
@@ -548,7 +575,8 @@ class Agent:
                                      req.rootfs.shared_path, req.rootfs.readonly, req.hostname,
                                      _mounts(req.mounts), share_pid, shared,
                                      _absolute(req.masked_paths),
-                                     _absolute(req.readonly_paths), dict(req.sysctls))
+                                     _absolute(req.readonly_paths), dict(req.sysctls),
+                                     pid_ns_of=share_pid if "pid" in shared else 0)
         except BaseException:
             await cgroups.remove(req.container_id)
             raise
@@ -582,7 +610,7 @@ class Agent:
         if not c.started or c.init.exited.done():
             raise ttrpc.FailedPrecondition(f"container {c.id} is not running")
         proc = await self._spawn(c.id, req.exec_id, req.process, container.run_exec,
-                                 cgroups.path(c.id), c.init.pid)
+                                 cgroups.path(c.id), c.init.pid, pid_ns_of=c.init.pid)
         c.execs[req.exec_id] = proc
         # Exec has no separate start: wait for the execve to report.
         assert proc.sock is not None

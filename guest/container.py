@@ -415,30 +415,20 @@ def _fail(sock: socket.socket, e: BaseException) -> int:
     return {ERR_NOT_FOUND: 127, ERR_NOT_EXECUTABLE: 126}.get(kind, 125)
 
 
-def _fork_into(sock: socket.socket, enter: Callable[[], None],
-               child: Callable[[], None]) -> int:
-    """Child A: enter() the namespaces, fork the process, report its pid, return.
-
-    The pid namespace applies only to A's children, hence the second fork;
-    the grandchild is re-parented to the agent (pid 1), which reaps it.
-    """
+def _run(sock: socket.socket, steps: Callable[[], None]) -> int:
+    """The forked child's body: steps() returns only by exec; a failure is
+    told to the agent, and the exit code is docker's."""
     try:
-        enter()
-        pid = os.fork()
+        steps()
     except BaseException as e:
         return _fail(sock, e)
-    if pid:
-        send(sock, {"pid": pid})
-        return 0
-    try:
-        child()  # returns only by exec
-    except BaseException as e:
-        os._exit(_fail(sock, e))
-    os._exit(125)
+    return 125
 
 
-NAMESPACE_FLAGS = {"ipc": linux.CLONE_NEWIPC, "uts": linux.CLONE_NEWUTS,
-                   "pid": linux.CLONE_NEWPID}
+# The pid namespace is not among them: the agent forks the process into it
+# (new, or joined), so that one fork makes it (agent.fork_in_pid_namespace).
+NAMESPACE_FLAGS = {"ipc": linux.CLONE_NEWIPC, "uts": linux.CLONE_NEWUTS}
+SHAREABLE_NAMESPACES = (*NAMESPACE_FLAGS, "pid")
 
 
 def run_container_init(sock: socket.socket, spec: ProcessSpec, stdio: Stdio, cgroup: str,
@@ -451,9 +441,10 @@ def run_container_init(sock: socket.socket, spec: ProcessSpec, stdio: Stdio, cgr
 
     shared: namespaces joined from process share_pid (a pod's pause) instead.
     """
-    def enter() -> None:
+    def steps() -> None:
         cgroups.join(cgroup)
-        fds = [os.open(f"/proc/{share_pid}/ns/{ns}", os.O_RDONLY) for ns in shared]
+        fds = [os.open(f"/proc/{share_pid}/ns/{ns}", os.O_RDONLY)
+               for ns in shared if ns != "pid"]
         for fd in fds:
             linux.setns(fd)
             os.close(fd)
@@ -462,8 +453,6 @@ def run_container_init(sock: socket.socket, spec: ProcessSpec, stdio: Stdio, cgr
             if ns not in shared:
                 new |= flag
         linux.unshare(new)
-
-    def child() -> None:
         # In the container's namespaces, before /proc/sys is masked read-only.
         apply_sysctls(sysctls or {})
         # The pod's hostname is the pause container's, set when it was made.
@@ -475,25 +464,22 @@ def run_container_init(sock: socket.socket, spec: ProcessSpec, stdio: Stdio, cgr
             os._exit(125)
         exec_process(path, spec, sock)
 
-    return _fork_into(sock, enter, child)
+    return _run(sock, steps)
 
 
 def run_exec(sock: socket.socket, spec: ProcessSpec, stdio: Stdio, cgroup: str,
              init_pid: int) -> int:
     """Join a running container's cgroup and namespaces; exec at once."""
-    def enter() -> None:
+    def steps() -> None:
         # Before the mount namespace: the container does not see the cgroup fs.
         cgroups.join(cgroup)
         # The mount namespace last: after it, /proc/<pid> is the container's.
-        fds = [os.open(f"/proc/{init_pid}/ns/{ns}", os.O_RDONLY)
-               for ns in ("ipc", "uts", "pid", "mnt")]
+        fds = [os.open(f"/proc/{init_pid}/ns/{ns}", os.O_RDONLY) for ns in ("ipc", "uts", "mnt")]
         for fd in fds:
             linux.setns(fd)
             os.close(fd)
-
-    def child() -> None:
         path = prepare_process(spec, stdio, sock)
         send(sock, {"ready": True})
         exec_process(path, spec, sock)
 
-    return _fork_into(sock, enter, child)
+    return _run(sock, steps)

@@ -1,7 +1,7 @@
 """guest.agent.Agent._spawn: the set-up handshake with forked children.
 
-Runs the agent's real fork and socket code on the host; the children stand in
-for container set-up, which needs the guest's namespaces.
+Runs the agent's real fork, pid namespace and socket code on the host (as
+root); the children stand in for container set-up, which needs the guest.
 """
 
 from __future__ import annotations
@@ -9,44 +9,31 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
+from guest import agent as agent_module
 from guest import container
 from guest.agent import Agent
 from microvm.protocol import agent_pb2, ttrpc
 
 
-def _spawn(child: object) -> int:
+def _spawn(child: object, pid_ns_of: int = 0) -> int:
     async def go() -> int:
         agent = Agent(0.0)
-        proc = await agent._spawn("c", "", agent_pb2.Process(args=["true"]), child)
+        proc = await agent._spawn("c", "", agent_pb2.Process(args=["true"]), child,
+                                  pid_ns_of=pid_ns_of)
         await asyncio.wait_for(proc.exited, 10)
         return proc.pid
 
     return asyncio.run(go())
 
 
-def _grandchild_first(sock: socket.socket, spec: object, stdio: object) -> int:
-    # What a busy guest does: the grandchild's "ready" overtakes child A's "pid".
-    container.send(sock, {"ready": True})
-    container.send(sock, {"pid": os.getpid()})
-    return 0
-
-
-def _pid_first(sock: socket.socket, spec: object, stdio: object) -> int:
-    container.send(sock, {"pid": os.getpid()})
-    container.send(sock, {"ready": True})
-    return 0
-
-
 def _silent(sock: socket.socket, spec: object, stdio: object) -> int:
     return 0
-
-
-@pytest.mark.parametrize("child", [_grandchild_first, _pid_first])
-def test_pid_and_ready_in_either_order(child: object) -> None:
-    assert _spawn(child) > 0
 
 
 def test_a_child_that_says_nothing_is_an_error() -> None:
@@ -54,42 +41,59 @@ def test_a_child_that_says_nothing_is_an_error() -> None:
         _spawn(_silent)
 
 
-def _forks_the_process(sock: socket.socket, spec: object, stdio: object) -> int:
-    # As container.run_init: child A forks the container's process, which
-    # reports, and exits itself at once.
-    if os.fork() == 0:
-        container.send(sock, {"pid": os.getpid()})
-        container.send(sock, {"ready": True})
-        os._exit(0)
+def _pid_namespace(pid: int | str) -> str:
+    return os.readlink(f"/proc/{pid}/ns/pid")
+
+
+def _reports_its_namespace(sock: socket.socket, spec: object, stdio: object) -> int:
+    container.send(sock, {"ready": True})
+    container.send(sock, {"pid": os.getpid(), "ns": _pid_namespace("self")})
     return 0
 
 
-def test_no_exit_is_kept_for_ever(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Child A's exit was nobody's: one entry stayed in _early_exits per
-    create or exec, and after pid wrap-around a new process with that pid
-    would have been reported as exited at once."""
-    children_a: list[int] = []
-    fork = os.fork
-
-    def recording_fork() -> int:
-        pid = fork()
-        if pid:
-            children_a.append(pid)
-        return pid
-
-    monkeypatch.setattr(os, "fork", recording_fork)
-
-    async def go() -> list[int]:
+def _spawn_and_hear(pid_ns_of: int = 0) -> tuple[int, dict[str, object]]:
+    async def go() -> tuple[int, dict[str, object]]:
         agent = Agent(0.0)
-        for _ in range(5):
-            await agent._spawn("c", "", agent_pb2.Process(args=["true"]), _forks_the_process)
-        await asyncio.sleep(0.2)  # child A has exited and been reaped
-        agent._reap()
-        # (The test process may reap others' orphans too: it is a subreaper.)
-        return [pid for pid in agent._early_exits if pid in children_a[:5]]
+        proc = await agent._spawn("c", "", agent_pb2.Process(args=["true"]),
+                                  _reports_its_namespace, pid_ns_of=pid_ns_of)
+        assert proc.sock is not None
+        msg, _ = await agent_module._recv(proc.sock)
+        await asyncio.wait_for(proc.exited, 10)
+        assert msg is not None
+        return proc.pid, msg
 
-    assert asyncio.run(go()) == []
-    assert len(children_a) >= 5
+    return asyncio.run(go())
+
+
+def test_the_process_is_pid_1_of_a_new_pid_namespace_in_one_fork() -> None:
+    """The child the agent forks is the container's process itself (the pid
+    the agent tracks), pid 1 of its own pid namespace; the agent's children
+    after it are in the agent's namespace again."""
+    own = _pid_namespace("self")
+    pid, msg = _spawn_and_hear()
+    assert msg["pid"] == 1 and msg["ns"] != own, msg
+    assert pid > 1
+    assert os.readlink("/proc/self/ns/pid_for_children") == own
+    after = subprocess.run(["readlink", "/proc/self/ns/pid"], capture_output=True, text=True)
+    assert after.stdout.strip() == own
+
+
+def test_an_exec_joins_the_pid_namespace_it_is_given() -> None:
+    holder = subprocess.Popen(["unshare", "--pid", "--fork", "sleep", "30"])
+    try:
+        deadline = time.monotonic() + 5
+        inner = None
+        while inner is None and time.monotonic() < deadline:
+            kids = Path(f"/proc/{holder.pid}/task/{holder.pid}/children").read_text().split()
+            inner = int(kids[0]) if kids else None
+            time.sleep(0.01)
+        assert inner is not None
+        _, msg = _spawn_and_hear(pid_ns_of=inner)
+        assert msg["ns"] == _pid_namespace(inner) and msg["pid"] != 1, msg
+    finally:
+        holder.kill()
+        holder.wait()
+    assert os.readlink("/proc/self/ns/pid_for_children") == _pid_namespace("self")
 
 
 def test_a_recycled_pid_is_not_reported_exited() -> None:
