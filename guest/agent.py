@@ -490,6 +490,9 @@ class Agent:
 
     async def GetGuestDetails(self, req: agent_pb2.GuestDetailsRequest,
                               ctx: ttrpc.CallContext) -> agent_pb2.GuestDetails:
+        return self._details()
+
+    def _details(self) -> agent_pb2.GuestDetails:
         mem = 0
         with open("/proc/meminfo") as f:
             for line in f:
@@ -778,7 +781,7 @@ class Agent:
         return code, output.decode(errors="replace")
 
     async def AdoptSandbox(self, req: agent_pb2.AdoptRequest,
-                           ctx: ttrpc.CallContext) -> agent_pb2.Empty:
+                           ctx: ttrpc.CallContext) -> agent_pb2.GuestDetails:
         try:
             if req.entropy:
                 adopt.reseed(req.entropy)
@@ -790,7 +793,9 @@ class Agent:
                 adopt.mount_share()
         except OSError as e:
             raise ttrpc.FailedPrecondition(f"adopting the VM: {e}") from None
-        return agent_pb2.Empty()
+        # One round trip less before the first container: the host checks
+        # the protocol from this answer.
+        return self._details()
 
     async def ConfigureNetwork(self, req: agent_pb2.NetworkConfig,
                                ctx: ttrpc.CallContext) -> agent_pb2.Empty:

@@ -188,13 +188,8 @@ class Sandbox:
         finally:
             if self.network is not None:
                 self.network.close_fds()  # QEMU holds the taps now
-        assert self.agent is not None
+        assert self.agent is not None and self.details is not None
         deadline = asyncio.get_running_loop().time() + self.config.boot_timeout
-        self.details = await self._race(
-            self.agent.call("GetGuestDetails", agent_pb2.GuestDetailsRequest()), deadline)
-        if self.details.protocol_version != PROTOCOL_VERSION:
-            raise VMError(f"guest agent speaks protocol {self.details.protocol_version}, "
-                          f"this host {PROTOCOL_VERSION}: rebuild the guest image")
         if self.network is not None and self.network.interfaces:
             t0 = time.monotonic()
             await self._race(self._configure_network(self.network), deadline)
@@ -380,13 +375,30 @@ class Sandbox:
     async def _adopt(self, mount_share: bool) -> None:
         """Make the guest this sandbox's own before any container starts:
         fresh randomness, the host's clock and the VM's own host name (a
-        clone's are the template's), and for a clone its share."""
+        clone's are the template's), and for a clone its share.  The answer
+        is the guest's details, whose protocol must be ours."""
         from microvm.vm import template
         assert self.agent is not None
-        await self._race(self.agent.call("AdoptSandbox", agent_pb2.AdoptRequest(
-            entropy=template.entropy(), realtime=time.time(), hostname=self.id[:12],
-            mount_share=mount_share)),
-            asyncio.get_running_loop().time() + self.config.boot_timeout)
+        deadline = asyncio.get_running_loop().time() + self.config.boot_timeout
+        try:
+            self.details = await self._race(self.agent.call("AdoptSandbox", agent_pb2.AdoptRequest(
+                entropy=template.entropy(), realtime=time.time(), hostname=self.id[:12],
+                mount_share=mount_share)), deadline)
+        except ttrpc.RpcError:
+            await self._check_protocol(None, deadline)  # an older agent's error says less
+            raise
+        await self._check_protocol(self.details, deadline)
+
+    async def _check_protocol(self, details: agent_pb2.GuestDetails | None,
+                              deadline: float) -> None:
+        if details is None or not details.protocol_version:
+            # Agents before protocol 12 answer AdoptSandbox with nothing.
+            assert self.agent is not None
+            details = await self._race(
+                self.agent.call("GetGuestDetails", agent_pb2.GuestDetailsRequest()), deadline)
+        if details.protocol_version != PROTOCOL_VERSION:
+            raise VMError(f"guest agent speaks protocol {details.protocol_version}, "
+                          f"this host {PROTOCOL_VERSION}: rebuild the guest image")
 
     async def _boot_from_template(self, spec: VMSpec) -> bool:
         """Restore a clone of this configuration's template (made now if

@@ -3,13 +3,14 @@
 Kept free of heavy imports: the guest agent loads it at every boot.
 """
 
-PROTOCOL_VERSION = 11  # 2: ConfigureNetwork; 3: mounts; 4: shared namespaces;
+PROTOCOL_VERSION = 12  # 2: ConfigureNetwork; 3: mounts; 4: shared namespaces;
 #                        5: capabilities, seccomp, masked and read-only paths;
 #                        6: AdoptSandbox (VM templates); 7: sysctls;
 #                        8: ConnectPort, ClosePort (port-forward);
 #                        9: error reasons (ErrorInfo in the status details),
 #                           SignalRequest.all; 10: GuestStats, StartConsole;
-#                        11: GetMeasurements (the secure flavour)
+#                        11: GetMeasurements (the secure flavour);
+#                        12: AdoptSandbox answers with GuestDetails
 AGENT_SERVICE = "katapy.agent.v1.Agent"
 # Served by each shim beside containerd's Task API (monitor.proto).
 MONITOR_SERVICE = "katapy.monitor.v1.Monitor"
