@@ -121,6 +121,23 @@ def test_sigkill_leaves_no_tap_and_prune_or_the_next_run_recovers(
         assert_no_leaks()
 
 
+def test_what_the_ioctls_cannot_say_is_set_with_ip(microvm: Microvm, pod: Pod) -> None:
+    """A second IPv4 address and a route with a preferred source: the guest
+    sets the pod's network with busybox's ip instead of its ioctls, and it is
+    the same as the pod namespace's."""
+    ns = Path(pod.netns).name
+    sh("ip", "addr", "add", "10.88.7.2/24", "dev", "eth0", ns=ns)
+    sh("ip", "route", "add", "10.87.0.0/16", "via", pod.gateway, "src", pod.ip, ns=ns)
+    r = microvm.run("run", "--rm", "--network", f"ns:{pod.netns}", "busybox", "sh", "-c",
+                    f"ip -o addr show eth0; ip route; ping -c 1 -W 5 {pod.gateway} >/dev/null"
+                    " && echo reached")
+    assert r.returncode == 0, r.stderr
+    assert f"inet {pod.ip}/24" in r.stdout and "inet 10.88.7.2/24" in r.stdout, r.stdout
+    assert f"10.87.0.0/16 via {pod.gateway} dev eth0  src {pod.ip}" in r.stdout.replace(
+        "eth0 src", "eth0  src"), r.stdout
+    assert f"default via {pod.gateway} dev eth0" in r.stdout and "reached" in r.stdout
+
+
 def test_no_network_means_loopback_only(microvm: Microvm) -> None:
     r = microvm.run("run", "--rm", "--network", "none", "busybox", "sh", "-c",
                     "ip -o link | cut -d: -f2; ping -c 1 -W 3 127.0.0.1 >/dev/null && echo lo-ok")

@@ -116,8 +116,7 @@ def test_clone_interfaces_take_the_macs_asked_for() -> None:
     names = {"00:00:00:00:00:00": "lo", "02:6b:70:00:00:01": "eth1",
              "02:6b:70:00:00:00": "eth0"}
     cmds = network.adopt_macs(req, names, {"lo": 1, "eth0": 2, "eth1": 3})
-    assert cmds == [["/bb", "ip", "link", "set", "dev", "eth0", "address", "02:aa:00:00:00:01"],
-                    ["/bb", "ip", "link", "set", "dev", "eth1", "address", "02:aa:00:00:00:02"]]
+    assert cmds == [("eth0", "02:aa:00:00:00:01"), ("eth1", "02:aa:00:00:00:02")]
     assert names["02:aa:00:00:00:02"] == "eth1"
     # A cold boot's guest already has them: nothing to do.
     assert network.adopt_macs(req, {"02:aa:00:00:00:01": "eth0", "02:aa:00:00:00:02": "eth1"},
