@@ -869,7 +869,9 @@ class Agent:
         return agent_pb2.ProcessResponse(pid=pid)
 
     async def Shutdown(self, req: agent_pb2.Empty, ctx: ttrpc.CallContext) -> agent_pb2.Empty:
-        # Answer first; the VM goes away right after.
+        # Synced before the answer: the host may end QEMU on it, sooner than
+        # the guest's own restart.  The restart follows, should it not.
+        os.sync()
         self._loop.call_later(STOP_GRACE, power_off)
         return agent_pb2.Empty()
 

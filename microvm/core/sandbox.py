@@ -749,8 +749,12 @@ class Sandbox:
             if self.agent is not None and not self.agent.closed and self.machine is not None \
                     and self.machine.running:
                 with contextlib.suppress(Exception):
-                    await self.agent.call("Shutdown", agent_pb2.Empty(), timeout=2)
-                    await self.machine.wait(self.config.shutdown_timeout)
+                    # Answered once the guest's file systems are synced to
+                    # the host: nothing in the VM is left to keep, so QEMU
+                    # is told to quit (below) without waiting for the
+                    # guest's restart (0.05-0.08 s under TCG).
+                    await self.agent.call("Shutdown", agent_pb2.Empty(),
+                                          timeout=self.config.shutdown_timeout)
             for state in list(self.containers.values()):
                 self._unmount_container(state)
         finally:

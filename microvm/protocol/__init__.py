@@ -10,7 +10,8 @@ PROTOCOL_VERSION = 12  # 2: ConfigureNetwork; 3: mounts; 4: shared namespaces;
 #                        9: error reasons (ErrorInfo in the status details),
 #                           SignalRequest.all; 10: GuestStats, StartConsole;
 #                        11: GetMeasurements (the secure flavour);
-#                        12: AdoptSandbox answers with GuestDetails
+#                        12: AdoptSandbox answers with GuestDetails;
+#                            Shutdown answers once the guest has synced
 AGENT_SERVICE = "katapy.agent.v1.Agent"
 # Served by each shim beside containerd's Task API (monitor.proto).
 MONITOR_SERVICE = "katapy.monitor.v1.Monitor"

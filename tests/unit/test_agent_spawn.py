@@ -113,3 +113,20 @@ def test_a_tool_with_more_output_than_a_pipe_holds_finishes() -> None:
 
     code, out = asyncio.run(go())
     assert code == 0 and out.endswith("xend\n") and len(out) <= 65536
+
+
+def test_shutdown_answers_once_the_guest_has_synced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host tells QEMU to quit on the answer: every write the guest
+    cached must have reached the host by then."""
+    said: list[str] = []
+    monkeypatch.setattr(os, "sync", lambda: said.append("sync"))
+    monkeypatch.setattr(agent_module, "power_off", lambda: said.append("power off"))
+
+    async def go() -> None:
+        agent = Agent(0.0)
+        await agent.Shutdown(agent_pb2.Empty(), None)  # type: ignore[arg-type]
+        said.append("answered")
+        await asyncio.sleep(agent_module.STOP_GRACE * 2)
+
+    asyncio.run(go())
+    assert said == ["sync", "answered", "power off"]
