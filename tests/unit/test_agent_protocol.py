@@ -81,3 +81,27 @@ def test_a_failed_adopt_of_a_current_agent_keeps_its_own_error(tmp_path: Path) -
     err = ttrpc.FailedPrecondition("adopting the VM: mount failed")
     said = _adopt(tmp_path, _Agent(err, PROTOCOL_VERSION))
     assert "mount failed" in said
+
+
+def test_the_agent_reads_its_fixed_details_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A clone answers with its template's memory and boot id without
+    reading /proc again; the times are each call's own."""
+    import builtins
+
+    from guest.agent import Agent
+
+    async def go() -> tuple[agent_pb2.GuestDetails, agent_pb2.GuestDetails]:
+        agent = Agent(1.5)
+        first = agent._details()
+
+        def no_reading(*a: object, **kw: object) -> object:
+            raise AssertionError(f"read {a[0]!r} again")
+
+        monkeypatch.setattr(builtins, "open", no_reading)
+        agent.ready_at = 2.5
+        return first, agent._details()
+
+    first, second = asyncio.run(go())
+    assert first.mem_total_bytes > 0 and second.boot_id == first.boot_id
+    assert second.protocol_version == PROTOCOL_VERSION
+    assert (first.agent_ready, second.agent_started, second.agent_ready) == (0.0, 1.5, 2.5)
