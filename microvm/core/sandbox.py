@@ -430,7 +430,8 @@ class Sandbox:
             passed.append(state := os.open(tmpl.state, os.O_RDONLY | os.O_CLOEXEC))
             clone = dataclasses.replace(
                 spec, memory_file=f"/proc/self/fd/{mem}", memory_shared=False, incoming=True,
-                ninep_fd=passed[0], kernel_params=[*spec.kernel_params, template.KERNEL_PARAM])
+                ninep_fd=passed[0], kernel_params=[*spec.kernel_params, template.KERNEL_PARAM],
+                free_page_reporting=template.FREE_PAGE_REPORTING)
             serial = await self._launch(clone, stack, passed)
             assert self.machine is not None
             await asyncio.wait_for(self.machine.restore_state(state), self.config.boot_timeout)

@@ -105,6 +105,10 @@ class VMSpec:
     tsc_khz: int = 0               # host TSC rate, given to TCG guests
     tb_mib: int = 0                # TCG translation cache (0: QEMU's default)
     sandbox: bool = True           # QEMU's seccomp filter
+    # The balloon's free-page reporting.  Never for a template or its
+    # clones: QEMU 7.2 answers a report on a file-backed RAM block with
+    # fallocate(PUNCH_HOLE) on the file, even a private mapping's, which
+    # would zero the template every other clone reads from.
     free_page_reporting: bool = True
     nics: list[Nic] = field(default_factory=list)
     netns: str = ""                # the network namespace QEMU runs in ("": ours)

@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 
 # The guest kernel's own switch: no virtio-fs, and 9p mounted only later.
 KERNEL_PARAM = "kata_py.share=9p"
+# Templates and clones have no balloon: its free-page reports would make a
+# clone's QEMU punch holes in the RAM file all clones map (VMSpec).
+FREE_PAGE_REPORTING = False
 # Template NICs' MACs; a clone's guest takes its own (guest/network.py).
 TEMPLATE_MAC = "02:6b:70:00:00:{:02x}"
 
@@ -106,7 +109,8 @@ def key(cfg: Config, accel: str, nics: int, tsc_khz: int) -> str:
     from microvm.vm.qemu import MACHINE
     parts = [f"protocol {PROTOCOL_VERSION}", MACHINE, *map(_file_id, _inputs(cfg)),
              accel, str(cfg.vcpus), str(cfg.memory_mib),
-             f"nics {nics}", cfg.transport, cfg.guest_kernel_params(), str(tsc_khz)]
+             f"nics {nics}", cfg.transport, cfg.guest_kernel_params(), str(tsc_khz),
+             f"free-page reporting {FREE_PAGE_REPORTING}"]
     return hashlib.sha256(repr(parts).encode()).hexdigest()[:20]
 
 
@@ -292,7 +296,7 @@ async def build(cfg: Config, accel: str, k: str, nics: int, creds: Credentials |
                 transport="serial", serial_fd=serial_theirs.fileno(),
                 tsc_khz=host_tsc_khz() if accel == "tcg" else 0, tb_mib=cfg.tcg_tb_mib,
                 memory_file=f"/proc/self/fd/{mem}", memory_shared=True,
-                ninep_fd=ninep.fileno(),
+                ninep_fd=ninep.fileno(), free_page_reporting=FREE_PAGE_REPORTING,
                 nics=[Nic(TEMPLATE_MAC.format(i), []) for i in range(nics)])
             machine = Machine(cfg.qemu, spec, log_dir / "template-console.log",
                               log_dir / "template-qemu.log", creds)

@@ -66,6 +66,28 @@ def test_files_written_in_a_clone_reach_the_host_and_read_only_holds(
     assert (rw / "out").read_text() == "hi\n" and (ro / "f").read_text() == "host\n"
 
 
+def test_a_clone_cannot_change_the_template_its_neighbours_run_on(microvm: Microvm) -> None:
+    """Every clone maps the template's RAM file, and QEMU 7.2 opens it
+    read-write.  A clone's guest that freed memory made its QEMU punch the
+    freed blocks out of that file (free-page reporting: fallocate on the
+    file, then madvise), zeroing pages its neighbours still read from it and
+    every later clone starts from.  After a clone frees 64 MiB and waits out
+    the guest's reporting delay, the file must be as it was."""
+    _probe(microvm)  # the template
+
+    def files() -> dict[str, tuple[int, int]]:
+        return {k: ((st := (template.root() / k / "mem").stat()).st_mtime_ns, st.st_blocks)
+                for k in _templates()}
+
+    before = files()
+    assert before
+    r = microvm.run("run", "--rm", "busybox", "sh", "-c",
+                    "dd if=/dev/zero of=/dev/shm/x bs=1M count=64 2>/dev/null && rm /dev/shm/x"
+                    " && sleep 4 && echo freed")
+    assert r.returncode == 0 and r.stdout.split() == ["freed"], r.stderr
+    assert files() == before
+
+
 def test_a_broken_template_costs_a_cold_boot_and_is_made_again(microvm: Microvm) -> None:
     assert microvm.run("system", "prune").returncode == 0
     _probe(microvm)
