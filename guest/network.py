@@ -5,7 +5,7 @@ Interfaces are matched by MAC (QEMU gives each virtio-net device its veth's
 MAC).  What the classic socket ioctls can say (the MAC, MTU and up; one
 IPv4 and any IPv6 addresses per interface; routes without a preferred
 source) is set with them, from the agent itself: a pod's usual network, in
-0.07 s where spawning busybox's `ip` per step cost a clone 0.16 s under TCG
+0.06 s where spawning busybox's `ip` per step cost a clone 0.16 s under TCG
 (docs/benchmarks.md).  Anything more goes, whole, to busybox's `ip` from the
 guest image.  Importing pyroute2 would cost the guest about a second and a
 half under TCG.  The loopback is one ioctl too.
@@ -45,9 +45,9 @@ class NetworkError(Exception):
 
 def loopback_up() -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        ifr = fcntl.ioctl(s, SIOCGIFFLAGS, struct.pack("16sH14x", b"lo", 0))
-        flags = struct.unpack("16sH14x", ifr)[1]
-        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack("16sH14x", b"lo", flags | IFF_UP))
+        ifr = fcntl.ioctl(s, SIOCGIFFLAGS, struct.pack(IFREQ_SHORT, b"lo", 0))
+        flags = struct.unpack(IFREQ_SHORT, ifr)[1]
+        fcntl.ioctl(s, SIOCSIFFLAGS, struct.pack(IFREQ_SHORT, b"lo", flags | IFF_UP))
 
 
 def interfaces_by_mac(sys_net: str = "/sys/class/net") -> dict[str, str]:
