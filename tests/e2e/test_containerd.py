@@ -635,8 +635,16 @@ CTR_VICTIMS = {
     "qemu": "qemu-system-x86_64 -name kata-py-",
     "9p-helper": "virtfs-proxy-helper -n -p /run/kata-py/vm/",
     "virtiofsd": "virtiofsd --fd=",
-    "shim": shim("t-fault"),
 }
+
+
+def _victim(victim: str, cid: str) -> str:
+    return shim(cid) if victim == "shim" else CTR_VICTIMS[victim]
+
+
+# Each case has a container id of its own: after a shim's death containerd
+# cleans up on its own, a moment later (it runs the shim's `delete`), and
+# until then the id is taken though `ctr task ls` no longer shows it.
 
 
 def _ctr(ctd: Containerd, *args: str) -> subprocess.Popen[str]:
@@ -650,11 +658,12 @@ def test_a_kill_during_a_ctr_boot(ctd: Containerd, tmp_path: Path, victim: str) 
     one line naming the dead process, and delete leaves nothing."""
     cold = tmp_path / "cold.yaml"
     cold.write_text("template: false\n")
+    cid = f"t-boot-{victim}"
     p = _ctr(ctd, "run", "--runtime", RUNTIME, "-d", "--runtime-config-path", str(cold),
-             IMAGE, "t-fault", "sleep", "300")
+             IMAGE, cid, "sleep", "300")
     try:
         pid_of(CTR_VICTIMS["qemu"])  # booting
-        os.kill(pid_of(CTR_VICTIMS[victim]), signal.SIGKILL)
+        os.kill(pid_of(_victim(victim, cid)), signal.SIGKILL)
         _, err = p.communicate(timeout=30)
         assert p.returncode != 0, err
         said = {"qemu": "QEMU died (signal 9)", "virtiofsd": "virtiofsd died (signal 9)",
@@ -662,19 +671,20 @@ def test_a_kill_during_a_ctr_boot(ctd: Containerd, tmp_path: Path, victim: str) 
         assert said in err, err
     finally:
         p.kill()
-        force_remove(ctd, "t-fault")
+        force_remove(ctd, cid)
 
 
 @pytest.mark.parametrize("victim", ["qemu", "9p-helper", "shim"])
 def test_a_kill_during_a_ctr_exec(ctd: Containerd, victim: str) -> None:
     """The exec ends within a few seconds (not the 30 s call timeout), the task
     is stopped, and delete leaves nothing."""
-    assert run(ctd, "t-fault", "sleep", "300", flags=("-d",)).returncode == 0
+    cid = f"t-exec-{victim}"
+    assert run(ctd, cid, "sleep", "300", flags=("-d",)).returncode == 0
     try:
-        e = _ctr(ctd, "task", "exec", "--exec-id", "e1", "t-fault", "sh", "-c",
+        e = _ctr(ctd, "task", "exec", "--exec-id", "e1", cid, "sh", "-c",
                  "echo in; sleep 300")
         assert e.stdout is not None and e.stdout.readline() == "in\n"
-        os.kill(pid_of(CTR_VICTIMS[victim]), signal.SIGKILL)
+        os.kill(pid_of(_victim(victim, cid)), signal.SIGKILL)
         t0 = time.monotonic()
         _, err = e.communicate(timeout=30)
         assert time.monotonic() - t0 < 5 and e.returncode != 0, (e.returncode, err)
@@ -683,22 +693,23 @@ def test_a_kill_during_a_ctr_exec(ctd: Containerd, victim: str) -> None:
             assert time.monotonic() < deadline, ctd.ctr("task", "ls").stdout
             time.sleep(0.1)
     finally:
-        force_remove(ctd, "t-fault")
+        force_remove(ctd, cid)
 
 
 @pytest.mark.parametrize("victim", ["qemu", "9p-helper", "shim"])
 def test_a_kill_during_a_ctr_delete(ctd: Containerd, victim: str) -> None:
     """Whatever the forced delete got to, containerd's own clean-up or a second
     delete finishes the job (the fixture's check)."""
-    assert run(ctd, "t-fault", "sleep", "300", flags=("-d",)).returncode == 0
-    target = pid_of(CTR_VICTIMS[victim])
-    d = _ctr(ctd, "task", "delete", "-f", "t-fault")
+    cid = f"t-del-{victim}"
+    assert run(ctd, cid, "sleep", "300", flags=("-d",)).returncode == 0
+    target = pid_of(_victim(victim, cid))
+    d = _ctr(ctd, "task", "delete", "-f", cid)
     time.sleep(0.1)  # inside the delete's calls
     with contextlib.suppress(ProcessLookupError):
         os.kill(target, signal.SIGKILL)
     d.communicate(timeout=30)
-    force_remove(ctd, "t-fault")
-    assert "t-fault" not in ctd.ctr("container", "ls", "-q").stdout.split()
+    force_remove(ctd, cid)
+    assert cid not in ctd.ctr("container", "ls", "-q").stdout.split()
 
 
 def test_a_guest_kernel_panic_under_ctr_stops_the_task_at_once(ctd: Containerd) -> None:
