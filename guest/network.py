@@ -175,7 +175,7 @@ def _netmask(plen: int) -> bytes:
     return struct.pack("!I", (0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF)
 
 
-def _interface(name: str, mtu: int, addresses: list[str], s4: socket.socket,
+def _interface(name: str, index: int, mtu: int, addresses: list[str], s4: socket.socket,
                s6: socket.socket) -> None:
     n = name.encode()
     _ioctl(s4, SIOCSIFMTU, struct.pack(IFREQ_INT, n, mtu), f"link set dev {name} mtu {mtu}")
@@ -188,14 +188,14 @@ def _interface(name: str, mtu: int, addresses: list[str], s4: socket.socket,
         v6 = ":" in a
         packed, plen = _cidr(a, v6)
         if v6:
-            _ioctl(s6, SIOCSIFADDR, struct.pack(IN6_IFREQ, packed, plen, _ifindex(name)), what)
+            _ioctl(s6, SIOCSIFADDR, struct.pack(IN6_IFREQ, packed, plen, index), what)
         else:
             _ioctl(s4, SIOCSIFADDR, struct.pack(IFREQ_ADDR4, n, socket.AF_INET, 0, packed), what)
             _ioctl(s4, SIOCSIFNETMASK, struct.pack(IFREQ_ADDR4, n, socket.AF_INET, 0,
                                                    _netmask(plen)), what)
 
 
-def _route(r: agent_pb2.NetworkRoute, name: str, s4: socket.socket,
+def _route(r: agent_pb2.NetworkRoute, name: str, index: int, s4: socket.socket,
            s6: socket.socket) -> None:
     dest, plen = _cidr(r.dest, r.ipv6)
     gateway = _cidr(r.gateway, r.ipv6)[0]
@@ -204,7 +204,7 @@ def _route(r: agent_pb2.NetworkRoute, name: str, s4: socket.socket,
     flags = RTF_UP | (RTF_GATEWAY if r.gateway else 0)
     if r.ipv6:
         _ioctl(s6, SIOCADDRT, struct.pack(IN6_RTMSG, dest, bytes(16), gateway, 0, plen, 0,
-                                          r.metric, 0, flags, _ifindex(name)), what)
+                                          r.metric, 0, flags, index), what)
         return
     dev = ctypes.create_string_buffer(name.encode())  # rt_dev points at it
     # The kernel takes rt_metric - 1 as the priority (route(8) adds the 1).
@@ -214,9 +214,10 @@ def _route(r: agent_pb2.NetworkRoute, name: str, s4: socket.socket,
 
 
 def apply_by_ioctl(req: agent_pb2.NetworkConfig, names: dict[str, str],
-                   macs: list[tuple[str, str]]) -> None:
+                   macs: list[tuple[str, str]], indexes: dict[str, int]) -> None:
     """The MACs, then links up with their addresses, then routes without a
-    gateway, then those through one (the order `commands` keeps)."""
+    gateway, then those through one (the order `commands` keeps).  indexes:
+    the interfaces' ifindex by name, as configure read them."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s4, \
             socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s6:
         for name, mac in macs:
@@ -224,9 +225,11 @@ def apply_by_ioctl(req: agent_pb2.NetworkConfig, names: dict[str, str],
                                                   bytes.fromhex(mac.replace(":", ""))),
                    f"link set dev {name} address {mac}")
         for itf in req.interfaces:
-            _interface(_interface_name(names, itf), itf.mtu, list(itf.addresses), s4, s6)
+            name = _interface_name(names, itf)
+            _interface(name, indexes[name], itf.mtu, list(itf.addresses), s4, s6)
         for route in sorted(req.routes, key=lambda r: bool(r.gateway)):
-            _route(route, _route_device(names, route), s4, s6)
+            name = _route_device(names, route)
+            _route(route, name, indexes[name], s4, s6)
 
 
 async def configure(req: agent_pb2.NetworkConfig, run: Runner) -> None:
@@ -234,9 +237,10 @@ async def configure(req: agent_pb2.NetworkConfig, run: Runner) -> None:
         return
     names = interfaces_by_mac()
     _no_dad(list(names.values()))
-    macs = adopt_macs(req, names, {n: _ifindex(n) for n in names.values()})
+    indexes = {n: _ifindex(n) for n in names.values()}
+    macs = adopt_macs(req, names, indexes)
     if by_ioctl(req):
-        apply_by_ioctl(req, names, macs)
+        apply_by_ioctl(req, names, macs, indexes)
         return
     if not req.ip_command:
         raise NetworkError("no ip command given")

@@ -5,7 +5,6 @@ The agent is a stand-in (no VM): its answers are what old images send."""
 from __future__ import annotations
 
 import asyncio
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +14,8 @@ from microvm.config import Config
 from microvm.core.sandbox import Sandbox
 from microvm.errors import VMError
 from microvm.protocol import PROTOCOL_VERSION, agent_pb2, ttrpc
-from microvm.vm import accel, helpers
-
-
-class _Running:
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen(["sleep", "30"])
-
-    async def wait(self, timeout: float | None = None) -> int | None:
-        return await helpers.wait(self.proc, timeout)
+from microvm.vm import accel
+from tests.unit.test_sandbox_death import Running
 
 
 class _Agent:
@@ -42,7 +34,7 @@ class _Agent:
 def _adopt(tmp_path: Path, agent: _Agent) -> str:
     async def go() -> str:
         sb = Sandbox(Config(), "sb", tmp_path, accel.Choice("tcg", "test", False))
-        machine = _Running()
+        machine = Running()
         sb.machine = machine  # type: ignore[assignment]
         sb.agent = agent  # type: ignore[assignment]
         try:

@@ -29,11 +29,13 @@ import asyncio, json, subprocess, sys
 from guest import network
 from microvm.protocol import agent_pb2
 req = agent_pb2.NetworkConfig.FromString(bytes.fromhex(sys.argv[2]))
-names = network.interfaces_by_mac()
+# v1 is the veth's other end, not the guest's: the guest has one card, v0.
+names = {mac: n for mac, n in network.interfaces_by_mac().items() if n != "v1"}
 network._no_dad(list(names.values()))
-macs = network.adopt_macs(req, names, {"v0": 1})
+indexes = {n: network._ifindex(n) for n in names.values()}
+macs = network.adopt_macs(req, names, indexes)
 if sys.argv[1] == "ioctl":
-    network.apply_by_ioctl(req, names, macs)
+    network.apply_by_ioctl(req, names, macs, indexes)
 else:
     ip = list(req.ip_command)
     for name, mac in macs:

@@ -13,15 +13,21 @@ from microvm.core.sandbox import HELPER_GRACE, Sandbox
 from microvm.vm import accel, helpers
 
 
-class _Killed:
-    """What the sandbox reads of its Machine: the process and its wait."""
+class Running:
+    """What the sandbox reads of its Machine: the process and its wait
+    (a real process stands in for QEMU)."""
 
     def __init__(self) -> None:
         self.proc = subprocess.Popen(["sleep", "30"])
-        self.proc.kill()
 
     async def wait(self, timeout: float | None = None) -> int | None:
         return await helpers.wait(self.proc, timeout)
+
+
+class _Killed(Running):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proc.kill()
 
 
 def test_a_killed_qemu_is_named_even_before_its_watcher_runs(tmp_path: Path) -> None:
@@ -36,14 +42,9 @@ def test_a_killed_qemu_is_named_even_before_its_watcher_runs(tmp_path: Path) -> 
     assert asyncio.run(go()) == "QEMU died (signal 9)"
 
 
-class _Running(_Killed):
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen(["sleep", "30"])
-
-
 async def _watch_a_clean_helper_exit(tmp_path: Path, kill_qemu_after: float | None) -> str:
     sb = Sandbox(Config(), "sb", tmp_path, accel.Choice("tcg", "test", False))
-    qemu = _Running()
+    qemu = Running()
     sb.machine = qemu  # type: ignore[assignment]
     helper = subprocess.Popen(["true"])
     async with contextlib.AsyncExitStack() as stack:
