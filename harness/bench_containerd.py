@@ -1,6 +1,7 @@
 """Benchmarks through containerd: kata-py's shim beside runc's, same run.
 
-  ctr run --rm   kata-py vs io.containerd.runc.v2 (and the bare-QEMU floor)
+  ctr run --rm   kata-py vs io.containerd.runc.v2 (and the bare-QEMU floor), and
+                 kata-py with every shim daemon a fresh interpreter (no fork server)
   exec           `ctr task exec ... true` round trip on a running container
   memory         PSS of QEMU, its file-sharing helper and the shim for one pod
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import functools
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -22,7 +24,20 @@ from .privatecontainerd import Containerd
 
 IMAGE = "docker.io/library/kata-py-bench:latest"
 KATA = "io.containerd.kata-py.v2"
+# The same shim, its daemons spawned afresh (KATA_PY_FORKSERVER=off), beside it.
+FRESH = "io.containerd.kata-py-fresh.v2"
 RUNC = "io.containerd.runc.v2"
+
+
+def fresh_shim(bin_dir: Path) -> Path:
+    """A `containerd-shim-kata-py-fresh-v2` in bin_dir: kata-py's shim with
+    KATA_PY_FORKSERVER=off, for containerd's runtime FRESH."""
+    bin_dir.mkdir(exist_ok=True)
+    shim = bin_dir / "containerd-shim-kata-py-fresh-v2"
+    real = Path(sys.executable).with_name("containerd-shim-kata-py-v2")
+    shim.write_text(f'#!/bin/sh\nKATA_PY_FORKSERVER=off exec {real} "$@"\n')
+    shim.chmod(0o755)
+    return bin_dir
 
 
 def proc_kib(pid: int, file: str, field: str) -> int:
@@ -61,7 +76,7 @@ def _timed(fn: Callable[[], object]) -> float:
 
 def run(n: int, floor: Callable[[], float]) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="kata-py-bench-") as tmp:
-        c = Containerd.create(Path(tmp))
+        c = Containerd.create(Path(tmp), path=(fresh_shim(Path(tmp) / "bin"),))
         try:
             archive = oci_archive(rootfs.builtin("busybox"), Path(tmp) / "image.tar", IMAGE,
                                   ["sh"])
@@ -73,10 +88,11 @@ def run(n: int, floor: Callable[[], float]) -> dict[str, object]:
 
 
 def _measure(c: Containerd, n: int, floor: Callable[[], float]) -> dict[str, object]:
-    times: dict[str, list[float]] = {"floor": [], "kata-py": [], "runc": []}
+    times: dict[str, list[float]] = {"floor": [], "kata-py": [], "kata-py-fresh": [],
+                                     "runc": []}
     for i in range(n):
         times["floor"].append(floor())
-        for name, runtime in (("kata-py", KATA), ("runc", RUNC)):
+        for name, runtime in (("kata-py", KATA), ("kata-py-fresh", FRESH), ("runc", RUNC)):
             run_argv = ["run", "--rm", "--runtime", runtime, IMAGE, f"b-{name}-{i}", "true"]
             times[name].append(_timed(functools.partial(c.ctr, *run_argv, check=True)))
     execs: dict[str, list[float]] = {"kata-py": [], "runc": []}
@@ -101,7 +117,8 @@ def _measure(c: Containerd, n: int, floor: Callable[[], float]) -> dict[str, obj
         "ctr_run": {k: {"median": statistics.median(v), "min": min(v), "max": max(v)}
                     for k, v in times.items()},
         "ratios": {"kata/floor": med["kata-py"] / med["floor"],
-                   "kata/runc": med["kata-py"] / med["runc"]},
+                   "kata/runc": med["kata-py"] / med["runc"],
+                   "fresh/floor": med["kata-py-fresh"] / med["floor"]},
         "exec": {k: statistics.median(v) for k, v in execs.items()},
         "memory": memory,
     }
@@ -127,13 +144,14 @@ def report(r: dict[str, object]) -> None:
     runs = r["ctr_run"]
     assert isinstance(runs, dict)
     print("through containerd (ctr run --rm ... true):")
-    for name in ("floor", "kata-py", "runc"):
+    for name in ("floor", "kata-py", "kata-py-fresh", "runc"):
         st = runs[name]
-        print(f"  {name:<10}{st['median']:>8.3f}s  (min {st['min']:.3f}s, max {st['max']:.3f}s)")
+        print(f"  {name:<14}{st['median']:>8.3f}s  (min {st['min']:.3f}s, max {st['max']:.3f}s)")
     ratios = r["ratios"]
     assert isinstance(ratios, dict)
     print(f"  ratio kata-py/floor {ratios['kata/floor']:.2f}   kata-py/runc "
-          f"{ratios['kata/runc']:.1f}")
+          f"{ratios['kata/runc']:.1f}   kata-py-fresh (no fork server)/floor "
+          f"{ratios['fresh/floor']:.2f}")
     ex = r["exec"]
     assert isinstance(ex, dict)
     print(f"exec round trip (ctr task exec true): kata-py {ex['kata-py']:.3f}s, "

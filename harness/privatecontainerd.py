@@ -47,9 +47,10 @@ class Containerd:
 
     @classmethod
     def create(cls, root: Path, cri_sandbox_image: str | None = None,
-               prefix: tuple[str, ...] = ()) -> Containerd:
+               prefix: tuple[str, ...] = (), path: tuple[Path, ...] = ()) -> Containerd:
         """cri_sandbox_image: turn CRI on (with that pause image) and register
-        the kata-py runtime the way a user does, with `microvm install containerd`."""
+        the kata-py runtime the way a user does, with `microvm install containerd`.
+        path: more directories where containerd finds shims, after this venv's."""
         root.mkdir(parents=True, exist_ok=True)
         config = root / "config.toml"
         config.write_text(CONFIG.format(root=root) + (
@@ -61,7 +62,8 @@ class Containerd:
             install_containerd(config, secure_config=root / "secure.yaml")
         env = dict(os.environ)
         # containerd finds shims on its PATH: this venv's first.
-        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}"
+        env["PATH"] = ":".join([str(Path(sys.executable).parent), *map(str, path),
+                                env.get("PATH", "/usr/bin:/bin")])
         c = cls(root, env, prefix=prefix)
         c.start()
         return c

@@ -11,6 +11,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -240,6 +241,35 @@ def templates_of_odd_configs_removed() -> Iterator[None]:
             if mine:
                 shutil.rmtree(template.root() / k, ignore_errors=True)
                 (template.root() / f"{k}.lock").unlink(missing_ok=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fork_servers_end_at_sigterm() -> Iterator[None]:
+    """The shims' fork servers outlive every test (they end when idle): at
+    the session's end each must answer, end at SIGTERM and take its socket."""
+    from microvm.shim import forkserver
+    yield
+    left = []
+    for path in forkserver.running():
+        try:
+            pid = forkserver.status(path)["server"]
+        except OSError:
+            left.append(f"{path} (nobody answers)")
+            path.unlink()
+            continue
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while path.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        while time.monotonic() < deadline:
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG) == (0, 0):  # re-parented to us, the subreaper
+                    time.sleep(0.05)
+                    continue
+            break
+        if path.exists():
+            left.append(f"{path} (its server {pid} kept it at SIGTERM)")
+    assert not left, "fork server sockets left behind:\n" + "\n".join(left)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -23,9 +23,10 @@ from pathlib import Path
 # Nothing heavy here: containerd runs `start` (and `delete`) for every
 # container and waits for it.  The daemon's and delete's imports are theirs.
 from microvm.protocol import CRI_SANDBOX_ID
+from microvm.shim import forkserver
 
 BINARY = "containerd-shim-kata-py-v2"
-SOCKET_DIR = Path("/run/containerd/s")
+SOCKET_DIR = forkserver.SOCKET_DIR
 GROUP_ANNOTATIONS = ("io.containerd.kata-py.group", CRI_SANDBOX_ID)
 _BOOL_FLAGS = {"debug", "v", "version", "info"}
 
@@ -95,6 +96,17 @@ def _write_address(bundle: Path, address: str) -> None:
     tmp.rename(bundle / "address")
 
 
+def _spawn_daemon(argv: list[str], bundle: Path, listener: socket.socket) -> None:
+    """The daemon as a fresh interpreter, where the fork server cannot serve."""
+    # It gets the listener as fd 3, and must not hold containerd's pipe
+    # (containerd reads it to EOF): its stdio is /dev/null.
+    if listener.fileno() != 3:
+        os.dup2(listener.fileno(), 3)
+    subprocess.Popen([sys.executable, "-m", "microvm.shim", *argv], stdin=subprocess.DEVNULL,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, pass_fds=(3,),
+                     cwd=bundle, process_group=0)
+
+
 def start(args: Args) -> int:
     bundle = Path.cwd()
     annotations = read_annotations(bundle)
@@ -117,16 +129,13 @@ def start(args: Args) -> int:
     os.chmod(path, 0o600)
     listener.listen(128)
     _write_address(bundle, address)
-    argv = [sys.executable, "-m", "microvm.shim", "-namespace", args.namespace,
-            "-address", args.address, "-id", args.id]
+    argv = ["-namespace", args.namespace, "-address", args.address, "-id", args.id]
     if args.debug:
         argv.append("-debug")
-    # The daemon gets the listener as fd 3, and must not hold containerd's
-    # pipe (containerd reads it to EOF): its stdio is /dev/null.
-    if listener.fileno() != 3:
-        os.dup2(listener.fileno(), 3)
-    subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                     stderr=subprocess.DEVNULL, pass_fds=(3,), cwd=bundle, process_group=0)
+    try:
+        forkserver.fork_daemon(argv, bundle, listener.fileno())
+    except forkserver.Unavailable:
+        _spawn_daemon(argv, bundle, listener)
     listener.close()
     print(address, end="")
     return 0

@@ -1,0 +1,355 @@
+"""The fork server: one warm interpreter that forks the shim daemons.
+
+containerd runs `containerd-shim-kata-py-v2 start` for every pod, and the
+daemon `start` left behind was a fresh interpreter that imported asyncio,
+protobuf, pyroute2 and the sandbox core before it could answer containerd's
+first call: a tenth of a second of every pod's start, and memory every
+daemon held a private copy of.  The fork server has imported all of that
+once.  `start` hands it the daemon's listening socket, the bundle directory
+and its environment; the server forks the daemon, which shares the
+server's pages copy-on-write with every other daemon forked from it.
+
+A daemon forked here must be what `start` would have spawned itself, so a
+server serves only the place it was made for: the same namespaces, cgroup,
+credentials, capabilities, limits, umask, OOM score and KATA_PY_* settings
+(read at import), checked again for every request.  It ends after IDLE
+seconds without a request, on SIGTERM, and when kata-py's code or its
+installed packages changed under it (it answers `stale`); the next `start`
+makes a new one.  Whatever goes wrong here, `start` spawns the daemon
+itself, as before.
+
+Nothing heavy is imported at the top: `start` imports this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+# Where `start` binds the daemons' sockets (manager.SOCKET_DIR).
+SOCKET_DIR = Path("/run/containerd/s")
+PREFIX = "kata-py-forkserver-"
+TITLE = "containerd-shim-kata-py-v2 forkserver"
+# A server with nothing to fork for this long ends (KATA_PY_FORKSERVER_IDLE
+# overrides it, for tests: a value of its own is also a server of its own).
+IDLE = 300.0
+# A request is an argv and an environment; containerd's are a few KiB.
+MAX_REQUEST = 1 << 20
+# `start` gives up on the server after this long and spawns the daemon itself
+# (a server being made imports everything first: about 0.3 s here, under load more).
+TIMEOUT = 20.0
+_NAMESPACES = ("cgroup", "ipc", "mnt", "net", "pid", "user", "uts")
+_STATUS = ("Umask", "Uid", "Gid", "Groups", "NoNewPrivs", "Seccomp", "CapInh", "CapPrm",
+           "CapEff", "CapBnd", "CapAmb", "Cpus_allowed_list", "Mems_allowed_list")
+
+
+class Unavailable(Exception):
+    """No daemon was forked; `start` spawns it itself."""
+
+
+def place(pid: int | str = "self", env: dict[str, str] | None = None) -> bytes:
+    """What a process passes on to a child it spawns, beyond argv, cwd and
+    environment: a daemon forked by the server must have the same."""
+    import resource
+
+    proc = Path("/proc") / str(pid)
+    parts = [os.readlink(proc / "ns" / ns) for ns in _NAMESPACES]
+    parts.append((proc / "cgroup").read_text())
+    parts.append((proc / "oom_score_adj").read_text().strip())
+    parts += [line for line in (proc / "status").read_text().splitlines()
+              if line.split(":", 1)[0] in _STATUS]
+    number = os.getpid() if pid == "self" else int(pid)
+    parts += [f"{name}={resource.prlimit(number, getattr(resource, name))}"
+              for name in sorted(n for n in dir(resource) if n.startswith("RLIMIT_"))]
+    parts.append(os.readlink(proc / "exe"))
+    settings = os.environ if env is None else env
+    # Read at import: kata-py's paths, and Python's own.
+    parts += sorted(f"{k}={v}" for k, v in settings.items() if k.startswith(("KATA_PY_", "PYTHON")))
+    return "\0".join(parts).encode()
+
+
+def socket_path(env: dict[str, str] | None = None) -> Path:
+    """This place's server, and this installation's: two venvs of one
+    interpreter have the same place but not the same code."""
+    here = place(env=env) + f"\0{sys.prefix}\0{__file__}".encode()
+    digest = hashlib.sha256(here).hexdigest()
+    return SOCKET_DIR / f"{PREFIX}{digest[:16]}"
+
+
+# --- the client: `start` ----------------------------------------------------
+
+
+def fork_daemon(argv: list[str], cwd: Path, listener: int, timeout: float = TIMEOUT) -> int:
+    """The pid of a shim daemon the server forked (the server is made if
+    there is none).  The daemon runs `containerd-shim-kata-py-v2 *argv` in
+    cwd with this process's environment and `listener` as its fd 3.
+    Unavailable if no server could, or if KATA_PY_FORKSERVER=off."""
+    if os.environ.get("KATA_PY_FORKSERVER") == "off":
+        raise Unavailable("KATA_PY_FORKSERVER=off")
+    request = json.dumps({"argv": argv, "env": dict(os.environ)}).encode()
+    dirfd = os.open(cwd, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        path = socket_path()
+        for _ in range(3):  # again if the server was stale, or went idle meanwhile
+            try:
+                with _connect(path, timeout) as s:
+                    socket.send_fds(s, [request], [listener, dirfd])
+                    data = s.recv(4096)
+            except (ConnectionResetError, BrokenPipeError):
+                data = b""
+            except OSError as e:
+                raise Unavailable(str(e) or type(e).__name__) from None
+            if not data:
+                continue
+            try:
+                reply = json.loads(data)
+            except ValueError:
+                raise Unavailable(f"a bad answer: {data[:80]!r}") from None
+            if isinstance(reply.get("pid"), int):
+                return int(reply["pid"])
+            if not reply.get("stale"):
+                raise Unavailable(str(reply.get("error", "no answer")))
+        raise Unavailable("the fork server went away each time")
+    finally:
+        os.close(dirfd)
+
+
+@contextlib.contextmanager
+def _connect(path: Path, timeout: float) -> Iterator[socket.socket]:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        s.settimeout(timeout)
+        try:
+            s.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            _launch(path)
+            s.connect(str(path))
+        yield s
+    finally:
+        s.close()
+
+
+def _launch(path: Path) -> None:
+    """Make the server for this place, unless another `start` just did: the
+    socket is bound and listening before the server runs, so its first
+    requests wait in the backlog while it imports."""
+    SOCKET_DIR.mkdir(parents=True, exist_ok=True, mode=0o711)
+    lock = os.open(SOCKET_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as probe:
+            try:
+                probe.connect(str(path))
+                return  # made meanwhile
+            except OSError:
+                pass
+        path.unlink(missing_ok=True)  # a killed server's
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as srv:
+            srv.bind(str(path))
+            os.chmod(path, 0o600)
+            srv.listen(64)
+            subprocess.Popen([sys.executable, "-m", "microvm.shim.forkserver", str(srv.fileno())],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, pass_fds=(srv.fileno(),), cwd="/",
+                             start_new_session=True)
+    finally:
+        os.close(lock)
+
+
+# --- the server ---------------------------------------------------------------
+
+
+def _warm() -> None:
+    """Import what a daemon imports, at start and later: the network
+    plumbing's pyroute2 parts (30 ms), templates, asyncio's thread pool."""
+    import importlib
+
+    import microvm.shim.daemon  # noqa: F401
+
+    for name in ("microvm.shim.cleanup", "microvm.net.tcfilter", "microvm.net.portforward",
+                 "microvm.net.bridge", "microvm.vm.template", "concurrent.futures.thread"):
+        importlib.import_module(name)
+
+
+def fingerprint() -> list[tuple[str, int, int]]:
+    """What, changed on disk, makes this server's imports stale: kata-py's
+    own modules (an editable install's files change in place), the packages
+    directory (pip replaces a package's dist-info) and the interpreter."""
+    import microvm
+
+    ours = str(Path(microvm.__file__).parent)
+    files = {m.__file__ for m in list(sys.modules.values())
+             if (getattr(m, "__file__", None) or "").startswith(ours)}
+    files.add(sys.executable)
+    files.update(p for p in sys.path if p.endswith("-packages"))
+    found = []
+    for f in sorted(f for f in files if f):
+        try:
+            st = os.stat(f)
+            found.append((f, st.st_mtime_ns, st.st_ino))
+        except OSError:
+            found.append((f, 0, 0))
+    return found
+
+
+class Server:
+    def __init__(self, listener: socket.socket) -> None:
+        self.listener = listener
+        self.path = Path(listener.getsockname())
+        self.ino = os.stat(self.path).st_ino
+        self.here = place()
+        self.code = fingerprint()
+        self.forked = 0
+
+    def serve(self, idle: float) -> None:
+        self.listener.settimeout(idle)
+        try:
+            while True:
+                try:
+                    conn, _ = self.listener.accept()
+                except TimeoutError:
+                    return
+                with conn:
+                    if not self.handle(conn):
+                        return
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        # Unlink first: a `start` that finds no socket makes a new server,
+        # one that connected just now is refused and retries.
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == self.ino:
+                self.path.unlink()
+        self.listener.close()
+
+    def handle(self, conn: socket.socket) -> bool:
+        """Fork one daemon; False once this server must end."""
+        fds: list[int] = []
+        try:
+            conn.settimeout(5)
+            pid, uid, _ = struct.unpack("3i", conn.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST, 2)
+            if data == b"status":  # who serves here (tests, and `ps` by socket)
+                conn.send(json.dumps({"server": os.getpid(), "forked": self.forked}).encode())
+                return True
+            request = json.loads(data)
+            argv, env = request["argv"], request["env"]
+            if (uid != os.getuid() or len(fds) != 2 or not isinstance(argv, list)
+                    or not all(isinstance(a, str) for a in argv) or not isinstance(env, dict)
+                    or not all(isinstance(v, str) for v in env.values())):
+                raise ValueError("a malformed request")
+            if fingerprint() != self.code:
+                conn.send(b'{"stale": true}')
+                return False
+            if place(pid, env) != self.here:
+                raise ValueError("a request from another place (namespaces, cgroup, limits)")
+            self._fork(conn, argv, env, fds)
+            self.forked += 1
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            with contextlib.suppress(OSError):
+                conn.send(json.dumps({"error": f"fork server: {e}"}).encode())
+        finally:
+            for fd in fds:
+                os.close(fd)
+        return True
+
+    def _fork(self, conn: socket.socket, argv: list[str], env: dict[str, str],
+              fds: list[int]) -> None:
+        # Twice, so the daemon is nobody's child here: as a daemon `start`
+        # spawned, it is reparented once the middle process has gone.
+        middle = os.fork()
+        if middle == 0:
+            status = 1
+            try:
+                daemon = os.fork()
+                if daemon == 0:
+                    self._become_daemon(conn, argv, env, fds)
+                conn.send(json.dumps({"pid": daemon}).encode())
+                status = 0
+            finally:
+                os._exit(status)
+        _, status = os.waitpid(middle, 0)
+        if status != 0:
+            raise OSError("could not fork the daemon")
+
+    def _become_daemon(self, conn: socket.socket, argv: list[str], env: dict[str, str],
+                       fds: list[int]) -> None:
+        code = 1
+        try:
+            import setproctitle
+
+            setproctitle.setproctitle(TITLE + " (forking)")
+            listener, cwd = fds
+            conn.close()
+            self.listener.close()
+            os.setpgid(0, 0)
+            os.fchdir(cwd)
+            os.dup2(listener, 3)
+            os.closerange(4, os.sysconf("SC_OPEN_MAX"))
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE):
+                signal.signal(sig, signal.SIG_DFL)
+            os.environ.clear()
+            os.environ.update(env)
+            sys.argv = ["containerd-shim-kata-py-v2", *argv]
+            from microvm.shim import manager
+
+            manager.main()
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        finally:
+            with contextlib.suppress(Exception):
+                sys.stderr.flush()
+            os._exit(code)
+
+
+def main() -> None:
+    import gc
+
+    import setproctitle
+
+    setproctitle.setproctitle(TITLE)
+    listener = socket.socket(fileno=int(sys.argv[1]))
+    server = Server(listener)
+    idle = float(os.environ.get("KATA_PY_FORKSERVER_IDLE", IDLE))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    _warm()
+    server.code = fingerprint()
+    # What is imported stays: out of the collector's sight, the daemons'
+    # collections do not write to (and so copy) the pages they share.
+    gc.collect()
+    gc.freeze()
+    server.serve(idle)
+
+
+def status(path: Path, timeout: float = 5) -> dict[str, int]:
+    """{"server": pid, "forked": daemons so far} from the server at path."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
+        s.settimeout(timeout)
+        s.connect(str(path))
+        s.send(b"status")
+        reply: dict[str, int] = json.loads(s.recv(4096))
+        return reply
+
+
+def running(directory: Path = SOCKET_DIR) -> list[Path]:
+    """The fork servers' sockets (live or a killed server's)."""
+    with contextlib.suppress(FileNotFoundError):
+        return sorted(p for p in directory.iterdir() if p.name.startswith(PREFIX))
+    return []
+
+
+if __name__ == "__main__":
+    main()
