@@ -272,6 +272,43 @@ def test_sigkill_of_the_shim_then_delete_leaves_nothing(ctd: Containerd) -> None
     assert ctd.ctr("container", "rm", "t-kill").returncode == 0
 
 
+def test_containerds_shims_are_forked_by_the_fork_server(ctd: Containerd) -> None:
+    """containerd's `start` reaches the fork server of its place: the daemon
+    shares the server's pages, and a SIGKILLed server is replaced by the
+    next start (tests/unit/test_forkserver.py has the rest)."""
+    servers = []
+    for cid in ("t-fork1", "t-fork2"):
+        before = _forked()
+        assert run(ctd, cid, "sleep", "1000", flags=("-d",)).returncode == 0
+        try:
+            sock = (ctd.bundle(cid) / "address").read_text().removeprefix("unix://")
+            got = asyncio.run(_task_call(sock, "Connect", task_pb2.ConnectRequest(id=cid)))
+            rollup = Path(f"/proc/{got.shim_pid}/smaps_rollup").read_text()
+            assert int(rollup.split("Shared_Dirty:")[1].split()[0]) > 4096, rollup
+            # containerd's server: the one that forked one daemon more.
+            after = _forked()
+            grew = [(path, pid) for path, (pid, n) in after.items()
+                    if n > before.get(path, (pid, 0))[1] or before.get(path, (0,))[0] != pid]
+            assert len(grew) == 1, (before, after)
+            servers.append(grew[0])
+            if cid == "t-fork1":
+                os.kill(grew[0][1], signal.SIGKILL)
+        finally:
+            force_remove(ctd, cid)
+    (first_path, first_pid), (second_path, second_pid) = servers
+    assert first_path == second_path and first_pid != second_pid
+
+
+def _forked() -> dict[Path, tuple[int, int]]:
+    """Each answering fork server: (its pid, daemons it forked)."""
+    found = {}
+    for path in forkserver.running():
+        with contextlib.suppress(OSError):
+            st = forkserver.status(path)
+            found[path] = (st["server"], st["forked"])
+    return found
+
+
 def test_containerd_restart_keeps_the_task(ctd: Containerd) -> None:
     assert run(ctd, "t-restart", "sleep", "1000", flags=("-d",)).returncode == 0
     try:
