@@ -11,6 +11,7 @@ io.kubernetes.cri.sandbox-id) gets the same shim, which owns the pod's VM.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -143,22 +144,32 @@ def start(args: Args) -> int:
     return 0
 
 
-def main() -> None:
-    args = parse_args(sys.argv[1:])
+def act(args: Args) -> int:
+    """One action in this process; the fork server's children run this too."""
     try:
         if args.action == "start":
-            sys.exit(start(args))
+            return start(args)
         if args.action == "delete":
             from microvm.shim.cleanup import delete
-            sys.exit(delete(args))
+            return delete(args)
         if args.action:
             print(f"{BINARY}: unknown action {args.action!r}", file=sys.stderr)
-            sys.exit(2)
+            return 2
         from microvm.shim.daemon import serve_main
-        sys.exit(serve_main(args))
+        return serve_main(args)
     except Exception as e:
         print(f"{BINARY}: {e}", file=sys.stderr)
-        sys.exit(1)
+        return 1
+
+
+def main() -> None:
+    args = parse_args(sys.argv[1:])
+    if args.action == "delete":
+        # containerd waits for it after every shim's end: a warm child of
+        # the fork server does it, if one runs here.
+        with contextlib.suppress(forkserver.Unavailable, OSError):
+            sys.exit(forkserver.run_delete(sys.argv[1:], Path.cwd()))
+    sys.exit(act(args))
 
 
 if __name__ == "__main__":

@@ -141,7 +141,8 @@ def test_a_request_from_another_place_is_refused(starts: Starts) -> None:
         f"s.connect({str(starts.path)!r})\n"
         "fd = os.open('/', os.O_RDONLY)\n"
         "env = {k: v for k, v in os.environ.items()}\n"
-        "socket.send_fds(s, [json.dumps({'argv': ['-id', 'x'], 'env': env}).encode()], [fd, fd])\n"
+        "req = {'kind': 'daemon', 'argv': ['-id', 'x'], 'env': env}\n"
+        "socket.send_fds(s, [json.dumps(req).encode()], [fd, fd])\n"
         "print(s.recv(4096).decode())\n")
     out = subprocess.run(["unshare", "--net", sys.executable, "-c", script], env=starts.env,
                          capture_output=True, text=True, timeout=30)
@@ -162,8 +163,13 @@ def test_a_request_from_another_place_is_refused(starts: Starts) -> None:
 
 
 @pytest.mark.parametrize("request_bytes, fds", [
-    (b"not json", 2), (b'{"argv": "x", "env": {}}', 2), (b'{"argv": [], "env": {}}', 1),
-    (b'{"argv": [1], "env": {}}', 2), (b'{"env": {}}', 2)])
+    (b"not json", 2), (b'{"kind": "daemon", "argv": "x", "env": {}}', 2),
+    (b'{"kind": "daemon", "argv": [], "env": {}}', 1),
+    (b'{"kind": "daemon", "argv": [1], "env": {}}', 2),
+    (b'{"kind": "daemon", "env": {}}', 2), (b'{"argv": [], "env": {}}', 2),
+    (b'{"kind": "start", "argv": ["start"], "env": {}}', 2),
+    (b'{"kind": "daemon", "argv": ["delete"], "env": {}}', 2),
+    (b'{"kind": "delete", "argv": ["-id", "x"], "env": {}}', 4)])
 def test_a_malformed_request_gets_one_line_and_the_server_serves_on(
         starts: Starts, request_bytes: bytes, fds: int) -> None:
     starts("fs-e")
@@ -249,3 +255,40 @@ def test_off_spawns_each_daemon_afresh_and_makes_no_server(tmp_path: Path) -> No
         assert not s.path.exists()
     finally:
         s.close()
+
+
+def _delete(s: Starts, id_: str) -> subprocess.CompletedProcess[bytes]:
+    bundle = s.tmp / id_
+    p = subprocess.run([SHIM, "-namespace", "forkserver-test", "-address", "/nonexistent.sock",
+                        "-id", id_, "-bundle", str(bundle), "delete"], cwd=bundle, env=s.env,
+                       capture_output=True, timeout=30)
+    assert p.returncode == 0, p.stderr
+    resp = task_pb2.DeleteResponse()
+    resp.ParseFromString(p.stdout)
+    assert resp.exit_status == 137 and resp.exited_at.seconds > 0
+    assert resp.SerializeToString() == p.stdout, "not one DeleteResponse alone"
+    return p
+
+
+def test_delete_is_run_by_a_child_of_the_server_when_one_runs_here(starts: Starts) -> None:
+    """containerd runs `delete` after every shim's end and waits for it."""
+    daemon = starts("fs-n")
+    os.kill(daemon, signal.SIGKILL)  # as if killed: delete has a dead shim's socket to remove
+    _wait_gone(daemon)
+    starts.daemons.remove(daemon)
+    address = (starts.tmp / "fs-n" / "address").read_text().removeprefix("unix://")
+    assert Path(address).exists()
+    before = forkserver.status(starts.path)
+    _delete(starts, "fs-n")
+    after = forkserver.status(starts.path)
+    assert after["server"] == before["server"]
+    assert after["forked"] == before["forked"] + 1, "not run by the server"
+    assert not Path(address).exists(), "the dead shim's socket is left"
+
+
+def test_delete_runs_in_process_where_no_server_runs_and_makes_none(starts: Starts) -> None:
+    bundle = starts.tmp / "fs-o"
+    bundle.mkdir()
+    assert not starts.path.exists()
+    _delete(starts, "fs-o")
+    assert not starts.path.exists()
