@@ -270,7 +270,10 @@ class TaskService:
                                       devices=spec.devices,
                                       **self._pod_namespaces(req.id, spec))
             if spec.resources not in (b"", b"{}"):
-                await sb.update(metrics.update_request(req.id, spec.resources))
+                update = metrics.update_request(req.id, spec.resources)
+                # ctr's default spec has device rules only: no round trip for nothing.
+                if len(update.ListFields()) > 1:
+                    await sb.update(update)
             await self._start_io(p)
             # Watched from now: a created container can be killed before it
             # starts (containerd's delete of one), and its Wait must return.
