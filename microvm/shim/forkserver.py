@@ -8,15 +8,18 @@ daemon held a private copy of.  The fork server has imported all of that
 once.  `start` hands it the daemon's listening socket, the bundle directory
 and its environment; the server forks the daemon, which shares the
 server's pages copy-on-write with every other daemon forked from it.
+containerd's `delete`, which it runs after every shim's end and waits for,
+is done by a child of the server too, when one runs (none is made for it).
 
 A daemon forked here must be what `start` would have spawned itself, so a
 server serves only the place it was made for: the same namespaces, cgroup,
-credentials, capabilities, limits, umask, OOM score and KATA_PY_* settings
-(read at import), checked again for every request.  It ends after IDLE
+credentials, capabilities, limits, umask, OOM score, interpreter, and
+KATA_PY_* and PYTHON* settings (read at import), checked again for every
+request.  It ends after IDLE
 seconds without a request, on SIGTERM, and when kata-py's code or its
 installed packages changed under it (it answers `stale`); the next `start`
 makes a new one.  Whatever goes wrong here, `start` spawns the daemon
-itself, as before.
+itself, and `delete` runs in its own process, as before.
 
 Nothing heavy is imported at the top: `start` imports this module.
 """
@@ -54,7 +57,8 @@ _STATUS = ("Umask", "Uid", "Gid", "Groups", "NoNewPrivs", "Seccomp", "CapInh", "
 
 
 class Unavailable(Exception):
-    """No daemon was forked; `start` spawns it itself."""
+    """The server did not do it: `start` spawns the daemon itself, `delete`
+    runs in-process."""
 
 
 def place(pid: int | str = "self", env: dict[str, str] | None = None) -> bytes:
