@@ -24,7 +24,7 @@ import time
 import urllib.request
 from collections import defaultdict
 
-from microvm.shim import forkserver
+from microvm import forkserver
 from microvm.shim.manager import BINARY
 
 from .bench_containerd import pod_pids, proc_kib, pss_kib

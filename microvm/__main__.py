@@ -1,3 +1,3 @@
-from microvm.cli.commands import main
+from microvm.cli.entry import main
 
 main()

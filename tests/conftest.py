@@ -99,6 +99,17 @@ def helper_processes() -> list[str]:
 SHIM_DAEMON = re.compile(rf"^\d+ +\S+ +({BINARY} -namespace |\S*python\S* -m microvm\.shim )")
 
 
+SHIM_SOCKETS = Path("/run/containerd/s")
+
+
+def shim_sockets() -> set[str]:
+    """The daemons' sockets; not a fork server's, which outlives them (the
+    session's end checks that each goes)."""
+    from microvm import forkserver
+    names = os.listdir(SHIM_SOCKETS) if SHIM_SOCKETS.exists() else []
+    return {n for n in names if not n.startswith(forkserver.PREFIX)}
+
+
 def shim(id_: str) -> str:
     """A pgrep -f pattern for the shim daemon serving id_ (once titled)."""
     return f"^{BINARY} -namespace .* -id {id_} "
@@ -247,7 +258,7 @@ def templates_of_odd_configs_removed() -> Iterator[None]:
 def fork_servers_end_at_sigterm() -> Iterator[None]:
     """The shims' fork servers outlive every test (they end when idle): at
     the session's end each must answer, end at SIGTERM and take its socket."""
-    from microvm.shim import forkserver
+    from microvm import forkserver
     yield
     left = []
     for path in forkserver.running():

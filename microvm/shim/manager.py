@@ -22,8 +22,8 @@ from pathlib import Path
 
 # Nothing heavy here: containerd runs `start` (and `delete`) for every
 # container and waits for it.  The daemon's and delete's imports are theirs.
+from microvm import forkserver
 from microvm.protocol import CRI_SANDBOX_ID
-from microvm.shim import forkserver
 
 BINARY = "containerd-shim-kata-py-v2"
 SOCKET_DIR = forkserver.SOCKET_DIR

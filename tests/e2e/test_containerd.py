@@ -26,11 +26,11 @@ from google.protobuf.message import Message
 
 from harness import cristack
 from harness.privatecontainerd import Containerd
+from microvm import forkserver
 from microvm.errors import KataError
 from microvm.images.ociarchive import oci_archive
 from microvm.net import portforward
 from microvm.protocol import task_pb2, ttrpc
-from microvm.shim import forkserver
 from microvm.shim.client import TaskClient
 from tests.conftest import (
     helper_processes,
@@ -40,6 +40,7 @@ from tests.conftest import (
     pty_winsize,
     shim,
     shim_processes,
+    shim_sockets,
 )
 from tests.netns import CNI_BIN, Pod, cni_pod, fetch, links, namespace, qdiscs, sh
 
@@ -47,15 +48,7 @@ pytestmark = [pytest.mark.vm, pytest.mark.skipif(shutil.which("containerd") is N
                                                  reason="containerd not installed")]
 IMAGE = "docker.io/library/kata-py-test:latest"
 RUNTIME = "io.containerd.kata-py.v2"
-SHIM_SOCKETS = Path("/run/containerd/s")
 TASK_API = "containerd.task.v2.Task"
-
-
-def shim_sockets() -> set[str]:
-    """The daemons' sockets; not the fork server's, which outlives them
-    (conftest checks at the session's end that it goes)."""
-    names = os.listdir(SHIM_SOCKETS) if SHIM_SOCKETS.exists() else []
-    return {n for n in names if not n.startswith(forkserver.PREFIX)}
 
 
 @pytest.fixture(scope="module")

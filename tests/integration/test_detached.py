@@ -12,17 +12,22 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Microvm, helper_processes, shim_processes, write_config
+from tests.conftest import (
+    Microvm,
+    helper_processes,
+    shim_processes,
+    shim_sockets,
+    write_config,
+)
 
 pytestmark = pytest.mark.vm
 STATE = Path("/var/lib/kata-py/containers")
-SOCKETS = Path("/run/containerd/s")
 
 
 @pytest.fixture
 def cli(microvm: Microvm) -> Iterator[Microvm]:
     """The CLI; after the test no detached container, shim or shim socket is left."""
-    sockets = set(os.listdir(SOCKETS)) if SOCKETS.exists() else set()
+    sockets = shim_sockets()
     before = set(os.listdir(STATE)) if STATE.exists() else set()
     yield microvm
     for name in (set(os.listdir(STATE)) if STATE.exists() else set()) - before:
@@ -30,8 +35,7 @@ def cli(microvm: Microvm) -> Iterator[Microvm]:
     deadline = time.monotonic() + 15
     while True:
         left = [f"shim: {s}" for s in shim_processes()]
-        left += [f"socket: {s}" for s in (set(os.listdir(SOCKETS)) - sockets
-                                           if SOCKETS.exists() else set())]
+        left += [f"socket: {s}" for s in shim_sockets() - sockets]
         left += [f"state: {s}" for s in (set(os.listdir(STATE)) - before
                                           if STATE.exists() else set())]
         if not left or time.monotonic() > deadline:

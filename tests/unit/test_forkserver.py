@@ -1,4 +1,4 @@
-"""The shim's fork server (microvm/shim/forkserver.py), with real processes:
+"""The shim's fork server (microvm/forkserver.py), with real processes:
 `start` as containerd runs it, the daemons it leaves, and the server.  No VM.
 
 Each test has a server of its own: a KATA_PY_FORKSERVER_IDLE value of its
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from microvm import forkserver
 from microvm.protocol import task_pb2
-from microvm.shim import forkserver
 from microvm.shim.client import TaskClient
 from tests.conftest import pid_of, shim
 

@@ -36,7 +36,8 @@ import socket
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 # Where `start` binds the daemons' sockets (manager.SOCKET_DIR).
@@ -54,6 +55,18 @@ TIMEOUT = 20.0
 _NAMESPACES = ("cgroup", "ipc", "mnt", "net", "pid", "user", "uts")
 _STATUS = ("Umask", "Uid", "Gid", "Groups", "NoNewPrivs", "Seccomp", "CapInh", "CapPrm",
            "CapEff", "CapBnd", "CapAmb", "Cpus_allowed_list", "Mems_allowed_list")
+
+
+# The server's program: what it imports, and what a request runs.  It lives
+# in the CLI layer (it runs both front ends); this module sits below them.
+PROGRAM = "microvm.cli.warm"
+
+
+@dataclass(frozen=True)
+class Program:
+    warm: Callable[[], None]                  # import what the children will use
+    accepts: Callable[[str, list[str]], bool]  # may a request of this kind run argv
+    run: Callable[[str, list[str]], int]       # in the child, all in place: its status
 
 
 class Unavailable(Exception):
@@ -77,8 +90,9 @@ def place(pid: int | str = "self", env: dict[str, str] | None = None) -> bytes:
               for name in sorted(n for n in dir(resource) if n.startswith("RLIMIT_"))]
     parts.append(os.readlink(proc / "exe"))
     settings = os.environ if env is None else env
-    # Read at import: kata-py's paths, and Python's own.
-    parts += sorted(f"{k}={v}" for k, v in settings.items() if k.startswith(("KATA_PY_", "PYTHON")))
+    # Read at start-up: kata-py's paths, Python's own, the locale (stdio's encoding).
+    parts += sorted(f"{k}={v}" for k, v in settings.items()
+                    if k.startswith(("KATA_PY_", "PYTHON")) or k in ("LANG", "LC_ALL", "LC_CTYPE"))
     return "\0".join(parts).encode()
 
 
@@ -110,6 +124,81 @@ def run_delete(argv: list[str], cwd: Path, timeout: float = TIMEOUT) -> int:
     no server runs here (none is made for it: that costs more than delete)."""
     reply = _request("delete", argv, cwd, [0, 1, 2], timeout, launch=False)
     return int(reply["exit"])
+
+
+def run_cli(argv: list[str], timeout: float = TIMEOUT) -> tuple[str, int]:
+    """`microvm *argv` run by a child of this place's server (the runner),
+    with this process's stdio, cwd and environment: ("exit", status) or
+    ("signal", number) as it ended.  The signals docker's CLI forwards, and
+    SIGWINCH, are passed on to it; if this process dies, so does it.
+    Unavailable if no server runs here (one is made for the next run, and
+    this one runs in-process), and only then: once the runner exists, it
+    is the run."""
+    for fd in (0, 1, 2):  # closed stdio would be taken by the fds we open
+        try:
+            os.fstat(fd)
+        except OSError:
+            raise Unavailable(f"fd {fd} is closed") from None
+    s, first = _first_answer("cli", argv, Path.cwd(), [0, 1, 2], timeout, background=True)
+    with s:
+        runner = int(first["pid"])
+
+        def forward(sig: int, _frame: object) -> None:
+            with contextlib.suppress(OSError):
+                os.kill(runner, sig)
+
+        for sig in (*_FORWARDED, signal.SIGWINCH):
+            signal.signal(sig, forward)
+        s.settimeout(None)
+        try:
+            data = s.recv(4096)
+            end = json.loads(data)
+            return ("signal", int(end["signal"])) if "signal" in end \
+                else ("exit", int(end["exit"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            print("microvm: error: the fork server's runner ended without a status",
+                  file=sys.stderr)
+            return ("exit", 125)
+
+
+# What `microvm run` forwards to its container (microvm/core/stdio.py FORWARDED).
+_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+              signal.SIGUSR2)
+
+
+def _first_answer(kind: str, argv: list[str], cwd: Path, fds: list[int], timeout: float,
+                  background: bool) -> tuple[socket.socket, dict[str, int]]:
+    """The connection, after the server's first answer ({"pid": ...}).
+    background: where no server runs, make one for next time."""
+    if os.environ.get("KATA_PY_FORKSERVER") == "off":
+        raise Unavailable("KATA_PY_FORKSERVER=off")
+    request = json.dumps({"kind": kind, "argv": argv, "env": dict(os.environ)}).encode()
+    path = socket_path()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        s.settimeout(timeout)
+        try:
+            s.connect(str(path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            if background:
+                with contextlib.suppress(OSError):
+                    _launch(path)
+            raise Unavailable("no fork server runs here") from None
+        dirfd = os.open(cwd, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            socket.send_fds(s, [request], [dirfd, *fds])
+        finally:
+            os.close(dirfd)
+        data = s.recv(4096)
+        reply = json.loads(data) if data else {}
+    except (OSError, ValueError) as e:
+        s.close()
+        raise Unavailable(str(e) or type(e).__name__) from None
+    if not isinstance(reply.get("pid"), int):
+        s.close()
+        raise Unavailable(str(reply.get("error", "stale" if reply.get("stale") else
+                                            "no answer")))
+    return s, reply
 
 
 def _request(kind: str, argv: list[str], cwd: Path, fds: list[int], timeout: float,
@@ -189,7 +278,7 @@ def _launch(path: Path) -> None:
             srv.bind(str(path))
             os.chmod(path, 0o600)
             srv.listen(64)
-            subprocess.Popen([sys.executable, "-m", "microvm.shim.forkserver", str(srv.fileno())],
+            subprocess.Popen([sys.executable, "-m", PROGRAM, str(srv.fileno())],
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, pass_fds=(srv.fileno(),), cwd="/",
                              start_new_session=True)
@@ -198,18 +287,6 @@ def _launch(path: Path) -> None:
 
 
 # --- the server ---------------------------------------------------------------
-
-
-def _warm() -> None:
-    """Import what a daemon imports, at start and later: the network
-    plumbing's pyroute2 parts (30 ms), templates, asyncio's thread pool."""
-    import importlib
-
-    import microvm.shim.daemon  # noqa: F401
-
-    for name in ("microvm.shim.cleanup", "microvm.net.tcfilter", "microvm.net.portforward",
-                 "microvm.net.bridge", "microvm.vm.template", "concurrent.futures.thread"):
-        importlib.import_module(name)
 
 
 def fingerprint() -> list[tuple[str, int, int]]:
@@ -234,13 +311,15 @@ def fingerprint() -> list[tuple[str, int, int]]:
 
 
 class Server:
-    def __init__(self, listener: socket.socket) -> None:
+    def __init__(self, listener: socket.socket, program: Program) -> None:
         self.listener = listener
+        self.program = program
         self.path = Path(listener.getsockname())
         self.ino = os.stat(self.path).st_ino
         self.here = place()
         self.code = fingerprint()
         self.forked = 0
+        self.supervisors: set[int] = set()
 
     def serve(self, idle: float) -> None:
         self.listener.settimeout(idle)
@@ -282,9 +361,7 @@ class Server:
                     or not isinstance(env, dict)
                     or not all(isinstance(v, str) for v in env.values())):
                 raise ValueError("a malformed request")
-            from microvm.shim.manager import parse_args
-
-            if parse_args(argv).action != ("" if kind == "daemon" else kind):
+            if not self.program.accepts(kind, argv):
                 raise ValueError(f"a {kind} request for another action")
             if fingerprint() != self.code:
                 conn.send(b'{"stale": true}')
@@ -303,6 +380,12 @@ class Server:
 
     def _fork(self, conn: socket.socket, kind: str, argv: list[str], env: dict[str, str],
               fds: list[int]) -> None:
+        if kind == "cli":
+            supervisor = os.fork()
+            if supervisor == 0:
+                self._supervise(conn, argv, env, fds)
+            self.supervisors.add(supervisor)
+            return
         # Twice, so the child is nobody's here: as a process `start`
         # spawned, it is reparented once the middle process has gone.
         middle = os.fork()
@@ -320,6 +403,73 @@ class Server:
         if status != 0:
             raise OSError(f"could not fork the {kind}")
 
+    def _supervise(self, conn: socket.socket, argv: list[str], env: dict[str, str],
+                   fds: list[int]) -> None:
+        """Between the CLI and its runner: the runner's end goes back to the
+        CLI (its status, or the signal that killed it), and the CLI's end
+        (the connection closes) is the runner's: SIGKILL, as a killed CLI's
+        own process would have had."""
+        import select
+
+        status = 1
+        try:
+            import setproctitle
+
+            setproctitle.setproctitle(f"{TITLE} (cli)")
+            for sig in (signal.SIGTERM, signal.SIGCHLD):
+                signal.signal(sig, signal.SIG_DFL)
+            self.listener.close()
+            runner = os.fork()
+            if runner == 0:
+                self._become(conn, "cli", argv, env, fds)
+            for fd in fds:
+                os.close(fd)
+            conn.settimeout(None)
+            conn.send(json.dumps({"pid": runner}).encode())
+            pidfd = os.pidfd_open(runner)
+            poller = select.poll()
+            poller.register(conn, select.POLLIN | select.POLLHUP)
+            poller.register(pidfd, select.POLLIN)
+            while True:
+                ready = {fd for fd, _ in poller.poll()}
+                if pidfd in ready:
+                    _, st = os.waitpid(runner, 0)
+                    end = {"signal": os.WTERMSIG(st)} if os.WIFSIGNALED(st) \
+                        else {"exit": os.WEXITSTATUS(st)}
+                    with contextlib.suppress(OSError):
+                        conn.send(json.dumps(end).encode())
+                    break
+                if conn.fileno() in ready:
+                    os.kill(runner, signal.SIGKILL)
+                    os.waitpid(runner, 0)
+                    break
+            status = 0
+        finally:
+            os._exit(status)
+
+    def _run_cli(self, argv: list[str], env: dict[str, str]) -> int:
+        """The runner: `microvm *argv`, as the CLI's own process would have run it."""
+        for sig in (signal.SIGTERM, signal.SIGCHLD):  # the server's handlers
+            signal.signal(sig, signal.SIG_DFL)
+        os.environ.clear()
+        os.environ.update(env)
+        # The server's were made for /dev/null: these buffer as Python's own
+        # would for the fds the runner has now (a terminal's stdout by line).
+        enc = sys.stdout.encoding
+        sys.stdin = open(0, encoding=enc, closefd=False)  # noqa: SIM115
+        sys.stdout = open(  # noqa: SIM115
+            1, "w", buffering=1 if os.isatty(1) else -1, encoding=enc, closefd=False)
+        sys.stderr = open(  # noqa: SIM115
+            2, "w", buffering=1, encoding=enc, errors="backslashreplace", closefd=False)
+        return self.program.run("cli", argv)
+
+    def reap(self) -> None:
+        for pid in list(self.supervisors):
+            with contextlib.suppress(ChildProcessError):
+                if os.waitpid(pid, os.WNOHANG)[0] == 0:
+                    continue
+            self.supervisors.discard(pid)
+
     def _become(self, conn: socket.socket, kind: str, argv: list[str], env: dict[str, str],
                 fds: list[int]) -> None:
         """The child: the daemon (the listener as fd 3, stdio /dev/null, a
@@ -329,12 +479,18 @@ class Server:
         try:
             import setproctitle
 
-            from microvm.shim import manager
-
             setproctitle.setproctitle(f"{TITLE} ({kind})")
             self.listener.close()
             cwd, *rest = fds
             os.fchdir(cwd)
+            if kind == "cli":
+                setproctitle.setproctitle(" ".join(["microvm", *argv]))
+                conn.close()  # the supervisor's
+                for target, fd in enumerate(rest):
+                    os.dup2(fd, target)
+                os.closerange(3, os.sysconf("SC_OPEN_MAX"))
+                code = self._run_cli(argv, env)
+                return
             if kind == "daemon":
                 conn.close()
                 os.setpgid(0, 0)
@@ -347,38 +503,41 @@ class Server:
                     os.dup2(fd, 3)
                     os.close(fd)
             os.closerange(4, os.sysconf("SC_OPEN_MAX"))
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGPIPE):
+            # The server's own handlers; the rest (SIGPIPE ignored, SIGINT
+            # as KeyboardInterrupt) is any Python's, as a spawned one's.
+            for sig in (signal.SIGTERM, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
             os.environ.clear()
             os.environ.update(env)
-            sys.argv = [manager.BINARY, *argv]
-            code = manager.act(manager.parse_args(argv))
+            code = self.program.run(kind, argv)
         finally:
             with contextlib.suppress(Exception):
                 sys.stdout.flush()
                 sys.stderr.flush()
-            if kind != "daemon":
+            if kind == "delete":
                 with contextlib.suppress(OSError):
                     os.write(3, json.dumps({"exit": code}).encode())
             os._exit(code)
 
 
-# What each kind of request passes: the bundle directory first, then the
-# daemon's listener, or delete's stdin, stdout and stderr.
-_FDS = {"daemon": 2, "delete": 4}
+# What each kind of request passes: the bundle (or working) directory
+# first, then the daemon's listener, or delete's or the CLI's stdio.
+_FDS = {"daemon": 2, "delete": 4, "cli": 4}
 
 
-def main() -> None:
+def serve(program: Program) -> None:
+    """The server's main: its listener is the fd named by its argument."""
     import gc
 
     import setproctitle
 
     setproctitle.setproctitle(TITLE)
     listener = socket.socket(fileno=int(sys.argv[1]))
-    server = Server(listener)
+    server = Server(listener, program)
     idle = float(os.environ.get("KATA_PY_FORKSERVER_IDLE", IDLE))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    _warm()
+    signal.signal(signal.SIGCHLD, lambda *_: server.reap())
+    program.warm()
     server.code = fingerprint()
     # What is imported stays: out of the collector's sight, the daemons'
     # collections do not write to (and so copy) the pages they share.
@@ -403,6 +562,3 @@ def running(directory: Path = SOCKET_DIR) -> list[Path]:
         return sorted(p for p in directory.iterdir() if p.name.startswith(PREFIX))
     return []
 
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,53 @@
+"""The fork server's program (microvm/forkserver.py): what it imports once,
+and what each kind of request runs in its child.  It is in the CLI layer
+because it runs both front ends: the shim's daemon and `delete`, and
+`microvm` itself.
+
+  python -m microvm.cli.warm FD     (FD: the listening socket `start` bound)
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from microvm import forkserver
+
+
+def warm() -> None:
+    """What the children import, at start and later: the network plumbing's
+    pyroute2 parts (30 ms), templates, asyncio's thread pool."""
+    for name in ("microvm.cli.commands", "microvm.shim.daemon", "microvm.shim.cleanup",
+                 "microvm.net.tcfilter", "microvm.net.portforward", "microvm.net.bridge",
+                 "microvm.vm.template", "concurrent.futures.thread"):
+        importlib.import_module(name)
+
+
+def accepts(kind: str, argv: list[str]) -> bool:
+    """A daemon request has no action, a delete request is `delete`; the
+    shim's `start` is never forked (it is what asks)."""
+    if kind == "cli":
+        return True
+    from microvm.shim.manager import parse_args
+    return parse_args(argv).action == ("" if kind == "daemon" else kind)
+
+
+def run(kind: str, argv: list[str]) -> int:
+    if kind == "cli":
+        from microvm.cli import commands
+        sys.argv = ["microvm", *argv]
+        try:
+            commands.main()
+            return 0
+        except SystemExit as e:
+            if e.code is None or isinstance(e.code, int):
+                return e.code or 0
+            print(e.code, file=sys.stderr)
+            return 1
+    from microvm.shim import manager
+    sys.argv = [manager.BINARY, *argv]
+    return manager.act(manager.parse_args(argv))
+
+
+if __name__ == "__main__":
+    forkserver.serve(forkserver.Program(warm, accepts, run))

@@ -1,0 +1,119 @@
+"""`microvm run` run by a child of the fork server (microvm/cli/entry.py,
+microvm/forkserver.py): real VMs, the installed CLI as users run it.
+
+Each test has a server of its own (a KATA_PY_FORKSERVER_IDLE value of its
+own is part of the server's place), made by a first run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from microvm import forkserver
+from tests.conftest import Microvm, assert_no_leaks, pid_of
+
+TITLE = forkserver.TITLE
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.fixture
+def env(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
+    """The CLI's environment, with a server of this test's own, made and
+    waited for; it is ended afterwards."""
+    e = {**os.environ, "KATA_PY_FORKSERVER_IDLE": f"{70 + abs(hash(request.node.name)) % 900}.25"}
+    path = forkserver.socket_path(e)
+    yield e
+    if path.exists():
+        try:
+            pid = forkserver.status(path)["server"]
+        except OSError:
+            path.unlink()
+        else:
+            os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+
+
+def _warm(microvm: Microvm, env: dict[str, str]) -> int:
+    """A first run (in-process) that makes the server; the server's pid."""
+    r = microvm.run("run", "--rm", "busybox", "true", env=env)
+    assert r.returncode == 0, r.stderr
+    path = forkserver.socket_path(env)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return forkserver.status(path)["server"]
+        except OSError:
+            assert time.monotonic() < deadline, "no fork server was made by the first run"
+            time.sleep(0.1)
+
+
+def test_run_is_forked_by_the_server_with_our_stdio_status_and_cwd(
+        microvm: Microvm, env: dict[str, str], tmp_path: Path) -> None:
+    server = _warm(microvm, env)
+    before = forkserver.status(forkserver.socket_path(env))["forked"]
+    r = microvm.run("run", "--rm", "-i", "busybox", "sh", "-c", "cat; echo err >&2; exit 3",
+                    input="from stdin\n", env=env)
+    assert (r.returncode, r.stdout) == (3, "from stdin\n"), r.stderr
+    assert r.error_lines == ["err"]
+    after = forkserver.status(forkserver.socket_path(env))
+    assert (after["server"], after["forked"]) == (server, before + 1), "not forked"
+    # Bad input: one line and docker's code, from the runner as from the CLI.
+    r = microvm.run("run", "--rm", "busybox", "no-such-command", env=env)
+    assert r.returncode == 127
+    assert r.error_lines == ["microvm: error: no-such-command: executable file not found "
+                             "in $PATH"]
+
+
+def test_signals_reach_the_container_through_the_runner(
+        microvm: Microvm, env: dict[str, str]) -> None:
+    _warm(microvm, env)
+    p = microvm.popen("run", "--rm", "busybox", "sh", "-c",
+                      "trap 'echo got USR1; exit 7' USR1; echo up; "
+                      "while true; do sleep 0.1; done",
+                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout is not None
+    assert p.stdout.readline() == b"up\n"
+    p.send_signal(signal.SIGUSR1)
+    out, _ = p.communicate(timeout=60)
+    assert (p.returncode, out) == (7, b"got USR1\n")
+
+
+def test_a_killed_cli_takes_its_runner_and_vm_along(
+        microvm: Microvm, env: dict[str, str]) -> None:
+    _warm(microvm, env)
+    p = microvm.popen("run", "--rm", "busybox", "sleep", "600", env=env,
+                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert p.stdout is not None
+    qemu = pid_of("qemu-system-x86_64 -name kata-py-")
+    runner = pid_of(f"^microvm --config {microvm.config} run --rm busybox sleep 600")
+    assert runner != p.pid
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    deadline = time.monotonic() + 10
+    while _alive(runner) or _alive(qemu):
+        assert time.monotonic() < deadline, "the runner or its VM outlived the CLI"
+        time.sleep(0.05)
+    assert_no_leaks(network=False)
+
+
+def test_off_runs_in_process_and_makes_no_server(microvm: Microvm, env: dict[str, str]) -> None:
+    env["KATA_PY_FORKSERVER"] = "off"
+    r = microvm.run("run", "--rm", "busybox", "true", env=env)
+    assert r.returncode == 0, r.stderr
+    assert not forkserver.socket_path(env).exists()
