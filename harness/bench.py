@@ -217,6 +217,10 @@ def main() -> None:
         # No network, as the runc case: the bridge costs are measured apart.
         cases["microvm run --rm busybox true"] = lambda: timed(
             [microvm, "run", "--rm", "--network", "none", "busybox", "--", "true"])
+        # The same, the command's own process running it (no fork server).
+        cases["microvm run --rm, no fork server"] = lambda: timed(
+            [microvm, "run", "--rm", "--network", "none", "busybox", "--", "true"],
+            env={**os.environ, "KATA_PY_FORKSERVER": "off"})
         # A cold boot of the guest's own kernel: what templates save.
         cases["microvm run --no-template"] = lambda: timed(
             [microvm, "run", "--rm", "--network", "none", "--no-template", "busybox", "--",
@@ -235,6 +239,8 @@ def main() -> None:
 
         cases["runc run busybox true"] = runc
         results: dict[str, list[float]] = {k: [] for k in cases}
+        # Untimed: the first run of a place makes its fork server, for the next.
+        timed([microvm, "run", "--rm", "--network", "none", "busybox", "--", "true"])
         for _ in range(args.n):  # alternating, so drift hits every case alike
             for name, fn in cases.items():
                 results[name].append(fn())
@@ -258,7 +264,8 @@ def main() -> None:
     print(f"ratio run/floor: {run_m / floor_m:.2f}    ratio run/runc: {run_m / runc_m:.1f}"
           f"    ratio run/run --privileged: {run_m / priv_m:.3f}")
     print(f"ratio cold run/floor: {cold_m / floor_m:.2f}    ratio run/cold run: "
-          f"{run_m / cold_m:.2f}")
+          f"{run_m / cold_m:.2f}    ratio run, no fork server/floor: "
+          f"{stats['microvm run --rm, no fork server']['median'] / floor_m:.2f}")
     print(f"one sandbox, step by step:{'clone':>26}{'cold':>9}")
     for name, secs in steps.items():
         print(f"  {name:<40}{secs:>8.3f}s{cold_steps[name]:>8.3f}s")
