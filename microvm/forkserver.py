@@ -263,6 +263,11 @@ def _launch(path: Path) -> None:
     """Make the server for this place, unless another `start` just did: the
     socket is bound and listening before the server runs, so its first
     requests wait in the backlog while it imports."""
+    # Never in a named network namespace (`ip netns`, CNI's): a server would
+    # keep it, and what is left in it, alive for IDLE seconds after whoever
+    # made it has deleted it.
+    if _in_named_netns():
+        raise Unavailable("in a named network namespace")
     SOCKET_DIR.mkdir(parents=True, exist_ok=True, mode=0o711)
     lock = os.open(SOCKET_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -284,6 +289,17 @@ def _launch(path: Path) -> None:
                              start_new_session=True)
     finally:
         os.close(lock)
+
+
+def _in_named_netns(named: Path = Path("/run/netns")) -> bool:
+    ours = os.stat("/proc/self/ns/net")
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(named):
+            with contextlib.suppress(OSError):
+                st = entry.stat()
+                if (st.st_dev, st.st_ino) == (ours.st_dev, ours.st_ino):
+                    return True
+    return False
 
 
 # --- the server ---------------------------------------------------------------

@@ -24,6 +24,7 @@ from microvm import forkserver
 from microvm.protocol import task_pb2
 from microvm.shim.client import TaskClient
 from tests.conftest import pid_of, shim
+from tests.netns import namespace
 
 SHIM = str(Path(sys.executable).with_name("containerd-shim-kata-py-v2"))
 MODULE = Path(forkserver.__file__)
@@ -144,22 +145,23 @@ def test_a_request_from_another_place_is_refused(starts: Starts) -> None:
         "req = {'kind': 'daemon', 'argv': ['-id', 'x'], 'env': env}\n"
         "socket.send_fds(s, [json.dumps(req).encode()], [fd, fd])\n"
         "print(s.recv(4096).decode())\n")
-    out = subprocess.run(["unshare", "--net", sys.executable, "-c", script], env=starts.env,
-                         capture_output=True, text=True, timeout=30)
-    assert out.returncode == 0, out.stderr
-    assert "another place" in json.loads(out.stdout)["error"]
-    # A start there gets its daemon all the same (from a server of its own place).
-    other = starts("fs-d", prefix=("unshare", "--net"))
-    assert os.readlink(f"/proc/{other}/ns/net") != os.readlink("/proc/self/ns/net")
-    assert server_pid(starts.path) == server
-    # The other place's server, by the namespace it serves.
-    ours = os.readlink("/proc/self/ns/net")
-    found = subprocess.run(["pgrep", "-x", "-f", forkserver.TITLE], capture_output=True,
-                           text=True).stdout.split()
-    for pid in map(int, found):
-        if os.readlink(f"/proc/{pid}/ns/net") != ours:
-            os.kill(pid, signal.SIGTERM)
-            _wait_gone(pid)
+    with namespace("kt-fsrv") as name:
+        into = ("nsenter", f"--net=/run/netns/{name}")
+        out = subprocess.run([*into, sys.executable, "-c", script], env=starts.env,
+                             capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert "another place" in json.loads(out.stdout)["error"]
+        # A start there gets its daemon all the same, spawned: no server is
+        # made in a named namespace (it would keep that one alive).
+        before = set(forkserver.running())
+        other = starts("fs-d", prefix=into)
+        assert os.readlink(f"/proc/{other}/ns/net") != os.readlink("/proc/self/ns/net")
+        assert _smaps(other)["Shared_Dirty"] < 1024, "forked, not spawned"
+        assert set(forkserver.running()) == before
+        assert server_pid(starts.path) == server
+        os.kill(other, signal.SIGTERM)
+        _wait_gone(other)
+        starts.daemons.remove(other)
 
 
 @pytest.mark.parametrize("request_bytes, fds", [
