@@ -36,6 +36,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +48,9 @@ TITLE = "containerd-shim-kata-py-v2 forkserver"
 # A server with nothing to fork for this long ends (KATA_PY_FORKSERVER_IDLE
 # overrides it, for tests: a value of its own is also a server of its own).
 IDLE = 300.0
+# How often a server in a named network namespace looks whether the name
+# is still there (it ends when it is not: it would keep the namespace alive).
+NETNS_CHECK = 2.0
 # A request is an argv and an environment; containerd's are a few KiB.
 MAX_REQUEST = 1 << 20
 # `start` gives up on the server after this long and spawns the daemon itself
@@ -263,11 +267,6 @@ def _launch(path: Path) -> None:
     """Make the server for this place, unless another `start` just did: the
     socket is bound and listening before the server runs, so its first
     requests wait in the backlog while it imports."""
-    # Never in a named network namespace (`ip netns`, CNI's): a server would
-    # keep it, and what is left in it, alive for IDLE seconds after whoever
-    # made it has deleted it.
-    if _in_named_netns():
-        raise Unavailable("in a named network namespace")
     SOCKET_DIR.mkdir(parents=True, exist_ok=True, mode=0o711)
     lock = os.open(SOCKET_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -338,13 +337,21 @@ class Server:
         self.supervisors: set[int] = set()
 
     def serve(self, idle: float) -> None:
-        self.listener.settimeout(idle)
+        # In a named network namespace (a test's node, a CNI pod's), the
+        # server must not keep it alive once its name is gone: it looks
+        # every few seconds.
+        named = _in_named_netns()
+        last = time.monotonic()
+        self.listener.settimeout(min(idle, NETNS_CHECK) if named else idle)
         try:
             while True:
                 try:
                     conn, _ = self.listener.accept()
                 except TimeoutError:
-                    return
+                    if time.monotonic() - last >= idle or (named and not _in_named_netns()):
+                        return
+                    continue
+                last = time.monotonic()
                 with conn:
                     if not self.handle(conn):
                         return

@@ -151,17 +151,21 @@ def test_a_request_from_another_place_is_refused(starts: Starts) -> None:
                              capture_output=True, text=True, timeout=30)
         assert out.returncode == 0, out.stderr
         assert "another place" in json.loads(out.stdout)["error"]
-        # A start there gets its daemon all the same, spawned: no server is
-        # made in a named namespace (it would keep that one alive).
+        # A start there gets its daemon all the same, from a server of that
+        # place, which ends once the namespace's name is gone (it would
+        # keep the namespace alive).
         before = set(forkserver.running())
         other = starts("fs-d", prefix=into)
         assert os.readlink(f"/proc/{other}/ns/net") != os.readlink("/proc/self/ns/net")
-        assert _smaps(other)["Shared_Dirty"] < 1024, "forked, not spawned"
-        assert set(forkserver.running()) == before
+        theirs = set(forkserver.running()) - before
+        assert len(theirs) == 1
+        their_server = server_pid(theirs.pop())
         assert server_pid(starts.path) == server
         os.kill(other, signal.SIGTERM)
         _wait_gone(other)
         starts.daemons.remove(other)
+    _wait_gone(their_server, timeout=forkserver.NETNS_CHECK * 3)
+    assert set(forkserver.running()) == before, "its socket is left"
 
 
 @pytest.mark.parametrize("request_bytes, fds", [
