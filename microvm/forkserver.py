@@ -68,7 +68,8 @@ PROGRAM = "microvm.cli.warm"
 
 @dataclass(frozen=True)
 class Program:
-    warm: Callable[[], None]                  # import what the children will use
+    warm: Callable[[str], None]               # import what the children of the kind
+                                              # that made it will use
     accepts: Callable[[str, list[str]], bool]  # may a request of this kind run argv
     run: Callable[[str, list[str]], int]       # in the child, all in place: its status
 
@@ -186,7 +187,7 @@ def _first_answer(kind: str, argv: list[str], cwd: Path, fds: list[int], timeout
         except (FileNotFoundError, ConnectionRefusedError):
             if background:
                 with contextlib.suppress(OSError):
-                    _launch(path)
+                    _launch(path, kind)
             raise Unavailable("no fork server runs here") from None
         dirfd = os.open(cwd, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
@@ -256,14 +257,14 @@ def _connect(path: Path, timeout: float, launch: bool) -> Iterator[socket.socket
         except (FileNotFoundError, ConnectionRefusedError):
             if not launch:
                 raise
-            _launch(path)
+            _launch(path, "daemon")
             s.connect(str(path))
         yield s
     finally:
         s.close()
 
 
-def _launch(path: Path) -> None:
+def _launch(path: Path, kind: str) -> None:
     """Make the server for this place, unless another `start` just did: the
     socket is bound and listening before the server runs, so its first
     requests wait in the backlog while it imports."""
@@ -282,7 +283,7 @@ def _launch(path: Path) -> None:
             srv.bind(str(path))
             os.chmod(path, 0o600)
             srv.listen(64)
-            subprocess.Popen([sys.executable, "-m", PROGRAM, str(srv.fileno())],
+            subprocess.Popen([sys.executable, "-m", PROGRAM, str(srv.fileno()), kind],
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, pass_fds=(srv.fileno(),), cwd="/",
                              start_new_session=True)
@@ -560,7 +561,7 @@ def serve(program: Program) -> None:
     idle = float(os.environ.get("KATA_PY_FORKSERVER_IDLE", IDLE))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGCHLD, lambda *_: server.reap())
-    program.warm()
+    program.warm(sys.argv[2] if len(sys.argv) > 2 else "daemon")
     server.code = fingerprint()
     # What is imported stays: out of the collector's sight, the daemons'
     # collections do not write to (and so copy) the pages they share.
