@@ -179,16 +179,16 @@ def _first_answer(kind: str, argv: list[str], cwd: Path, fds: list[int], timeout
         raise Unavailable("KATA_PY_FORKSERVER=off")
     request = json.dumps({"kind": kind, "argv": argv, "env": dict(os.environ)}).encode()
     path = socket_path()
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
-        s.settimeout(timeout)
-        try:
-            s.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError):
-            if background:
-                with contextlib.suppress(OSError):
-                    _launch(path, kind)
-            raise Unavailable("no fork server runs here") from None
+        s = _dial(path, timeout)
+    except (FileNotFoundError, ConnectionRefusedError):
+        if background:
+            with contextlib.suppress(OSError):
+                _launch(path, kind)
+        raise Unavailable("no fork server runs here") from None
+    except OSError as e:
+        raise Unavailable(str(e) or type(e).__name__) from None
+    try:
         dirfd = os.open(cwd, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             socket.send_fds(s, [request], [dirfd, *fds])
@@ -247,21 +247,29 @@ def _request(kind: str, argv: list[str], cwd: Path, fds: list[int], timeout: flo
         os.close(dirfd)
 
 
+def _dial(path: Path, timeout: float) -> socket.socket:
+    """A connection to the server at path; OSError if none answers there."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    s.settimeout(timeout)
+    try:
+        s.connect(str(path))
+    except OSError:
+        s.close()
+        raise
+    return s
+
+
 @contextlib.contextmanager
 def _connect(path: Path, timeout: float, launch: bool) -> Iterator[socket.socket]:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
-        s.settimeout(timeout)
-        try:
-            s.connect(str(path))
-        except (FileNotFoundError, ConnectionRefusedError):
-            if not launch:
-                raise
-            _launch(path, "daemon")
-            s.connect(str(path))
+        s = _dial(path, timeout)
+    except (FileNotFoundError, ConnectionRefusedError):
+        if not launch:
+            raise
+        _launch(path, "daemon")
+        s = _dial(path, timeout)
+    with s:
         yield s
-    finally:
-        s.close()
 
 
 def _launch(path: Path, kind: str) -> None:

@@ -84,6 +84,15 @@ def pid_of(pattern: str, timeout: float = 60) -> int:
     raise AssertionError(f"no process matches {pattern!r}")
 
 
+def alive(pid: int) -> bool:
+    """pid runs (a zombie does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def helper_processes() -> list[str]:
     out = subprocess.run(["ps", "-eo", "pid=,stat=,args="], capture_output=True, text=True).stdout
     # Ours only: QEMU runs as -name kata-py-*, virtiofsd serves /run/kata-py/...

@@ -18,16 +18,9 @@ import pytest
 
 from microvm import forkserver
 from tests.conftest import Microvm, assert_no_leaks, pid_of
+from tests.conftest import alive as _alive
 
 TITLE = forkserver.TITLE
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 @pytest.fixture

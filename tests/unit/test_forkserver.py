@@ -23,19 +23,12 @@ import pytest
 from microvm import forkserver
 from microvm.protocol import task_pb2
 from microvm.shim.client import TaskClient
+from tests.conftest import alive as _alive
 from tests.conftest import pid_of, shim
 from tests.netns import namespace
 
 SHIM = str(Path(sys.executable).with_name("containerd-shim-kata-py-v2"))
 MODULE = Path(forkserver.__file__)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def _wait_gone(pid: int, timeout: float = 5) -> None:
