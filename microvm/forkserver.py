@@ -37,7 +37,7 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -117,8 +117,9 @@ def fork_daemon(argv: list[str], cwd: Path, listener: int, timeout: float = TIME
     there is none).  The daemon runs `containerd-shim-kata-py-v2 *argv` in
     cwd with this process's environment and `listener` as its fd 3.
     Unavailable if no server could, or if KATA_PY_FORKSERVER=off."""
-    reply = _request("daemon", argv, cwd, [listener], timeout, launch=True)
-    return int(reply["pid"])
+    s, reply = _first_answer("daemon", argv, cwd, [listener], timeout, launch="wait")
+    s.close()
+    return reply["pid"]
 
 
 def run_delete(argv: list[str], cwd: Path, timeout: float = TIMEOUT) -> int:
@@ -127,8 +128,17 @@ def run_delete(argv: list[str], cwd: Path, timeout: float = TIMEOUT) -> int:
     containerd runs `delete` after every shim's end and waits for it: a fresh
     interpreter took 0.12 s to import what the server has.  Unavailable if
     no server runs here (none is made for it: that costs more than delete)."""
-    reply = _request("delete", argv, cwd, [0, 1, 2], timeout, launch=False)
-    return int(reply["exit"])
+    s, _ = _first_answer("delete", argv, cwd, [0, 1, 2], timeout, launch="never")
+    with s:
+        # Its end.  None (it died) is not worth a retry: the caller deletes
+        # in-process, and delete is idempotent.
+        try:
+            end = json.loads(s.recv(4096) or b"{}")
+        except (OSError, ValueError):
+            end = {}
+    if not isinstance(end.get("exit"), int):
+        raise Unavailable("it ended without a status")
+    return int(end["exit"])
 
 
 def run_cli(argv: list[str], timeout: float = TIMEOUT) -> tuple[str, int]:
@@ -144,15 +154,15 @@ def run_cli(argv: list[str], timeout: float = TIMEOUT) -> tuple[str, int]:
             os.fstat(fd)
         except OSError:
             raise Unavailable(f"fd {fd} is closed") from None
-    s, first = _first_answer("cli", argv, Path.cwd(), [0, 1, 2], timeout, background=True)
+    s, first = _first_answer("cli", argv, Path.cwd(), [0, 1, 2], timeout, launch="background")
     with s:
-        runner = int(first["pid"])
+        runner = first["pid"]
 
         def forward(sig: int, _frame: object) -> None:
             with contextlib.suppress(OSError):
                 os.kill(runner, sig)
 
-        for sig in (*_FORWARDED, signal.SIGWINCH):
+        for sig in (*FORWARDED, signal.SIGWINCH):
             signal.signal(sig, forward)
         s.settimeout(None)
         try:
@@ -166,48 +176,18 @@ def run_cli(argv: list[str], timeout: float = TIMEOUT) -> tuple[str, int]:
             return ("exit", 125)
 
 
-# What `microvm run` forwards to its container (microvm/core/stdio.py FORWARDED).
-_FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
-              signal.SIGUSR2)
+# The signals docker's CLI forwards to its container; `microvm run` too
+# (microvm/core/stdio.py), and the thin client to its runner.
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
+             signal.SIGUSR2)
 
 
 def _first_answer(kind: str, argv: list[str], cwd: Path, fds: list[int], timeout: float,
-                  background: bool) -> tuple[socket.socket, dict[str, int]]:
-    """The connection, after the server's first answer ({"pid": ...}).
-    background: where no server runs, make one for next time."""
-    if os.environ.get("KATA_PY_FORKSERVER") == "off":
-        raise Unavailable("KATA_PY_FORKSERVER=off")
-    request = json.dumps({"kind": kind, "argv": argv, "env": dict(os.environ)}).encode()
-    path = socket_path()
-    try:
-        s = _dial(path, timeout)
-    except (FileNotFoundError, ConnectionRefusedError):
-        if background:
-            with contextlib.suppress(OSError):
-                _launch(path, kind)
-        raise Unavailable("no fork server runs here") from None
-    except OSError as e:
-        raise Unavailable(str(e) or type(e).__name__) from None
-    try:
-        dirfd = os.open(cwd, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            socket.send_fds(s, [request], [dirfd, *fds])
-        finally:
-            os.close(dirfd)
-        data = s.recv(4096)
-        reply = json.loads(data) if data else {}
-    except (OSError, ValueError) as e:
-        s.close()
-        raise Unavailable(str(e) or type(e).__name__) from None
-    if not isinstance(reply.get("pid"), int):
-        s.close()
-        raise Unavailable(str(reply.get("error", "stale" if reply.get("stale") else
-                                            "no answer")))
-    return s, reply
-
-
-def _request(kind: str, argv: list[str], cwd: Path, fds: list[int], timeout: float,
-             launch: bool) -> dict[str, int]:
+                  launch: str) -> tuple[socket.socket, dict[str, int]]:
+    """The connection, after the server's first answer ({"pid": child}).
+    Where no server runs, launch says what to do: "wait" makes one and asks
+    it (again if it was stale or went idle meanwhile), "background" makes one
+    for next time, "never" makes none."""
     if os.environ.get("KATA_PY_FORKSERVER") == "off":
         raise Unavailable("KATA_PY_FORKSERVER=off")
     request = json.dumps({"kind": kind, "argv": argv, "env": dict(os.environ)}).encode()
@@ -217,31 +197,40 @@ def _request(kind: str, argv: list[str], cwd: Path, fds: list[int], timeout: flo
         raise Unavailable(f"{cwd}: {e.strerror}") from None
     try:
         path = socket_path()
-        for _ in range(3):  # again if the server was stale, or went idle meanwhile
+        for _ in range(3):
             try:
-                with _connect(path, timeout, launch) as s:
-                    socket.send_fds(s, [request], [dirfd, *fds])
-                    data = s.recv(4096)
-                    if kind == "delete" and data.startswith(b'{"pid"'):
-                        # Its end; nothing (it died) is not worth a retry:
-                        # the caller deletes in-process, delete is idempotent.
-                        data = s.recv(4096) or b'{"error": "it ended without a status"}'
-            except (ConnectionResetError, BrokenPipeError):
-                data = b""
+                s = _dial(path, timeout)
+            except (FileNotFoundError, ConnectionRefusedError):
+                if launch == "background":
+                    with contextlib.suppress(OSError):
+                        _launch(path, kind)
+                if launch != "wait":
+                    raise Unavailable("no fork server runs here") from None
+                try:
+                    _launch(path, kind)
+                    s = _dial(path, timeout)
+                except OSError as e:
+                    raise Unavailable(str(e) or type(e).__name__) from None
             except OSError as e:
                 raise Unavailable(str(e) or type(e).__name__) from None
-            if not data:
-                if not launch:
-                    raise Unavailable("the fork server went away")
-                continue
             try:
-                reply = json.loads(data)
+                socket.send_fds(s, [request], [dirfd, *fds])
+                data = s.recv(4096)
+            except (ConnectionResetError, BrokenPipeError):
+                data = b""  # it went idle as we came
+            except OSError as e:
+                s.close()
+                raise Unavailable(str(e) or type(e).__name__) from None
+            try:
+                reply = json.loads(data) if data else {}
             except ValueError:
-                raise Unavailable(f"a bad answer: {data[:80]!r}") from None
-            if isinstance(reply.get("pid" if kind == "daemon" else "exit"), int):
-                return dict(reply)
-            if not reply.get("stale") or not launch:
-                raise Unavailable(str(reply.get("error", "no answer")))
+                reply = {"error": f"a bad answer: {data[:80]!r}"}
+            if isinstance(reply.get("pid"), int):
+                return s, reply
+            s.close()
+            if launch != "wait" or not (reply.get("stale") or not data):
+                raise Unavailable(str(reply.get("error", "stale" if reply.get("stale") else
+                                                    "the fork server went away")))
         raise Unavailable("the fork server went away each time")
     finally:
         os.close(dirfd)
@@ -257,19 +246,6 @@ def _dial(path: Path, timeout: float) -> socket.socket:
         s.close()
         raise
     return s
-
-
-@contextlib.contextmanager
-def _connect(path: Path, timeout: float, launch: bool) -> Iterator[socket.socket]:
-    try:
-        s = _dial(path, timeout)
-    except (FileNotFoundError, ConnectionRefusedError):
-        if not launch:
-            raise
-        _launch(path, "daemon")
-        s = _dial(path, timeout)
-    with s:
-        yield s
 
 
 def _launch(path: Path, kind: str) -> None:
@@ -479,22 +455,6 @@ class Server:
         finally:
             os._exit(status)
 
-    def _run_cli(self, argv: list[str], env: dict[str, str]) -> int:
-        """The runner: `microvm *argv`, as the CLI's own process would have run it."""
-        for sig in (signal.SIGTERM, signal.SIGCHLD):  # the server's handlers
-            signal.signal(sig, signal.SIG_DFL)
-        os.environ.clear()
-        os.environ.update(env)
-        # The server's were made for /dev/null: these buffer as Python's own
-        # would for the fds the runner has now (a terminal's stdout by line).
-        enc = sys.stdout.encoding
-        sys.stdin = open(0, encoding=enc, closefd=False)  # noqa: SIM115
-        sys.stdout = open(  # noqa: SIM115
-            1, "w", buffering=1 if os.isatty(1) else -1, encoding=enc, closefd=False)
-        sys.stderr = open(  # noqa: SIM115
-            2, "w", buffering=1, encoding=enc, errors="backslashreplace", closefd=False)
-        return self.program.run("cli", argv)
-
     def reap(self) -> None:
         for pid in list(self.supervisors):
             with contextlib.suppress(ChildProcessError):
@@ -505,24 +465,18 @@ class Server:
     def _become(self, conn: socket.socket, kind: str, argv: list[str], env: dict[str, str],
                 fds: list[int]) -> None:
         """The child: the daemon (the listener as fd 3, stdio /dev/null, a
-        process group of its own) or delete (the requester's stdio, its
-        exit status sent back on the connection, as fd 3)."""
+        process group of its own), delete (the requester's stdio, its exit
+        status sent back on the connection, as fd 3) or the CLI's runner
+        (the requester's stdio; its supervisor sends the status)."""
         code = 1
         try:
             import setproctitle
 
-            setproctitle.setproctitle(f"{TITLE} ({kind})")
+            setproctitle.setproctitle(" ".join(["microvm", *argv]) if kind == "cli"
+                                      else f"{TITLE} ({kind})")
             self.listener.close()
             cwd, *rest = fds
             os.fchdir(cwd)
-            if kind == "cli":
-                setproctitle.setproctitle(" ".join(["microvm", *argv]))
-                conn.close()  # the supervisor's
-                for target, fd in enumerate(rest):
-                    os.dup2(fd, target)
-                os.closerange(3, os.sysconf("SC_OPEN_MAX"))
-                code = self._run_cli(argv, env)
-                return
             if kind == "daemon":
                 conn.close()
                 os.setpgid(0, 0)
@@ -530,17 +484,22 @@ class Server:
             else:
                 for target, fd in enumerate(rest):
                     os.dup2(fd, target)
-                fd = conn.detach()  # it may be fd 3 already
-                if fd != 3:
-                    os.dup2(fd, 3)
-                    os.close(fd)
-            os.closerange(4, os.sysconf("SC_OPEN_MAX"))
+                if kind == "cli":
+                    conn.close()  # the supervisor's
+                else:
+                    fd = conn.detach()  # it may be fd 3 already
+                    if fd != 3:
+                        os.dup2(fd, 3)
+                        os.close(fd)
+            os.closerange(3 if kind == "cli" else 4, os.sysconf("SC_OPEN_MAX"))
             # The server's own handlers; the rest (SIGPIPE ignored, SIGINT
             # as KeyboardInterrupt) is any Python's, as a spawned one's.
             for sig in (signal.SIGTERM, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
             os.environ.clear()
             os.environ.update(env)
+            if kind == "cli":
+                _reopen_stdio()
             code = self.program.run(kind, argv)
         finally:
             with contextlib.suppress(Exception):
@@ -550,6 +509,18 @@ class Server:
                 with contextlib.suppress(OSError):
                     os.write(3, json.dumps({"exit": code}).encode())
             os._exit(code)
+
+
+def _reopen_stdio() -> None:
+    """The server's sys.std* were made for /dev/null: these buffer as
+    Python's own would for the fds the runner has now (a terminal's stdout
+    by line)."""
+    enc = sys.stdout.encoding
+    sys.stdin = open(0, encoding=enc, closefd=False)  # noqa: SIM115
+    sys.stdout = open(  # noqa: SIM115
+        1, "w", buffering=1 if os.isatty(1) else -1, encoding=enc, closefd=False)
+    sys.stderr = open(  # noqa: SIM115
+        2, "w", buffering=1, encoding=enc, errors="backslashreplace", closefd=False)
 
 
 # What each kind of request passes: the bundle (or working) directory

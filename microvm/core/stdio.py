@@ -20,12 +20,13 @@ import tty
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
+from microvm import forkserver
 from microvm.core.sandbox import Sandbox
 
 CHUNK = 64 * 1024
-# Signals the CLI passes on to the container's process, as docker does.
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1,
-             signal.SIGUSR2)
+# Signals the CLI passes on to the container's process, as docker does
+# (defined with the fork server's thin client, which passes them to its runner).
+FORWARDED = forkserver.FORWARDED
 
 
 async def _ready(fd: int, writable: bool, until: asyncio.Event | None = None) -> None:
