@@ -61,6 +61,9 @@ class Config:
     # Start every sandbox as a clone of a booted VM (microvm/vm/template.py);
     # false: every sandbox boots its own kernel.
     template: bool = True
+    # microvm run: the fork server keeps one VM restored ahead for the next
+    # run like the last (microvm/cli/spare.py); false: none is kept.
+    spare: bool = True
     # default or secure (FIRMWARES above); secure sandboxes boot cold.
     firmware: str = "default"
     # Seconds.  TCG boots take a few seconds; KVM well under one.

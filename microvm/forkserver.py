@@ -53,6 +53,9 @@ IDLE = 300.0
 NETNS_CHECK = 2.0
 # A request is an argv and an environment; containerd's are a few KiB.
 MAX_REQUEST = 1 << 20
+# A spare VM not taken by then ends (its memory is not free: about 70 MiB
+# under TCG); KATA_PY_SPARE_WAIT overrides it, for tests.
+SPARE_WAIT = 60.0
 # `start` gives up on the server after this long and spawns the daemon itself
 # (a server being made imports everything first: about 0.3 s here, under load more).
 TIMEOUT = 20.0
@@ -72,6 +75,19 @@ class Program:
                                               # that made it will use
     accepts: Callable[[str, list[str]], bool]  # may a request of this kind run argv
     run: Callable[[str, list[str]], int]       # in the child, all in place: its status
+    # In a spare (the CLI's kind only): get ready, before it is asked, for
+    # a request like argv (the last one served); False: nothing to hold.
+    prepare: Callable[[str, list[str]], bool] | None = None
+    # In the server: whether a spare prepared for the second argv may run
+    # the first (the others get a runner of their own; the spare waits on).
+    fits: Callable[[list[str], list[str]], bool] | None = None
+
+
+@dataclass
+class _Spare:
+    pid: int               # its supervisor's
+    sock: socket.socket    # our end of the socket its request goes down
+    argv: list[str]        # the request it got ready for
 
 
 class Unavailable(Exception):
@@ -319,7 +335,10 @@ class Server:
         self.here = place()
         self.code = fingerprint()
         self.forked = 0
+        self.pid = os.getpid()
         self.supervisors: set[int] = set()
+        self.spare: _Spare | None = None  # waiting for the next CLI request
+        self.spare_failed = False  # the last one ended in error: no more
 
     def serve(self, idle: float) -> None:
         # In a named network namespace (a test's node, a CNI pod's), the
@@ -360,7 +379,8 @@ class Server:
                 socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
             data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST, 4)
             if data == b"status":  # who serves here (tests, and `ps` by socket)
-                conn.send(json.dumps({"server": os.getpid(), "forked": self.forked}).encode())
+                conn.send(json.dumps({"server": os.getpid(), "forked": self.forked,
+                                      "spare": self.spare.pid if self.spare else 0}).encode())
                 return True
             request = json.loads(data)
             kind, argv, env = request["kind"], request["argv"], request["env"]
@@ -376,14 +396,18 @@ class Server:
                 return False
             if place(pid, env) != self.here:
                 raise ValueError("a request from another place (namespaces, cgroup, limits)")
-            self._fork(conn, kind, argv, env, fds)
+            if not (kind == "cli" and self._hand_over(conn, argv, env, fds)):
+                self._fork(conn, kind, argv, env, fds)
             self.forked += 1
         except (OSError, ValueError, KeyError, TypeError) as e:
             with contextlib.suppress(OSError):
                 conn.send(json.dumps({"error": f"fork server: {e}"}).encode())
+            return True
         finally:
             for fd in fds:
                 os.close(fd)
+        if kind == "cli" and self.program.prepare and self.program.fits:
+            self._make_spare(argv)
         return True
 
     def _fork(self, conn: socket.socket, kind: str, argv: list[str], env: dict[str, str],
@@ -417,57 +441,190 @@ class Server:
         CLI (its status, or the signal that killed it), and the CLI's end
         (the connection closes) is the runner's: SIGKILL, as a killed CLI's
         own process would have had."""
-        import select
-
         status = 1
         try:
-            import setproctitle
-
-            setproctitle.setproctitle(f"{TITLE} (cli)")
-            for sig in (signal.SIGTERM, signal.SIGCHLD):
-                signal.signal(sig, signal.SIG_DFL)
-            self.listener.close()
+            self._as_supervisor()
             runner = os.fork()
             if runner == 0:
                 self._become(conn, "cli", argv, env, fds)
             for fd in fds:
                 os.close(fd)
-            conn.settimeout(None)
-            conn.send(json.dumps({"pid": runner}).encode())
-            pidfd = os.pidfd_open(runner)
-            poller = select.poll()
-            poller.register(conn, select.POLLIN | select.POLLHUP)
-            poller.register(pidfd, select.POLLIN)
-            while True:
-                ready = {fd for fd, _ in poller.poll()}
-                if pidfd in ready:
-                    _, st = os.waitpid(runner, 0)
-                    end = {"signal": os.WTERMSIG(st)} if os.WIFSIGNALED(st) \
-                        else {"exit": os.WEXITSTATUS(st)}
-                    with contextlib.suppress(OSError):
-                        conn.send(json.dumps(end).encode())
-                    break
-                if conn.fileno() in ready:
-                    os.kill(runner, signal.SIGKILL)
-                    os.waitpid(runner, 0)
-                    break
+            _watch_runner(conn, runner)
             status = 0
         finally:
             os._exit(status)
 
+    def _as_supervisor(self) -> None:
+        import setproctitle
+
+        setproctitle.setproctitle(f"{TITLE} (cli)")
+        for sig in (signal.SIGTERM, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        self.listener.close()
+        if self.spare is not None:
+            self.spare.sock.close()
+
+    # -- the spare: a runner that got ready before it was asked ----------------
+    #
+    # The server keeps one for the CLI: a supervisor-to-be, and under it a
+    # runner that has done what the program's prepare does (restored a VM)
+    # for a request like the one served before it was made, and waits.  The
+    # next request it fits goes to it in place of a fork; others are forked
+    # as ever while it waits on, for SPARE_WAIT at most: then it ends and
+    # the next request makes one like itself.  Until it is taken, both die
+    # with their parent (PR_SET_PDEATHSIG), and the runner's VM with it (its
+    # helpers die with it), so a server's end, even by SIGKILL, takes its
+    # spare along.  The runner gets ready at nice 19: a spare must not slow
+    # what is being served; it is reniced when taken.
+
+    def _hand_over(self, conn: socket.socket, argv: list[str], env: dict[str, str],
+                   fds: list[int]) -> bool:
+        """The request to the spare, if one waits and fits it: False if none
+        took it."""
+        spare = self.spare
+        assert self.program.fits is not None
+        try:
+            fits = spare is not None and self.program.fits(argv, spare.argv)
+        except Exception:  # noqa: BLE001 - the request's to judge, not the server's
+            fits = False
+        if spare is None or not fits:
+            return False
+        self.spare = None
+        with spare.sock:
+            try:
+                socket.send_fds(spare.sock, [json.dumps({"argv": argv, "env": env}).encode()],
+                                [conn.fileno(), *fds])
+            except OSError:
+                return False  # it ended meanwhile (reaped on SIGCHLD)
+        self.supervisors.add(spare.pid)
+        return True
+
+    def _make_spare(self, argv: list[str]) -> None:
+        if self.spare is not None or self.spare_failed:
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            ours.close()
+            _die_with_parent(self.pid)
+            self._wait_as_spare(theirs, argv)
+        theirs.close()
+        self.spare = _Spare(pid, ours, argv)
+
+    def _wait_as_spare(self, sock: socket.socket, argv: list[str]) -> None:
+        """The spare's supervisor: it waits for the request, hands it to its
+        runner (or, if that died meanwhile, forks one as _supervise does),
+        and watches it.  Its status, if the runner ends first, is the
+        runner's: 0 when prepare had nothing to hold or none came."""
+        import select
+
+        status = 1
+        try:
+            self._as_supervisor()
+            import setproctitle
+
+            setproctitle.setproctitle(f"{TITLE} (spare)")
+            # Nothing of the server's: the request just served (its stdio,
+            # its connection, which serve() closes once we are forked).
+            os.dup2(sock.fileno(), 3)
+            sock.close()
+            os.closerange(4, os.sysconf("SC_OPEN_MAX"))
+            sock = socket.socket(fileno=3)
+            jobs, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            me = os.getpid()
+            runner = os.fork()
+            if runner == 0:
+                jobs.close()
+                sock.close()
+                _die_with_parent(me)
+                self._hold(theirs, argv)
+            theirs.close()
+            pidfd = os.pidfd_open(runner)
+            poller = select.poll()
+            poller.register(sock, select.POLLIN | select.POLLHUP)
+            poller.register(pidfd, select.POLLIN)
+            if pidfd in {fd for fd, _ in poller.poll()}:
+                _, st = os.waitpid(runner, 0)
+                status = os.waitstatus_to_exitcode(st)
+                return
+            data, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST, 5)
+            if len(fds) != 5:
+                return  # the server went away
+            _die_with_parent(0, 0)  # the run is the CLI's now, not the server's
+            conn = socket.socket(fileno=fds[0])
+            rest = fds[1:]
+            try:
+                _renice(runner, 0)  # still getting ready, maybe: no longer in the background
+                socket.send_fds(jobs, [data], rest)
+            except OSError:  # it died meanwhile
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(runner, 0)
+                request = json.loads(data)
+                runner = os.fork()
+                if runner == 0:
+                    self._become(conn, "cli", request["argv"], request["env"], rest)
+            for fd in rest:
+                os.close(fd)
+            _watch_runner(conn, runner)
+            status = 0
+        finally:
+            os._exit(status)
+
+    def _hold(self, sock: socket.socket, argv: list[str]) -> None:
+        """The spare's runner: prepare, wait, then run what comes in place."""
+        code = 1
+        try:
+            import setproctitle
+
+            setproctitle.setproctitle("microvm (spare)")
+            os.dup2(sock.fileno(), 3)
+            sock.close()
+            os.closerange(4, os.sysconf("SC_OPEN_MAX"))
+            sock = socket.socket(fileno=3)
+            for sig in (signal.SIGTERM, signal.SIGCHLD):
+                signal.signal(sig, signal.SIG_DFL)
+            os.nice(19)
+            assert self.program.prepare is not None
+            if not self.program.prepare("cli", argv):
+                code = 0
+                return
+            setproctitle.setproctitle("microvm (spare, ready)")
+            sock.settimeout(float(os.environ.get("KATA_PY_SPARE_WAIT", SPARE_WAIT)))
+            try:
+                data, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST, 4)
+            except TimeoutError:
+                code = 0
+                return
+            sock.close()
+            if len(fds) != 4:
+                code = 0
+                return
+            request = json.loads(data)
+            self._become(None, "cli", request["argv"], request["env"], fds)
+        finally:
+            os._exit(code)
+
     def reap(self) -> None:
+        if self.spare is not None:
+            with contextlib.suppress(ChildProcessError):
+                pid, st = os.waitpid(self.spare.pid, os.WNOHANG)
+                if pid:  # it ended before a request came
+                    self.spare_failed = os.waitstatus_to_exitcode(st) != 0
+                    self.spare.sock.close()
+                    self.spare = None
         for pid in list(self.supervisors):
             with contextlib.suppress(ChildProcessError):
                 if os.waitpid(pid, os.WNOHANG)[0] == 0:
                     continue
             self.supervisors.discard(pid)
 
-    def _become(self, conn: socket.socket, kind: str, argv: list[str], env: dict[str, str],
-                fds: list[int]) -> None:
+    def _become(self, conn: socket.socket | None, kind: str, argv: list[str],
+                env: dict[str, str], fds: list[int]) -> None:
         """The child: the daemon (the listener as fd 3, stdio /dev/null, a
         process group of its own), delete (the requester's stdio, its exit
         status sent back on the connection, as fd 3) or the CLI's runner
-        (the requester's stdio; its supervisor sends the status)."""
+        (the requester's stdio; its supervisor sends the status).  A spare's
+        runner (no conn) keeps the fds it opened: they are its VM."""
         code = 1
         try:
             import setproctitle
@@ -478,20 +635,25 @@ class Server:
             cwd, *rest = fds
             os.fchdir(cwd)
             if kind == "daemon":
+                assert conn is not None
                 conn.close()
                 os.setpgid(0, 0)
                 os.dup2(rest[0], 3)
             else:
                 for target, fd in enumerate(rest):
                     os.dup2(fd, target)
-                if kind == "cli":
+                if conn is None:
+                    for fd in fds:
+                        os.close(fd)
+                elif kind == "cli":
                     conn.close()  # the supervisor's
                 else:
                     fd = conn.detach()  # it may be fd 3 already
                     if fd != 3:
                         os.dup2(fd, 3)
                         os.close(fd)
-            os.closerange(3 if kind == "cli" else 4, os.sysconf("SC_OPEN_MAX"))
+            if conn is not None:
+                os.closerange(3 if kind == "cli" else 4, os.sysconf("SC_OPEN_MAX"))
             # The server's own handlers; the rest (SIGPIPE ignored, SIGINT
             # as KeyboardInterrupt) is any Python's, as a spawned one's.
             for sig in (signal.SIGTERM, signal.SIGCHLD):
@@ -509,6 +671,52 @@ class Server:
                 with contextlib.suppress(OSError):
                     os.write(3, json.dumps({"exit": code}).encode())
             os._exit(code)
+
+
+def _watch_runner(conn: socket.socket, runner: int) -> None:
+    """The supervisor's watch: the runner's end is sent to the CLI; the
+    CLI's end (its connection closes) is the runner's."""
+    import select
+
+    conn.settimeout(None)
+    conn.send(json.dumps({"pid": runner}).encode())
+    pidfd = os.pidfd_open(runner)
+    poller = select.poll()
+    poller.register(conn, select.POLLIN | select.POLLHUP)
+    poller.register(pidfd, select.POLLIN)
+    while True:
+        ready = {fd for fd, _ in poller.poll()}
+        if pidfd in ready:
+            _, st = os.waitpid(runner, 0)
+            end = {"signal": os.WTERMSIG(st)} if os.WIFSIGNALED(st) \
+                else {"exit": os.WEXITSTATUS(st)}
+            with contextlib.suppress(OSError):
+                conn.send(json.dumps(end).encode())
+            return
+        if conn.fileno() in ready:
+            os.kill(runner, signal.SIGKILL)
+            os.waitpid(runner, 0)
+            return
+
+
+def _die_with_parent(parent: int, sig: int = signal.SIGKILL) -> None:
+    """PR_SET_PDEATHSIG (0: no more); a parent gone already is ours too."""
+    from microvm import linux
+    linux.prctl(linux.PR_SET_PDEATHSIG, sig)
+    if sig and os.getppid() != parent:
+        os._exit(1)
+
+
+def _renice(pid: int, value: int) -> None:
+    """Every thread of pid and of its descendants (QEMU's vCPU threads
+    took the spare's niceness when they were made)."""
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, int(tid), value)
+            with contextlib.suppress(OSError):
+                for child in Path(f"/proc/{pid}/task/{tid}/children").read_text().split():
+                    _renice(int(child), value)
 
 
 def _reopen_stdio() -> None:
@@ -550,7 +758,8 @@ def serve(program: Program) -> None:
 
 
 def status(path: Path, timeout: float = 5) -> dict[str, int]:
-    """{"server": pid, "forked": daemons so far} from the server at path."""
+    """{"server": pid, "forked": children so far, "spare": the waiting
+    spare's supervisor or 0} from the server at path."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
         s.settimeout(timeout)
         s.connect(str(path))

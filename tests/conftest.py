@@ -233,9 +233,12 @@ class Microvm:
 
 def write_config(path: Path, log_dir: Path, **extra: object) -> Path:
     """network: none, so no test makes a bridge on the machine's own namespace;
-    the bridge tests run the CLI inside namespaces of their own."""
+    the bridge tests run the CLI inside namespaces of their own.  spare: false,
+    so no VM waits for a test's next run in the background (one more QEMU
+    for tests that look for *the* QEMU); test_cli_runner turns it on."""
     import yaml
-    path.write_text(yaml.safe_dump({"log_dir": str(log_dir), "network": "none", **extra}))
+    path.write_text(yaml.safe_dump({"log_dir": str(log_dir), "network": "none",
+                                    "spare": False, **extra}))
     return path
 
 

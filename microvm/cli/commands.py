@@ -16,6 +16,7 @@ import click
 
 from microvm import __version__
 from microvm import config as config_mod
+from microvm.cli import spare
 from microvm.cli.install import DEFAULT_CONFIG as DEFAULT_CONTAINERD_CONFIG
 from microvm.cli.install import install_containerd
 from microvm.core import mountns, oci
@@ -100,6 +101,31 @@ def _lookup_user(root: Path | list[Path], flag: str, spec: str) -> tuple[int, in
     return uid, gid, extra
 
 
+def run_config(obj: Context, cpus: int | None, memory: int | None, kernel: str | None,
+               accel: str | None, no_template: bool, firmware: str | None) -> config_mod.Config:
+    """The configuration a run's VM gets: the file's, and the run's flags."""
+    cfg = obj.config()
+    if cpus is not None:
+        cfg.vcpus = cpus
+    if memory is not None:
+        cfg.memory_mib = memory
+    if kernel is not None:
+        cfg.kernel = kernel
+    if accel is not None:
+        cfg.accel = accel
+    if no_template:
+        cfg.template = False
+    if firmware is not None:
+        cfg.firmware = firmware
+    if cfg.firmware == "secure" and kernel is not None:
+        # The secure flavour boots only the kernel this install signed.
+        raise KataError("--kernel does not apply to the secure flavour: it boots "
+                        "vmlinuz-secure.signed (kernels/build --flavour secure)")
+    cfg.source = "command line"
+    cfg.validate()
+    return cfg
+
+
 def _check_run_flags(hostname: str, name: str | None, detach: bool) -> None:
     """Refused before anything starts."""
     if hostname:
@@ -163,25 +189,7 @@ def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ..
 
     ROOTFS is a directory, `busybox` (built in), or an image from `microvm images`.
     """
-    cfg = obj.config()
-    if cpus is not None:
-        cfg.vcpus = cpus
-    if memory is not None:
-        cfg.memory_mib = memory
-    if kernel is not None:
-        cfg.kernel = kernel
-    if accel is not None:
-        cfg.accel = accel
-    if no_template:
-        cfg.template = False
-    if firmware is not None:
-        cfg.firmware = firmware
-    if cfg.firmware == "secure" and kernel is not None:
-        # The secure flavour boots only the kernel this install signed.
-        raise KataError("--kernel does not apply to the secure flavour: it boots "
-                        "vmlinuz-secure.signed (kernels/build --flavour secure)")
-    cfg.source = "command line"
-    cfg.validate()
+    cfg = run_config(obj, cpus, memory, kernel, accel, no_template, firmware)
     _check_run_flags(hostname, name, detach)
     privileges = oci.Privileges(privileged, cap_add, cap_drop)
     try:
@@ -239,15 +247,15 @@ def run(obj: Context, rm: bool, interactive: bool, tty: bool, env: tuple[str, ..
             raise KataError("--cpus, --memory, --kernel, --accel and --no-template are not yet "
                             "supported with -d (set them in the config file)")
         process.stdin = False
-        click.echo(asyncio.run(detached.run_detached(
+        click.echo(spare.run(detached.run_detached(
             name, root, process, hostname or secrets.token_hex(6), read_only,
             obj.config_path, image_ref, net, volumes, privileges, image_arg=rootfs_name,
             firmware=firmware)))
         return
     run_dir = mountns.enter()
-    status = asyncio.run(_run(cfg, run_dir, root, process, read_only,
-                              hostname or secrets.token_hex(6), interactive, terminal, net,
-                              volumes, privileges))
+    status = spare.run(_run(cfg, run_dir, root, process, read_only,
+                            hostname or secrets.token_hex(6), interactive, terminal, net,
+                            volumes, privileges))
     sys.exit(status)
 
 
@@ -261,8 +269,9 @@ async def _run(cfg: config_mod.Config, run_dir: Path, root: Path | list[Path],
     choice = accel_mod.choose(cfg.accel)
     if choice.fallback:
         log.warning("using TCG emulation (slow): %s", choice.reason)
-    cid = secrets.token_hex(8)
-    async with Sandbox(cfg, cid, run_dir, choice, network=net) as sb:
+    async with spare.sandbox(cfg, choice, net, lambda: Sandbox(
+            cfg, secrets.token_hex(8), run_dir, choice, network=net)) as sb:
+        cid = sb.id
         await sb.create_container(cid, root, process, readonly=read_only, hostname=hostname,
                                   etc=True, volumes=volumes,
                                   masked_paths=privileges.masked_paths,

@@ -7,6 +7,7 @@ own is part of the server's place), made by a first run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from microvm import forkserver
-from tests.conftest import Microvm, assert_no_leaks, pid_of
+from tests.conftest import Microvm, assert_no_leaks, pid_of, write_config
 from tests.conftest import alive as _alive
 
 TITLE = forkserver.TITLE
@@ -110,3 +111,96 @@ def test_off_runs_in_process_and_makes_no_server(microvm: Microvm, env: dict[str
     r = microvm.run("run", "--rm", "busybox", "true", env=env)
     assert r.returncode == 0, r.stderr
     assert not forkserver.socket_path(env).exists()
+
+
+# --- the spare: a VM restored ahead for the next run (microvm/cli/spare.py) ---
+
+
+@pytest.fixture
+def with_spare(microvm: Microvm, tmp_path: Path) -> Microvm:
+    return Microvm(microvm.log_dir, write_config(tmp_path / "spare.yaml", microvm.log_dir,
+                                                 spare=True))
+
+
+def _spare(env: dict[str, str], timeout: float = 60) -> tuple[int, int]:
+    """The waiting spare's runner and its QEMU, once it is ready: its VM
+    restored and warmed, waiting for the next request."""
+    path = forkserver.socket_path(env)
+    deadline = time.monotonic() + timeout
+    while True:
+        supervisor = forkserver.status(path)["spare"]
+        with contextlib.suppress(OSError, ValueError):
+            (runner,) = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+            if Path(f"/proc/{runner}/cmdline").read_bytes().rstrip(b"\0") == \
+                    b"microvm (spare, ready)":
+                qemu = [int(c) for c in
+                        Path(f"/proc/{runner}/task/{runner}/children").read_text().split()
+                        if "qemu" in Path(f"/proc/{c}/comm").read_text()]
+                return int(runner), qemu[0]
+        assert time.monotonic() < deadline, "no spare got ready"
+        time.sleep(0.1)
+
+
+def test_the_next_run_takes_the_spare_vm(with_spare: Microvm, env: dict[str, str]) -> None:
+    _warm(with_spare, env)  # in-process, makes the server
+    r = with_spare.run("--debug", "run", "--rm", "busybox", "true", env=env)  # forked
+    assert r.returncode == 0, r.stderr
+    seen = set()
+    for _ in range(2):
+        runner, qemu = _spare(env)
+        assert os.getpriority(os.PRIO_PROCESS, qemu) == 19, "a spare waits in the background"
+        r = with_spare.run("--debug", "run", "--rm", "-i", "busybox", "sh", "-c",
+                           "cat; head -c 16 /dev/urandom | od -An -tx1; exit 3",
+                           input="from stdin\n", env=env)
+        assert r.returncode == 3, r.stderr
+        assert "the spare VM, ready" in r.stderr
+        lines = r.stdout.splitlines()
+        assert lines[0] == "from stdin"
+        seen.add(lines[1])
+        assert not _alive(runner) and not _alive(qemu), "the spare's VM outlived its run"
+    assert len(seen) == 2, "two spares read the same random bytes"
+
+
+def test_a_run_unlike_the_spare_gets_its_own_vm_and_the_spare_waits_on(
+        with_spare: Microvm, env: dict[str, str]) -> None:
+    _warm(with_spare, env)
+    assert with_spare.run("--debug", "run", "--rm", "busybox", "true", env=env).returncode == 0
+    runner, qemu = _spare(env)
+    r = with_spare.run("run", "--rm", "busybox", "echo", "hi", env=env)  # no --debug
+    assert (r.returncode, r.stdout) == (0, "hi\n"), r.stderr
+    r = with_spare.run("run", "-d", "busybox", "sleep", "60", env=env)  # -d: a shim's VM
+    assert r.returncode == 0, r.stderr
+    assert with_spare.run("rm", "-f", r.stdout.strip(), env=env).returncode == 0
+    assert _spare(env) == (runner, qemu), "the spare did not wait for a run it fits"
+    r = with_spare.run("--debug", "run", "--rm", "busybox", "echo", "hi", env=env)
+    assert (r.returncode, r.stdout) == (0, "hi\n"), r.stderr
+    assert "the spare VM, ready" in r.stderr
+    assert not _alive(runner) and not _alive(qemu)
+
+
+def test_a_spare_not_taken_ends(with_spare: Microvm, env: dict[str, str]) -> None:
+    env["KATA_PY_SPARE_WAIT"] = "2"
+    _warm(with_spare, env)
+    assert with_spare.run("run", "--rm", "busybox", "true", env=env).returncode == 0
+    runner, qemu = _spare(env)
+    deadline = time.monotonic() + 20
+    while _alive(runner) or _alive(qemu) or \
+            forkserver.status(forkserver.socket_path(env))["spare"]:
+        assert time.monotonic() < deadline, "the spare outlived its wait"
+        time.sleep(0.1)
+    assert_no_leaks(network=False)
+    # The next run makes one again.
+    assert with_spare.run("run", "--rm", "busybox", "true", env=env).returncode == 0
+    _spare(env)
+
+
+def test_a_killed_server_takes_its_spare_along(with_spare: Microvm, env: dict[str, str]) -> None:
+    server = _warm(with_spare, env)
+    assert with_spare.run("run", "--rm", "busybox", "true", env=env).returncode == 0
+    runner, qemu = _spare(env)
+    os.kill(server, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _alive(runner) or _alive(qemu):
+        assert time.monotonic() < deadline, "the spare outlived its server"
+        time.sleep(0.05)
+    assert_no_leaks(network=False)
