@@ -4,7 +4,8 @@
                                  (clones), each then answering `exec`
   PSS per container              the shim and everything below it (QEMU,
                                  the file-sharing helper), by process, and a
-                                 share of the shims' fork server
+                                 share of the shims' fork server and of the
+                                 spare VM it keeps
   cold                           one `--no-template` container beside them,
                                  the same way
 
@@ -66,13 +67,21 @@ def pss_by_process(shim: int) -> dict[str, float]:
     return dict(by)
 
 
-def forkserver_pss_mib() -> float:
+def forkserver_pss_mib() -> tuple[float, float]:
     """The PSS of the fork server the CLI's shims came from (the CLI runs
-    where this does, so its server is this place's)."""
+    where this does, so its server is this place's), and of the spares it
+    keeps waiting (microvm/core/spare.py: their supervisors, runners and
+    VMs), which are there for the containers' sake too."""
     try:
-        return pss_kib(forkserver.status(forkserver.socket_path())["server"]) / 1024
+        st = forkserver.status(forkserver.socket_path())
     except OSError:
-        return 0.0
+        return 0.0, 0.0
+    spares = 0.0
+    for supervisor in st["spares"].values():
+        for pid in pod_pids(supervisor):
+            with contextlib.suppress(OSError):
+                spares += pss_kib(pid) / 1024
+    return pss_kib(st["server"]) / 1024, spares
 
 
 def timed_cli(microvm: str, *argv: str) -> float:
@@ -152,10 +161,11 @@ def run(microvm: str, count: int = COUNT) -> dict[str, object]:
         cold_pss = pss_by_process(running[cold]) if cold in running else {}
         # The shims' fork server holds the pages its daemons share: its PSS
         # is theirs, split evenly.
-        share = forkserver_pss_mib() / max(1, len(per) + bool(cold_pss))
+        server, spares = forkserver_pss_mib()
         for p in [*per, cold_pss]:
             if p:
-                p["fork server"] = share
+                p["fork server"] = server / max(1, len(per) + bool(cold_pss))
+                p["spare"] = spares / max(1, len(per) + bool(cold_pss))
         exporter_rss_mib = proc_kib(exporter.pid, "status", "VmRSS") / 1024
     finally:
         exporter.terminate()

@@ -40,11 +40,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # Where `start` binds the daemons' sockets (manager.SOCKET_DIR).
 SOCKET_DIR = Path("/run/containerd/s")
 PREFIX = "kata-py-forkserver-"
 TITLE = "containerd-shim-kata-py-v2 forkserver"
+SPARE_TITLE = "kata-py spare"  # a spare's runner; "(ready)" once it is
 # A server with nothing to fork for this long ends (KATA_PY_FORKSERVER_IDLE
 # overrides it, for tests: a value of its own is also a server of its own).
 IDLE = 300.0
@@ -75,19 +77,21 @@ class Program:
                                               # that made it will use
     accepts: Callable[[str, list[str]], bool]  # may a request of this kind run argv
     run: Callable[[str, list[str]], int]       # in the child, all in place: its status
-    # In a spare (the CLI's kind only): get ready, before it is asked, for
-    # a request like argv (the last one served); False: nothing to hold.
+    # Spares (the "cli" and "daemon" kinds).  In the server, with the
+    # request's cwd (an fd): what to make a spare for after this request
+    # (None: none), and whether one made for that may serve this request.
+    shape: Callable[[str, list[str], int], list[str] | None] | None = None
+    fits: Callable[[str, list[str], int, list[str]], bool] | None = None
+    # In the spare's runner: get ready for it; False: nothing to hold.
     prepare: Callable[[str, list[str]], bool] | None = None
-    # In the server: whether a spare prepared for the second argv may run
-    # the first (the others get a runner of their own; the spare waits on).
-    fits: Callable[[list[str], list[str]], bool] | None = None
 
 
 @dataclass
 class _Spare:
     pid: int               # its supervisor's
     sock: socket.socket    # our end of the socket its request goes down
-    argv: list[str]        # the request it got ready for
+    kind: str
+    shape: list[str]       # what it got ready for
 
 
 class Unavailable(Exception):
@@ -337,8 +341,8 @@ class Server:
         self.forked = 0
         self.pid = os.getpid()
         self.supervisors: set[int] = set()
-        self.spare: _Spare | None = None  # waiting for the next CLI request
-        self.spare_failed = False  # the last one ended in error: no more
+        self.spares: dict[str, _Spare] = {}  # by kind: waiting for the next request
+        self.spares_failed: set[str] = set()  # kinds whose last one ended in error: no more
 
     def serve(self, idle: float) -> None:
         # In a named network namespace (a test's node, a CNI pod's), the
@@ -379,8 +383,9 @@ class Server:
                 socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
             data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST, 4)
             if data == b"status":  # who serves here (tests, and `ps` by socket)
+                spares = {k: v.pid for k, v in self.spares.items()}
                 conn.send(json.dumps({"server": os.getpid(), "forked": self.forked,
-                                      "spare": self.spare.pid if self.spare else 0}).encode())
+                                      "spares": spares}).encode())
                 return True
             request = json.loads(data)
             kind, argv, env = request["kind"], request["argv"], request["env"]
@@ -396,9 +401,10 @@ class Server:
                 return False
             if place(pid, env) != self.here:
                 raise ValueError("a request from another place (namespaces, cgroup, limits)")
-            if not (kind == "cli" and self._hand_over(conn, argv, env, fds)):
+            if not self._hand_over(conn, kind, argv, env, fds):
                 self._fork(conn, kind, argv, env, fds)
             self.forked += 1
+            shape = self._spare_shape(kind, argv, fds[0])
         except (OSError, ValueError, KeyError, TypeError) as e:
             with contextlib.suppress(OSError):
                 conn.send(json.dumps({"error": f"fork server: {e}"}).encode())
@@ -406,8 +412,8 @@ class Server:
         finally:
             for fd in fds:
                 os.close(fd)
-        if kind == "cli" and self.program.prepare and self.program.fits:
-            self._make_spare(argv)
+        if shape is not None:
+            self._make_spare(kind, shape)
         return True
 
     def _fork(self, conn: socket.socket, kind: str, argv: list[str], env: dict[str, str],
@@ -461,12 +467,12 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         self.listener.close()
-        if self.spare is not None:
-            self.spare.sock.close()
+        for spare in self.spares.values():
+            spare.sock.close()
 
     # -- the spare: a runner that got ready before it was asked ----------------
     #
-    # The server keeps one for the CLI: a supervisor-to-be, and under it a
+    # The server keeps one of each kind: a supervisor-to-be, and under it a
     # runner that has done what the program's prepare does (restored a VM)
     # for a request like the one served before it was made, and waits.  The
     # next request it fits goes to it in place of a fork; others are forked
@@ -477,19 +483,30 @@ class Server:
     # spare along.  The runner gets ready at nice 19: a spare must not slow
     # what is being served; it is reniced when taken.
 
-    def _hand_over(self, conn: socket.socket, argv: list[str], env: dict[str, str],
-                   fds: list[int]) -> bool:
+    def _spare_shape(self, kind: str, argv: list[str], cwd: int) -> list[str] | None:
+        if self.program.shape is None or kind not in _SPARE_KINDS \
+                or os.environ.get("KATA_PY_SPARE") == "off":
+            return None
+        try:
+            return self.program.shape(kind, argv, cwd)
+        except Exception:  # noqa: BLE001 - the request's to judge, not the server's
+            return None
+
+    def _hand_over(self, conn: socket.socket, kind: str, argv: list[str],
+                   env: dict[str, str], fds: list[int]) -> bool:
         """The request to the spare, if one waits and fits it: False if none
         took it."""
-        spare = self.spare
+        spare = self.spares.get(kind)
+        if spare is None:
+            return False
         assert self.program.fits is not None
         try:
-            fits = spare is not None and self.program.fits(argv, spare.argv)
+            fits = self.program.fits(kind, argv, fds[0], spare.shape)
         except Exception:  # noqa: BLE001 - the request's to judge, not the server's
             fits = False
-        if spare is None or not fits:
+        if not fits:
             return False
-        self.spare = None
+        del self.spares[kind]
         with spare.sock:
             try:
                 socket.send_fds(spare.sock, [json.dumps({"argv": argv, "env": env}).encode()],
@@ -499,23 +516,25 @@ class Server:
         self.supervisors.add(spare.pid)
         return True
 
-    def _make_spare(self, argv: list[str]) -> None:
-        if self.spare is not None or self.spare_failed:
+    def _make_spare(self, kind: str, shape: list[str]) -> None:
+        if kind in self.spares or kind in self.spares_failed:
             return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:
             ours.close()
             _die_with_parent(self.pid)
-            self._wait_as_spare(theirs, argv)
+            self._wait_as_spare(theirs, kind, shape)
         theirs.close()
-        self.spare = _Spare(pid, ours, argv)
+        self.spares[kind] = _Spare(pid, ours, kind, shape)
 
-    def _wait_as_spare(self, sock: socket.socket, argv: list[str]) -> None:
-        """The spare's supervisor: it waits for the request, hands it to its
-        runner (or, if that died meanwhile, forks one as _supervise does),
-        and watches it.  Its status, if the runner ends first, is the
-        runner's: 0 when prepare had nothing to hold or none came."""
+    def _wait_as_spare(self, sock: socket.socket, kind: str, shape: list[str]) -> None:
+        """The spare's supervisor: it waits for the request and hands it to
+        its runner (or, if that died meanwhile, forks one as the server
+        would).  A CLI runner it then watches as _supervise does; a daemon
+        it leaves, as the middle process of a double fork.  Its status, if
+        the runner ends first, is the runner's: 0 when prepare had nothing
+        to hold or no request came."""
         import select
 
         status = 1
@@ -537,7 +556,7 @@ class Server:
                 jobs.close()
                 sock.close()
                 _die_with_parent(me)
-                self._hold(theirs, argv)
+                self._hold(theirs, kind, shape)
             theirs.close()
             pidfd = os.pidfd_open(runner)
             poller = select.poll()
@@ -548,35 +567,42 @@ class Server:
                 status = os.waitstatus_to_exitcode(st)
                 return
             data, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST, 5)
-            if len(fds) != 5:
+            if len(fds) != 1 + _FDS[kind]:
                 return  # the server went away
-            _die_with_parent(0, 0)  # the run is the CLI's now, not the server's
+            _die_with_parent(0, 0)  # the request is its client's now, not the server's
             conn = socket.socket(fileno=fds[0])
             rest = fds[1:]
             try:
                 _renice(runner, 0)  # still getting ready, maybe: no longer in the background
                 socket.send_fds(jobs, [data], rest)
+                jobs.settimeout(TIMEOUT)
+                if jobs.recv(16) != b"taken":  # it no longer dies with us
+                    raise OSError("the spare did not take it")
             except OSError:  # it died meanwhile
-                with contextlib.suppress(ChildProcessError):
+                with contextlib.suppress(OSError, ChildProcessError):
+                    os.kill(runner, signal.SIGKILL)
                     os.waitpid(runner, 0)
                 request = json.loads(data)
                 runner = os.fork()
                 if runner == 0:
-                    self._become(conn, "cli", request["argv"], request["env"], rest)
+                    self._become(conn, kind, request["argv"], request["env"], rest)
             for fd in rest:
                 os.close(fd)
-            _watch_runner(conn, runner)
+            if kind == "daemon":
+                conn.send(json.dumps({"pid": runner}).encode())
+            else:
+                _watch_runner(conn, runner)
             status = 0
         finally:
             os._exit(status)
 
-    def _hold(self, sock: socket.socket, argv: list[str]) -> None:
+    def _hold(self, sock: socket.socket, kind: str, shape: list[str]) -> None:
         """The spare's runner: prepare, wait, then run what comes in place."""
         code = 1
         try:
             import setproctitle
 
-            setproctitle.setproctitle("microvm (spare)")
+            setproctitle.setproctitle(SPARE_TITLE)
             os.dup2(sock.fileno(), 3)
             sock.close()
             os.closerange(4, os.sysconf("SC_OPEN_MAX"))
@@ -585,33 +611,36 @@ class Server:
                 signal.signal(sig, signal.SIG_DFL)
             os.nice(19)
             assert self.program.prepare is not None
-            if not self.program.prepare("cli", argv):
+            if not self.program.prepare(kind, shape):
                 code = 0
                 return
-            setproctitle.setproctitle("microvm (spare, ready)")
+            setproctitle.setproctitle(f"{SPARE_TITLE} (ready)")
             sock.settimeout(float(os.environ.get("KATA_PY_SPARE_WAIT", SPARE_WAIT)))
             try:
                 data, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST, 4)
             except TimeoutError:
                 code = 0
                 return
-            sock.close()
-            if len(fds) != 4:
+            if len(fds) != _FDS[kind]:
                 code = 0
                 return
+            _die_with_parent(0, 0)
+            sock.send(b"taken")
+            sock.close()
             request = json.loads(data)
-            self._become(None, "cli", request["argv"], request["env"], fds)
+            self._become(None, kind, request["argv"], request["env"], fds)
         finally:
             os._exit(code)
 
     def reap(self) -> None:
-        if self.spare is not None:
+        for kind, spare in list(self.spares.items()):
             with contextlib.suppress(ChildProcessError):
-                pid, st = os.waitpid(self.spare.pid, os.WNOHANG)
+                pid, st = os.waitpid(spare.pid, os.WNOHANG)
                 if pid:  # it ended before a request came
-                    self.spare_failed = os.waitstatus_to_exitcode(st) != 0
-                    self.spare.sock.close()
-                    self.spare = None
+                    if os.waitstatus_to_exitcode(st) != 0:
+                        self.spares_failed.add(kind)
+                    spare.sock.close()
+                    del self.spares[kind]
         for pid in list(self.supervisors):
             with contextlib.suppress(ChildProcessError):
                 if os.waitpid(pid, os.WNOHANG)[0] == 0:
@@ -635,10 +664,14 @@ class Server:
             cwd, *rest = fds
             os.fchdir(cwd)
             if kind == "daemon":
-                assert conn is not None
-                conn.close()
+                if conn is not None:
+                    conn.close()
                 os.setpgid(0, 0)
                 os.dup2(rest[0], 3)
+                if conn is None:
+                    for fd in fds:
+                        if fd != 3:
+                            os.close(fd)
             else:
                 for target, fd in enumerate(rest):
                     os.dup2(fd, target)
@@ -734,6 +767,7 @@ def _reopen_stdio() -> None:
 # What each kind of request passes: the bundle (or working) directory
 # first, then the daemon's listener, or delete's or the CLI's stdio.
 _FDS = {"daemon": 2, "delete": 4, "cli": 4}
+_SPARE_KINDS = ("daemon", "cli")
 
 
 def serve(program: Program) -> None:
@@ -757,14 +791,14 @@ def serve(program: Program) -> None:
     server.serve(idle)
 
 
-def status(path: Path, timeout: float = 5) -> dict[str, int]:
-    """{"server": pid, "forked": children so far, "spare": the waiting
-    spare's supervisor or 0} from the server at path."""
+def status(path: Path, timeout: float = 5) -> dict[str, Any]:
+    """{"server": pid, "forked": children so far, "spares": {kind: the
+    waiting spare's supervisor}} from the server at path."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
         s.settimeout(timeout)
         s.connect(str(path))
         s.send(b"status")
-        reply: dict[str, int] = json.loads(s.recv(4096))
+        reply: dict[str, Any] = json.loads(s.recv(4096))
         return reply
 
 

@@ -32,6 +32,12 @@ HELPERS = ("qemu-system", "virtiofsd", "virtfs-proxy-helper")
 # A secure VM's vTPM (microvm/vm/swtpm.py): its state reached through an fd.
 SWTPM = "swtpm socket --tpm2 --tpmstate dir=/proc/self/fd/"
 
+# No spare VMs (microvm/core/spare.py) for the CLIs and containerds tests
+# start: one would be one more QEMU, in the background, for tests that look
+# for *the* QEMU.  The spare's own tests (test_cli_runner, test_containerd)
+# start theirs without it.
+os.environ.setdefault("KATA_PY_SPARE", "off")
+
 
 def pytest_configure(config: pytest.Config) -> None:
     # Helpers of a SIGKILLed CLI are re-parented to us, not to a pid 1 that
@@ -233,12 +239,9 @@ class Microvm:
 
 def write_config(path: Path, log_dir: Path, **extra: object) -> Path:
     """network: none, so no test makes a bridge on the machine's own namespace;
-    the bridge tests run the CLI inside namespaces of their own.  spare: false,
-    so no VM waits for a test's next run in the background (one more QEMU
-    for tests that look for *the* QEMU); test_cli_runner turns it on."""
+    the bridge tests run the CLI inside namespaces of their own."""
     import yaml
-    path.write_text(yaml.safe_dump({"log_dir": str(log_dir), "network": "none",
-                                    "spare": False, **extra}))
+    path.write_text(yaml.safe_dump({"log_dir": str(log_dir), "network": "none", **extra}))
     return path
 
 

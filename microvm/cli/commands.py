@@ -16,10 +16,9 @@ import click
 
 from microvm import __version__
 from microvm import config as config_mod
-from microvm.cli import spare
 from microvm.cli.install import DEFAULT_CONFIG as DEFAULT_CONTAINERD_CONFIG
 from microvm.cli.install import install_containerd
-from microvm.core import mountns, oci
+from microvm.core import mountns, oci, spare
 from microvm.core.volumes import Volume, parse_volume
 from microvm.errors import KataError
 from microvm.images import rootfs, store

@@ -1,120 +1,96 @@
-"""The spare: a VM restored before `microvm run` asks for one.
+"""What spare the fork server keeps (microvm/core/spare.py holds it), and
+which requests it fits: the fork server's program's part (microvm/cli/warm.py).
 
-Under TCG a clone's restore, its agent's first answers and the adoption
-(entropy, clock, name, share) are about half of a `microvm run --rm`.  The
-fork server of the CLI's place (microvm/forkserver.py) keeps one runner
-that has done all that ahead, at nice 19, for a run like the last one it
-served: the same config file, --debug and VM flags, --network none.  It
-has also run one container of the built-in image, so the guest code that
-makes containers is translated already.  A next run with the same VM
-configuration goes to that runner and takes the VM: only its container is
-left to make.  Any other request gets a runner of its own while the spare
-waits on, a minute at most (forkserver.SPARE_WAIT).
+  cli     after a `microvm run`, one for a run like it: the same config
+          file, --debug and VM flags; foreground, --network none.  The
+          next run whose VM configuration (the whole Config) is the spare's
+          goes to it.
+  daemon  after a shim `start` whose container has no network of its own
+          (`ctr run`; not a CNI pod, not the CLI's bridge), one with the
+          default config file's configuration.  The next such `start` goes
+          to it, and its first Create takes the VM if the configuration
+          that Create asks for (runtime options, pod size) is the spare's.
 
-While it waits, the spare is a sandbox like any other (a clone, its own
-entropy and name, in its own mount namespace); its runner dies with the
-server (PR_SET_PDEATHSIG), and its helpers with it.  `spare: false` in the
-config file turns it off.
+Nothing else reaches a spare's runner, which is in a mount namespace of its
+own already (a shim that `run -d` started there would be in it too).
+Other requests are forked as ever while the spare waits, a minute at most.
+The whole is off with `spare: false` in the config file, or
+KATA_PY_SPARE=off in the environment of the server's place.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
+import json
 import logging
-import secrets
-import time
-from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+import os
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from microvm.config import Config
-    from microvm.core.sandbox import Sandbox
-    from microvm.net.network import NetworkSpec
-    from microvm.vm.accel import Choice
-
-log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
-@dataclass
-class _Held:
-    runner: asyncio.Runner
-    sandbox: Sandbox
-    config: Config
-    accel: str
-    ready: float  # time.monotonic()
+def shape(kind: str, argv: list[str], cwd: int) -> list[str] | None:
+    """In the server, for the request it just served: what a spare made
+    for the next one like it is made for (None: no spare)."""
+    if kind == "cli":
+        return argv
+    if kind == "daemon" and _bundle_fits(cwd):
+        return []
+    return None
 
 
-_held: _Held | None = None
-_stopping: set[asyncio.Task[None]] = set()
-
-
-def prepare(argv: list[str]) -> bool:
-    """In the spare's runner: start the VM a run like argv (`microvm ...
-    run ...`) would; False if such a run would not take one."""
-    global _held
-    cfg = _config_of(argv)
-    if cfg is None or not cfg.spare or not cfg.template or cfg.firmware != "default":
-        return False
-    from microvm.core import mountns
-    from microvm.core.sandbox import Sandbox
-    from microvm.net.network import NetworkSpec
-    from microvm.vm import accel
-
-    run_dir = mountns.enter()
-    choice = accel.choose(cfg.accel)
-    sb = Sandbox(cfg, secrets.token_hex(8), run_dir, choice, network=NetworkSpec())
-    runner = asyncio.Runner()
-    try:
-        runner.run(sb.start())
-        runner.run(_warm(sb))
-    except BaseException:
-        runner.run(sb.stop())
-        runner.close()
-        raise
-    _held = _Held(runner, sb, cfg, choice.accel, time.monotonic())
-    return True
-
-
-async def _warm(sb: Sandbox) -> None:
-    """One container of the built-in image, run to its end (`true`) as a
-    run would: under TCG a clone has translated none of the guest's code
-    for making a container (namespaces, mounts, fork and exec), which made
-    a clone's first container take 0.17 s to create against 0.06 s for its
-    second.  The spare pays that ahead."""
-    from microvm.core import oci
-    from microvm.core.stdio import attach
-    from microvm.images import store
-    from microvm.protocol import agent_pb2
-
-    privileges = oci.Privileges(False, (), ())
-    cid = f"warm-{secrets.token_hex(4)}"
-    await sb.create_container(
-        cid, store.ensure_builtin().layer_dirs(),
-        agent_pb2.Process(args=["true"], cwd="/", user=agent_pb2.User(),
-                          capabilities=privileges.capabilities()),
-        hostname="warm", etc=True, masked_paths=privileges.masked_paths,
-        readonly_paths=privileges.readonly_paths, devices=privileges.devices)
-    try:
-        await sb.start_container(cid)
-        await attach(sb, cid, stdin=False, terminal=False)
-    finally:
-        await sb.remove_container(cid)
-
-
-def fits(argv: list[str], spare_argv: list[str]) -> bool:
-    """In the server: whether a spare made for a run like spare_argv may run
-    argv, the same foreground run's VM.  Only such runs may go to the
-    spare's runner, which is in a mount namespace of its own already (a
-    shim that `run -d` started there would be in it too)."""
+def fits(kind: str, argv: list[str], cwd: int, made_for: list[str]) -> bool:
+    """In the server: whether a spare made for made_for may serve this."""
+    if kind == "daemon":
+        return _bundle_fits(cwd)
     level = logging.getLogger().level  # Context.config() sets it: not the server's
     try:
         cfg = _config_of(argv)
-        return cfg is not None and cfg == _config_of(spare_argv)
+        return cfg is not None and cfg == _config_of(made_for)
     finally:
         logging.getLogger().setLevel(level)
+
+
+def prepare(kind: str, made_for: list[str]) -> bool:
+    """In the spare's runner: hold the sandbox such a request would start;
+    False if it would start none."""
+    from microvm import config as config_mod
+    from microvm.core import mountns, spare
+    from microvm.errors import KataError
+    from microvm.images import store
+
+    if kind == "cli":
+        cfg = _config_of(made_for)
+    else:
+        try:
+            cfg = config_mod.load(None)
+        except KataError:
+            cfg = None
+    if cfg is None or not spare.usable(cfg):
+        return False
+    spare.hold(cfg, mountns.enter(), store.ensure_builtin().layer_dirs())
+    return True
+
+
+def _bundle_fits(cwd: int) -> bool:
+    """A shim's bundle (cwd) whose container would take a spare: no network
+    of its own (a CNI pod's namespace, the CLI's bridge) and not CRI's."""
+    from microvm.net import network
+
+    try:
+        fd = os.open("config.json", os.O_RDONLY | os.O_CLOEXEC, dir_fd=cwd)
+        with open(fd, "rb") as f:
+            spec = json.loads(f.read(1 << 20))
+        annotations = spec.get("annotations") or {}
+        if any(k.startswith("io.kubernetes.") for k in annotations):
+            return False
+        cli = network.from_annotations(annotations)
+        if cli is not None:
+            return cli.mode == "none" and not cli.ports
+        namespaces = (spec.get("linux") or {}).get("namespaces") or []
+        return not any(ns.get("type") == "network" and ns.get("path") for ns in namespaces)
+    except Exception:  # noqa: BLE001 - an odd bundle is the daemon's to refuse
+        return False
 
 
 def _config_of(argv: list[str]) -> Config | None:
@@ -140,73 +116,3 @@ def _config_of(argv: list[str]) -> Config | None:
     except (click.ClickException, KataError):
         return None
     return cfg
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    """asyncio.run, on the spare's loop where one is held (its VM's tasks
-    live there); a spare left untaken is stopped before the loop ends."""
-    if _held is None:
-        return asyncio.run(coro)
-    runner = _held.runner
-    try:
-        return runner.run(_then_stop_untaken(coro))
-    finally:
-        runner.close()
-
-
-async def _then_stop_untaken(coro: Coroutine[Any, Any, T]) -> T:
-    try:
-        return await coro
-    finally:
-        _release("this command did not start a VM")
-        if _stopping:
-            await asyncio.gather(*_stopping, return_exceptions=True)
-
-
-@contextlib.asynccontextmanager
-async def sandbox(cfg: Config, choice: Choice, net: NetworkSpec,
-                  make: Callable[[], Sandbox]) -> AsyncIterator[Sandbox]:
-    """The spare's started sandbox if it fits this run, else make()'s."""
-    held = _take(cfg, choice, net)
-    if held is None:
-        async with make() as sb:
-            yield sb
-        return
-    try:
-        yield held
-    finally:
-        await held.stop()
-
-
-def _take(cfg: Config, choice: Choice, net: NetworkSpec) -> Sandbox | None:
-    global _held
-    held = _held
-    if held is None:
-        return None
-    sb = held.sandbox
-    alive = not sb.death and sb.machine is not None and sb.machine.proc is not None \
-        and sb.machine.proc.poll() is None
-    if not alive:
-        _release(f"it ended while waiting ({sb.death or 'QEMU gone'})")
-    elif cfg != held.config or choice.accel != held.accel:
-        _release("this run's configuration is not the spare's")
-    elif net.mode != "none" or net.ports:
-        _release(f"this run's network is {net.mode}")
-    else:
-        _held = None
-        log.debug("sandbox %s: the spare VM, ready %.1fs before this run", sb.id,
-                  time.monotonic() - held.ready)
-        return sb
-    return None
-
-
-def _release(why: str) -> None:
-    """Stop the spare in the background (the run goes on meanwhile)."""
-    global _held
-    held, _held = _held, None
-    if held is None:
-        return
-    log.debug("the spare VM is not used: %s", why)
-    task = asyncio.get_running_loop().create_task(held.sandbox.stop())
-    _stopping.add(task)
-    task.add_done_callback(_stopping.discard)

@@ -56,18 +56,7 @@ def run(kind: str, argv: list[str]) -> int:
     return manager.act(manager.parse_args(argv))
 
 
-def prepare(kind: str, argv: list[str]) -> bool:
-    """A spare VM for the CLI's next run, like the run argv was."""
-    if kind != "cli":
-        return False
-    from microvm.cli import spare
-    return spare.prepare(argv)
-
-
-def fits(argv: list[str], spare_argv: list[str]) -> bool:
-    from microvm.cli import spare
-    return spare.fits(argv, spare_argv)
-
-
 if __name__ == "__main__":
-    forkserver.serve(forkserver.Program(warm, accepts, run, prepare, fits))
+    from microvm.cli import spare
+    forkserver.serve(forkserver.Program(warm, accepts, run, spare.shape, spare.fits,
+                                        spare.prepare))

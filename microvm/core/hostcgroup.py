@@ -83,17 +83,19 @@ class Joined:
         leave(self.created, self.back)
 
 
-def join(cgroups_path: str) -> Joined:
-    """Move this process (and so its future children) into the pod's cgroup.
-    Returns what to remove afterwards: the cgroups this made, deepest first
-    (a parent that existed before, such as kubelet's pod cgroup, is not ours)."""
+def join(cgroups_path: str, others: list[int] | tuple[int, ...] = ()) -> Joined:
+    """Move this process (and so its future children) into the pod's cgroup,
+    and others (children it has already).  Returns what to remove
+    afterwards: the cgroups this made, deepest first (a parent that existed
+    before, such as kubelet's pod cgroup, is not ours)."""
     rel = relative_path(cgroups_path)
     back = origins()
     created: list[Path] = []
     try:
         for h in hierarchies():
             d = _prepare(h, rel, created)
-            (d / "cgroup.procs").write_text(str(os.getpid()))
+            for pid in (os.getpid(), *others):
+                (d / "cgroup.procs").write_text(str(pid))
     except OSError as e:
         leave(created, back)
         raise KataError(f"cannot join cgroup {cgroups_path}: {e.strerror}") from None

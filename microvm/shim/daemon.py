@@ -14,7 +14,7 @@ from pathlib import Path
 import setproctitle
 
 from microvm import linux, logs
-from microvm.core import mountns
+from microvm.core import mountns, spare
 from microvm.protocol import MONITOR_SERVICE, monitor_pb2, task_pb2, ttrpc
 from microvm.shim.events import Publisher
 from microvm.shim.manager import BINARY, Args
@@ -78,5 +78,5 @@ def serve_main(args: Args) -> int:
         os.dup2(fd, 2)
         os.close(fd)
     logs.setup("kata-py shim", args.debug)
-    asyncio.run(serve(args))
+    spare.run(serve(args))  # on a spare's loop, if this runner held one
     return 0

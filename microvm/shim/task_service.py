@@ -24,7 +24,7 @@ from google.protobuf.message import Message
 
 from microvm import config as config_mod
 from microvm import linux, paths
-from microvm.core import hostcgroup, metrics, mountns, oci, rootmount
+from microvm.core import hostcgroup, metrics, mountns, oci, rootmount, spare
 from microvm.core.sandbox import Sandbox
 from microvm.core.stdio import pump_input, pump_output
 from microvm.errors import KataError, to_rpc
@@ -95,12 +95,25 @@ class TaskService:
                     cfg.vcpus, cfg.memory_mib = oci.pod_size(
                         spec.annotations, cfg.vcpus, cfg.memory_mib,
                         max_vcpus=os.cpu_count() or 1, max_memory_mib=config_mod.MAX_MEMORY_MIB)
+                    choice = accel.choose(cfg.accel)
+                    # A spare this runner held (microvm/core/spare.py): started
+                    # outside the pod's cgroup, its processes join it now.
+                    taken = spare.take(cfg, choice, net)
                     if spec.cgroups_path and self._cgroups is None:
-                        self._cgroups = hostcgroup.join(spec.cgroups_path)
-                    run_dir = mountns.enter()
-                    sb = Sandbox(cfg, secrets.token_hex(8), run_dir, accel.choose(cfg.accel),
-                                 network=net)
-                    await sb.start()
+                        try:
+                            self._cgroups = hostcgroup.join(
+                                spec.cgroups_path,
+                                list(taken.processes.values()) if taken else [])
+                        except KataError:
+                            if taken is not None:
+                                await taken.stop()
+                            raise
+                    if taken is not None:
+                        sb = taken
+                    else:
+                        sb = Sandbox(cfg, secrets.token_hex(8), mountns.enter(), choice,
+                                     network=net)
+                        await sb.start()
                 except KataError as e:
                     raise to_rpc(e) from None
                 self.sandbox = sb

@@ -33,6 +33,7 @@ from microvm.net import portforward
 from microvm.protocol import task_pb2, ttrpc
 from microvm.shim.client import TaskClient
 from tests.conftest import (
+    alive,
     helper_processes,
     network_leftovers,
     pid_of,
@@ -795,3 +796,62 @@ def test_kill_all_signals_every_process_of_the_container(ctd: Containerd, runtim
         assert "RUNNING" in ctd.ctr("task", "ls").stdout.split(cid, 1)[1].splitlines()[0]
     finally:
         force_remove(ctd, cid)
+
+
+def test_ctr_run_takes_the_spare_vm_and_a_pod_does_not(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A `start` whose container has no network of its own gets the daemon
+    spare its server made after the last one (microvm/core/spare.py): the
+    daemon serving it is the spare's runner, its VM restored before the
+    run; each spare's guest has randomness of its own."""
+    monkeypatch.delenv("KATA_PY_SPARE", raising=False)
+    monkeypatch.setenv("KATA_PY_FORKSERVER_IDLE", "67.75")  # a server of this test's own
+    c = Containerd.create(tmp_path / "containerd")
+    path = forkserver.socket_path(c.env)
+    archive = oci_archive(Path("/var/lib/kata-py/rootfs/busybox"), c.root / "image.tar", IMAGE,
+                          ["sh"])
+    c.ctr("image", "import", str(archive), check=True)
+    try:
+        assert run(c, "t-spare0", "true").returncode == 0  # makes the server, then a spare
+        seen = set()
+        for cid in ("t-spare1", "t-spare2"):
+            runner = _ready_spare(path)
+            p = subprocess.Popen(
+                ["ctr", "-a", c.address, "run", "--rm", "--runtime", RUNTIME, IMAGE, cid, "sh",
+                 "-c", "head -c 16 /dev/urandom | od -An -tx1; sleep 1"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=c.env)
+            deadline = time.monotonic() + 30
+            while f" -id {cid} ".encode() not in Path(f"/proc/{runner}/cmdline").read_bytes():
+                assert time.monotonic() < deadline, "the spare's runner is not the daemon"
+                time.sleep(0.05)
+            out, err = p.communicate(timeout=60)
+            assert p.returncode == 0, err
+            seen.add(out)
+            deadline = time.monotonic() + 15
+            while alive(runner):
+                assert time.monotonic() < deadline, "the spare's daemon outlived its task"
+                time.sleep(0.1)
+        assert len(seen) == 2, "two spares read the same random bytes"
+    finally:
+        c.remove_all_tasks()
+        c.stop()
+        with contextlib.suppress(OSError):
+            os.kill(forkserver.status(path)["server"], signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    while helper_processes() or shim_processes():
+        assert time.monotonic() < deadline, helper_processes() + shim_processes()
+        time.sleep(0.1)
+
+
+def _ready_spare(path: Path, timeout: float = 60) -> int:
+    """The daemon spare's runner, once ready."""
+    deadline = time.monotonic() + timeout
+    while True:
+        supervisor = forkserver.status(path)["spares"].get("daemon", 0)
+        with contextlib.suppress(OSError, ValueError):
+            (runner,) = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+            if Path(f"/proc/{runner}/cmdline").read_bytes().rstrip(b"\0") == \
+                    f"{forkserver.SPARE_TITLE} (ready)".encode():
+                return int(runner)
+        assert time.monotonic() < deadline, "no daemon spare got ready"
+        time.sleep(0.1)

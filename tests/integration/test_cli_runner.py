@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from microvm import forkserver
-from tests.conftest import Microvm, assert_no_leaks, pid_of, write_config
+from tests.conftest import Microvm, assert_no_leaks, pid_of
 from tests.conftest import alive as _alive
 
 TITLE = forkserver.TITLE
@@ -27,8 +27,10 @@ TITLE = forkserver.TITLE
 @pytest.fixture
 def env(request: pytest.FixtureRequest) -> Iterator[dict[str, str]]:
     """The CLI's environment, with a server of this test's own, made and
-    waited for; it is ended afterwards."""
+    waited for; it is ended afterwards.  Spares on for the tests of them."""
     e = {**os.environ, "KATA_PY_FORKSERVER_IDLE": f"{70 + abs(hash(request.node.name)) % 900}.25"}
+    if "spare" in request.node.name:
+        e.pop("KATA_PY_SPARE", None)
     path = forkserver.socket_path(e)
     yield e
     if path.exists():
@@ -117,9 +119,8 @@ def test_off_runs_in_process_and_makes_no_server(microvm: Microvm, env: dict[str
 
 
 @pytest.fixture
-def with_spare(microvm: Microvm, tmp_path: Path) -> Microvm:
-    return Microvm(microvm.log_dir, write_config(tmp_path / "spare.yaml", microvm.log_dir,
-                                                 spare=True))
+def with_spare(microvm: Microvm) -> Microvm:
+    return microvm  # its config's spare is the default, true: the env fixture decides
 
 
 def _spare(env: dict[str, str], timeout: float = 60) -> tuple[int, int]:
@@ -128,11 +129,11 @@ def _spare(env: dict[str, str], timeout: float = 60) -> tuple[int, int]:
     path = forkserver.socket_path(env)
     deadline = time.monotonic() + timeout
     while True:
-        supervisor = forkserver.status(path)["spare"]
+        supervisor = forkserver.status(path)["spares"].get("cli", 0)
         with contextlib.suppress(OSError, ValueError):
             (runner,) = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
             if Path(f"/proc/{runner}/cmdline").read_bytes().rstrip(b"\0") == \
-                    b"microvm (spare, ready)":
+                    f"{forkserver.SPARE_TITLE} (ready)".encode():
                 qemu = [int(c) for c in
                         Path(f"/proc/{runner}/task/{runner}/children").read_text().split()
                         if "qemu" in Path(f"/proc/{c}/comm").read_text()]
@@ -185,7 +186,7 @@ def test_a_spare_not_taken_ends(with_spare: Microvm, env: dict[str, str]) -> Non
     runner, qemu = _spare(env)
     deadline = time.monotonic() + 20
     while _alive(runner) or _alive(qemu) or \
-            forkserver.status(forkserver.socket_path(env))["spare"]:
+            forkserver.status(forkserver.socket_path(env))["spares"].get("cli"):
         assert time.monotonic() < deadline, "the spare outlived its wait"
         time.sleep(0.1)
     assert_no_leaks(network=False)
