@@ -1,7 +1,8 @@
 """Benchmarks through containerd: kata-py's shim beside runc's, same run.
 
   ctr run --rm   kata-py vs io.containerd.runc.v2 (and the bare-QEMU floor), and
-                 kata-py with every shim daemon a fresh interpreter (no fork server)
+                 kata-py with no spare VM, and with every shim daemon a fresh
+                 interpreter (no fork server)
   exec           `ctr task exec ... true` round trip on a running container
   memory         PSS of QEMU, its file-sharing helper and the shim for one pod
 """
@@ -24,19 +25,23 @@ from .privatecontainerd import Containerd
 
 IMAGE = "docker.io/library/kata-py-bench:latest"
 KATA = "io.containerd.kata-py.v2"
-# The same shim, its daemons spawned afresh (KATA_PY_FORKSERVER=off), beside it.
+# The same shim beside it: with no spare VM (KATA_PY_SPARE=off), and with
+# its daemons spawned afresh (KATA_PY_FORKSERVER=off).
+NO_SPARE = "io.containerd.kata-py-nospare.v2"
 FRESH = "io.containerd.kata-py-fresh.v2"
 RUNC = "io.containerd.runc.v2"
 
 
-def fresh_shim(bin_dir: Path) -> Path:
-    """A `containerd-shim-kata-py-fresh-v2` in bin_dir: kata-py's shim with
-    KATA_PY_FORKSERVER=off, for containerd's runtime FRESH."""
+def shims(bin_dir: Path) -> Path:
+    """`containerd-shim-kata-py-{nospare,fresh}-v2` in bin_dir: kata-py's
+    shim with KATA_PY_SPARE=off, and with KATA_PY_FORKSERVER=off, for
+    containerd's runtimes NO_SPARE and FRESH."""
     bin_dir.mkdir(exist_ok=True)
-    shim = bin_dir / "containerd-shim-kata-py-fresh-v2"
     real = Path(sys.executable).with_name("containerd-shim-kata-py-v2")
-    shim.write_text(f'#!/bin/sh\nKATA_PY_FORKSERVER=off exec {real} "$@"\n')
-    shim.chmod(0o755)
+    for name, setting in (("nospare", "KATA_PY_SPARE=off"), ("fresh", "KATA_PY_FORKSERVER=off")):
+        shim = bin_dir / f"containerd-shim-kata-py-{name}-v2"
+        shim.write_text(f'#!/bin/sh\n{setting} exec {real} "$@"\n')
+        shim.chmod(0o755)
     return bin_dir
 
 
@@ -76,7 +81,7 @@ def _timed(fn: Callable[[], object]) -> float:
 
 def run(n: int, floor: Callable[[], float]) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="kata-py-bench-") as tmp:
-        c = Containerd.create(Path(tmp), path=(fresh_shim(Path(tmp) / "bin"),))
+        c = Containerd.create(Path(tmp), path=(shims(Path(tmp) / "bin"),))
         try:
             archive = oci_archive(rootfs.builtin("busybox"), Path(tmp) / "image.tar", IMAGE,
                                   ["sh"])
@@ -88,11 +93,16 @@ def run(n: int, floor: Callable[[], float]) -> dict[str, object]:
 
 
 def _measure(c: Containerd, n: int, floor: Callable[[], float]) -> dict[str, object]:
-    times: dict[str, list[float]] = {"floor": [], "kata-py": [], "kata-py-fresh": [],
-                                     "runc": []}
+    cases = (("kata-py", KATA), ("kata-py-nospare", NO_SPARE), ("kata-py-fresh", FRESH),
+             ("runc", RUNC))
+    times: dict[str, list[float]] = {"floor": [], **{name: [] for name, _ in cases}}
+    # Untimed: the first start of a place makes its fork server, the second
+    # finds the first spare (then each run makes the next one's).
+    for i in range(2):
+        c.ctr("run", "--rm", "--runtime", KATA, IMAGE, f"b-warm-{i}", "true", check=True)
     for i in range(n):
         times["floor"].append(floor())
-        for name, runtime in (("kata-py", KATA), ("kata-py-fresh", FRESH), ("runc", RUNC)):
+        for name, runtime in cases:
             run_argv = ["run", "--rm", "--runtime", runtime, IMAGE, f"b-{name}-{i}", "true"]
             times[name].append(_timed(functools.partial(c.ctr, *run_argv, check=True)))
     execs: dict[str, list[float]] = {"kata-py": [], "runc": []}
@@ -118,6 +128,7 @@ def _measure(c: Containerd, n: int, floor: Callable[[], float]) -> dict[str, obj
                     for k, v in times.items()},
         "ratios": {"kata/floor": med["kata-py"] / med["floor"],
                    "kata/runc": med["kata-py"] / med["runc"],
+                   "nospare/floor": med["kata-py-nospare"] / med["floor"],
                    "fresh/floor": med["kata-py-fresh"] / med["floor"]},
         "exec": {k: statistics.median(v) for k, v in execs.items()},
         "memory": memory,
@@ -144,13 +155,14 @@ def report(r: dict[str, object]) -> None:
     runs = r["ctr_run"]
     assert isinstance(runs, dict)
     print("through containerd (ctr run --rm ... true):")
-    for name in ("floor", "kata-py", "kata-py-fresh", "runc"):
+    for name in ("floor", "kata-py", "kata-py-nospare", "kata-py-fresh", "runc"):
         st = runs[name]
-        print(f"  {name:<14}{st['median']:>8.3f}s  (min {st['min']:.3f}s, max {st['max']:.3f}s)")
+        print(f"  {name:<16}{st['median']:>8.3f}s  (min {st['min']:.3f}s, max {st['max']:.3f}s)")
     ratios = r["ratios"]
     assert isinstance(ratios, dict)
     print(f"  ratio kata-py/floor {ratios['kata/floor']:.2f}   kata-py/runc "
-          f"{ratios['kata/runc']:.1f}   kata-py-fresh (no fork server)/floor "
+          f"{ratios['kata/runc']:.1f}   kata-py-nospare (no spare VM)/floor "
+          f"{ratios['nospare/floor']:.2f}   kata-py-fresh (no fork server)/floor "
           f"{ratios['fresh/floor']:.2f}")
     ex = r["exec"]
     assert isinstance(ex, dict)
