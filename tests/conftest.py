@@ -125,6 +125,31 @@ def shim_sockets() -> set[str]:
     return {n for n in names if not n.startswith(forkserver.PREFIX)}
 
 
+def spare_runner(kind: str, path: Path | None = None, timeout: float = 60) -> int:
+    """The runner of the spare of kind ("cli", "daemon") that the fork server
+    at path keeps (any server's if None), once it is ready."""
+    from microvm import forkserver
+    deadline = time.monotonic() + timeout
+    while True:
+        for server in [path] if path else forkserver.running():
+            with contextlib.suppress(OSError, ValueError):
+                supervisor = forkserver.status(server)["spares"].get(kind, 0)
+                (runner,) = Path(f"/proc/{supervisor}/task/{supervisor}/children") \
+                    .read_text().split()
+                if Path(f"/proc/{runner}/cmdline").read_bytes().rstrip(b"\0") == \
+                        f"{forkserver.SPARE_TITLE} (ready)".encode():
+                    return int(runner)
+        assert time.monotonic() < deadline, f"no {kind} spare got ready"
+        time.sleep(0.1)
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
 def shim(id_: str) -> str:
     """A pgrep -f pattern for the shim daemon serving id_ (once titled)."""
     return f"^{BINARY} -namespace .* -id {id_} "

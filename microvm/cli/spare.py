@@ -5,11 +5,14 @@ which requests it fits: the fork server's program's part (microvm/cli/warm.py).
           file, --debug and VM flags; foreground, --network none.  The
           next run whose VM configuration (the whole Config) is the spare's
           goes to it.
-  daemon  after a shim `start` whose container has no network of its own
-          (`ctr run`; not a CNI pod, not the CLI's bridge), one with the
-          default config file's configuration.  The next such `start` goes
-          to it, and its first Create takes the VM if the configuration
-          that Create asks for (runtime options, pod size) is the spare's.
+  daemon  after a shim `start` of a container with no network of its own
+          (`ctr run`), or of a CRI pod (its sandbox container, in the
+          namespace CNI made), one with the default config file's
+          configuration and, for a pod, one NIC on a tap of its own.  The
+          next `start` of the same kind goes to it, and its first Create
+          takes the VM if the configuration that Create asks for (runtime
+          options, pod size) is the spare's; a pod's tap then moves to the
+          pod's namespace, and the guest gets the pod's network.
 
 Nothing else reaches a spare's runner, which is in a mount namespace of its
 own already (a shim that `run -d` started there would be in it too).
@@ -34,15 +37,15 @@ def shape(kind: str, argv: list[str], cwd: int) -> list[str] | None:
     for the next one like it is made for (None: no spare)."""
     if kind == "cli":
         return argv
-    if kind == "daemon" and _bundle_fits(cwd):
-        return []
+    if kind == "daemon":
+        return _bundle_shape(cwd)
     return None
 
 
 def fits(kind: str, argv: list[str], cwd: int, made_for: list[str]) -> bool:
     """In the server: whether a spare made for made_for may serve this."""
     if kind == "daemon":
-        return _bundle_fits(cwd)
+        return _bundle_shape(cwd) == made_for
     level = logging.getLogger().level  # Context.config() sets it: not the server's
     try:
         cfg = _config_of(argv)
@@ -68,13 +71,16 @@ def prepare(kind: str, made_for: list[str]) -> bool:
             cfg = None
     if cfg is None or not spare.usable(cfg):
         return False
-    spare.hold(cfg, mountns.enter(), store.ensure_builtin().layer_dirs())
+    spare.hold(cfg, mountns.enter(), store.ensure_builtin().layer_dirs(),
+               nics=1 if made_for == ["pod"] else 0)
     return True
 
 
-def _bundle_fits(cwd: int) -> bool:
-    """A shim's bundle (cwd) whose container would take a spare: no network
-    of its own (a CNI pod's namespace, the CLI's bridge) and not CRI's."""
+def _bundle_shape(cwd: int) -> list[str] | None:
+    """What spare a shim's bundle (cwd) would take: ["none"], a container
+    with no network of its own; ["pod"], a CRI pod's sandbox container in
+    the namespace CNI made (one NIC is assumed: the usual CNI's); None: no
+    spare (the CLI's bridge, a CRI container joining its pod, anything odd)."""
     from microvm.net import network
 
     try:
@@ -82,15 +88,17 @@ def _bundle_fits(cwd: int) -> bool:
         with open(fd, "rb") as f:
             spec = json.loads(f.read(1 << 20))
         annotations = spec.get("annotations") or {}
+        namespaces = (spec.get("linux") or {}).get("namespaces") or []
+        netns = any(ns.get("type") == "network" and ns.get("path") for ns in namespaces)
         if any(k.startswith("io.kubernetes.") for k in annotations):
-            return False
+            sandbox = annotations.get("io.kubernetes.cri.container-type") == "sandbox"
+            return ["pod"] if sandbox and netns else None
         cli = network.from_annotations(annotations)
         if cli is not None:
-            return cli.mode == "none" and not cli.ports
-        namespaces = (spec.get("linux") or {}).get("namespaces") or []
-        return not any(ns.get("type") == "network" and ns.get("path") for ns in namespaces)
+            return ["none"] if cli.mode == "none" and not cli.ports else None
+        return None if netns else ["none"]
     except Exception:  # noqa: BLE001 - an odd bundle is the daemon's to refuse
-        return False
+        return None
 
 
 def _config_of(argv: list[str]) -> Config | None:

@@ -83,13 +83,16 @@ class Timings:
 
 class Sandbox:
     def __init__(self, config: Config, sandbox_id: str, run_dir: Path,
-                 accel: accel_mod.Choice, network: NetworkSpec | None = None) -> None:
+                 accel: accel_mod.Choice, network: NetworkSpec | None = None,
+                 spare_taps: tcfilter.SpareTaps | None = None) -> None:
         """network: none (loopback only), bridge (the CLI's own network and
         published ports), or ns (a prepared namespace whose veths the guest
-        takes over: tcfilter)."""
+        takes over: tcfilter).  spare_taps: a spare's (microvm/core/spare.py)
+        NICs, whose network comes later (join_network)."""
         self.config = config
         self.net_spec = network or NetworkSpec()
         self.network: tcfilter.Network | None = None
+        self.spare_taps = spare_taps
         self.port_forward: PortForward | None = None
         self.bridge: bridge.Attachment | None = None
         self.proxy: ports.Proxy | None = None
@@ -166,20 +169,21 @@ class Sandbox:
             self.secure = SecureBoot(self.dir, self.log_dir, self.config.vcpus)
             self.secure.check_installed()  # before the network is made
         netns = await self._network_namespace()
-        if netns:
-            from microvm.net import tcfilter
-            # Undone after QEMU is gone (the exit stack runs in reverse).
-            self.network = await asyncio.to_thread(tcfilter.plumb, netns, self.config.vcpus)
-            # Off the loop (netlink, thread joins): it serves other containers.
-            self._stack.push_async_callback(asyncio.to_thread, tcfilter.teardown, self.network)
+        if self.spare_taps is not None:
+            from microvm.vm.template import TEMPLATE_MAC
+            self._stack.callback(self.spare_taps.close)  # if never joined
+            # The template's MACs and MTU: the guest takes the pod's own later.
+            for n, (_, fds) in enumerate(self.spare_taps.taps):
+                spec.nics.append(Nic(TEMPLATE_MAC.format(n), list(fds)))
+            spec.netns = self.spare_taps.path  # QEMU in a namespace of no use to it
+        elif netns:
+            await self._plumb(netns)
+            assert self.network is not None
             for itf in self.network.interfaces:
                 spec.nics.append(Nic(itf.mac, list(itf.tap_fds), itf.mtu))
             spec.netns = netns
         if netns and self.bridge is None:  # a pod's namespace: kubelet's port-forward
-            from microvm.net.portforward import PortForward
-            self.port_forward = PortForward(self, netns)
-            self._stack.push_async_callback(self.port_forward.close)
-            self.port_forward.begin()  # while the VM boots
+            self._forward_ports(netns)
         try:
             booted = await self._boot_from_template(spec)
             if not booted:
@@ -188,6 +192,8 @@ class Sandbox:
         finally:
             if self.network is not None:
                 self.network.close_fds()  # QEMU holds the taps now
+            if self.spare_taps is not None:
+                self.spare_taps.close_fds()
         assert self.agent is not None and self.details is not None
         deadline = asyncio.get_running_loop().time() + self.config.boot_timeout
         if self.network is not None and self.network.interfaces:
@@ -207,6 +213,41 @@ class Sandbox:
         self.timings.guest = {"agent_started": self.details.agent_started,
                               "agent_ready": self.details.agent_ready}
         log.debug("sandbox %s ready in %.2fs", self.id, self.timings.ready - self.timings.start)
+
+    async def _plumb(self, netns: str, spare: tcfilter.SpareTaps | None = None) -> None:
+        from microvm.net import tcfilter
+        # Undone after QEMU is gone (the exit stack runs in reverse).
+        self.network = await asyncio.to_thread(tcfilter.plumb, netns, self.config.vcpus, spare)
+        # Off the loop (netlink, thread joins): it serves other containers.
+        self._stack.push_async_callback(asyncio.to_thread, tcfilter.teardown, self.network)
+
+    def _forward_ports(self, netns: str) -> None:
+        from microvm.net.portforward import PortForward
+        self.port_forward = PortForward(self, netns)
+        self._stack.push_async_callback(self.port_forward.close)
+        self.port_forward.begin()  # while the VM boots
+
+    async def join_network(self, net: NetworkSpec) -> None:
+        """A spare's VM, started with taps of its own: a pod's namespace (ns)
+        for them, as _start would have plumbed and configured it."""
+        taps, self.spare_taps = self.spare_taps, None
+        assert taps is not None and net.mode == "ns"
+        self.net_spec = net
+        try:
+            netns = await self._network_namespace()
+            if netns is None:
+                raise KataError("the spare VM's NICs need a network namespace")
+            await self._plumb(netns, taps)
+        finally:
+            taps.close()
+        assert self.network is not None
+        if any(itf.mtu > Nic.mtu for itf in self.network.interfaces):
+            raise KataError("the pod's MTU is over the spare VM's NICs'")
+        self._forward_ports(netns)
+        deadline = asyncio.get_running_loop().time() + self.config.boot_timeout
+        await self._race(self._configure_network(self.network), deadline)
+        assert self.port_forward is not None
+        await self.port_forward.ready()
 
     async def _launch(self, spec: VMSpec, stack: contextlib.AsyncExitStack,
                       passed: list[int],

@@ -57,16 +57,20 @@ def usable(cfg: Config) -> bool:
     return cfg.spare and cfg.template and cfg.firmware == "default"
 
 
-def hold(cfg: Config, run_dir: Path, warm_rootfs: list[Path]) -> None:
-    """Start a sandbox of cfg with no network, run one container in it, and
-    keep it for take()."""
+def hold(cfg: Config, run_dir: Path, warm_rootfs: list[Path], nics: int = 0) -> None:
+    """Start a sandbox of cfg, run one container in it, and keep it for
+    take(): with no network, or with nics NICs on taps of its own that a
+    pod's namespace gets when it is taken."""
     global _held
     from microvm.core.sandbox import Sandbox
+    from microvm.net import tcfilter
     from microvm.net.network import NetworkSpec
     from microvm.vm import accel
 
     choice = accel.choose(cfg.accel)
-    sb = Sandbox(cfg, secrets.token_hex(8), run_dir, choice, network=NetworkSpec())
+    taps = tcfilter.spare_taps(nics, cfg.vcpus) if nics else None
+    sb = Sandbox(cfg, secrets.token_hex(8), run_dir, choice, network=NetworkSpec(),
+                 spare_taps=taps)
     runner = asyncio.Runner()
     try:
         runner.run(sb.start())
@@ -124,7 +128,7 @@ async def _then_stop_untaken(coro: Coroutine[Any, Any, T]) -> T:
 async def sandbox(cfg: Config, choice: Choice, net: NetworkSpec,
                   make: Callable[[], Sandbox]) -> AsyncIterator[Sandbox]:
     """The spare's started sandbox if it fits, else make()'s, started."""
-    held = take(cfg, choice, net)
+    held = await take(cfg, choice, net)
     if held is None:
         async with make() as sb:
             yield sb
@@ -135,10 +139,10 @@ async def sandbox(cfg: Config, choice: Choice, net: NetworkSpec,
         await held.stop()
 
 
-def take(cfg: Config, choice: Choice, net: NetworkSpec) -> Sandbox | None:
-    """The held sandbox, started, if it is what cfg, choice and net would
-    start; None otherwise (and a held one is then stopped meanwhile).  On
-    the running loop."""
+async def take(cfg: Config, choice: Choice, net: NetworkSpec) -> Sandbox | None:
+    """The held sandbox, started (and its network joined), if it is what
+    cfg, choice and net would start; None otherwise (and a held one is then
+    stopped meanwhile)."""
     global _held
     held = _held
     if held is None:
@@ -146,14 +150,22 @@ def take(cfg: Config, choice: Choice, net: NetworkSpec) -> Sandbox | None:
     sb = held.sandbox
     alive = not sb.death and sb.machine is not None and sb.machine.proc is not None \
         and sb.machine.proc.poll() is None
+    nics = sb.spare_taps is not None
     if not alive:
         _release(f"it ended while waiting ({sb.death or 'QEMU gone'})")
     elif cfg != held.config or choice.accel != held.accel:
         _release("this sandbox's configuration is not the spare's")
-    elif net.mode != "none" or net.ports:
+    elif net.ports or net.mode != ("ns" if nics else "none"):
         _release(f"this sandbox's network is {net.mode}")
     else:
         _held = None
+        if nics:
+            try:
+                await sb.join_network(net)
+            except Exception as e:  # noqa: BLE001 - any failure: a VM of its own
+                log.debug("the spare VM is not used: %s", e)
+                await sb.stop()
+                return None
         log.debug("sandbox %s: the spare VM, ready %.1fs before", sb.id,
                   time.monotonic() - held.ready)
         return sb

@@ -209,15 +209,84 @@ def _del_ingress(ipr: IPRoute, index: int) -> bool:
     return True
 
 
-def plumb(path: str, queues: int = 1) -> Network:
-    """Discover the namespace and join a tap to every veth in it."""
+@dataclass
+class SpareTaps:
+    """Taps opened ahead of need, for a spare VM's QEMU (microvm/core/spare.py),
+    in a network namespace of their own that only nsfd keeps (QEMU's fds
+    keep the taps, not it): once nsfd is closed it goes, and any tap still
+    in it.  plumb moves them to where they serve, then closes it."""
+
+    nsfd: int
+    taps: list[tuple[str, list[int]]]
+
+    @property
+    def path(self) -> str:
+        return f"/proc/{os.getpid()}/fd/{self.nsfd}"
+
+    def close_fds(self) -> None:
+        """Ours of the taps' (QEMU has its own once it runs)."""
+        for _, fds in self.taps:
+            for fd in fds:
+                os.close(fd)
+        self.taps = [(name, []) for name, _ in self.taps]
+
+    def close(self) -> None:
+        self.close_fds()
+        if self.nsfd >= 0:
+            os.close(self.nsfd)
+            self.nsfd = -1
+
+
+def spare_taps(count: int, queues: int) -> SpareTaps:
+    """count taps as plumb names them, in a fresh network namespace (made
+    by a thread of its own, which ends: nothing else of ours is in it)."""
+    from microvm import linux
+
+    def work() -> SpareTaps:
+        try:
+            linux.unshare(linux.CLONE_NEWNET)
+        except OSError as e:
+            raise KataError(f"cannot make a network namespace: {e.strerror}") from None
+        taps: list[tuple[str, list[int]]] = []
+        try:
+            for n in range(count):
+                taps.append((f"tap{n}_kata", _open_tap(f"tap{n}_kata", queues)))
+            return SpareTaps(os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC),
+                             taps)
+        except BaseException:
+            SpareTaps(-1, taps).close()
+            raise
+
+    return netlink.in_thread(work, "spare-taps")
+
+
+def plumb(path: str, queues: int = 1, spare: SpareTaps | None = None) -> Network:
+    """Discover the namespace and join a tap to every veth in it: a tap
+    opened here, or one of spare's, moved here (as many as there are veths)."""
+    if spare is not None:
+        count = len(netlink.run(lambda ipr: discover(ipr, path), path).interfaces)
+        if count != len(spare.taps):
+            raise KataError(f"{path} has {count} interfaces, the spare VM {len(spare.taps)}")
+        ns = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            netlink.run(lambda ipr: [ipr.link("set", index=ipr.link_lookup(ifname=name)[0],
+                                              net_ns_fd=ns) for name, _ in spare.taps],
+                        spare.path)
+        except NetlinkError as e:
+            raise KataError(f"cannot move the spare VM's taps to {path}: "
+                            f"{os.strerror(e.code)}") from None
+        finally:
+            os.close(ns)
 
     def work(ipr: IPRoute) -> Network:
         net = discover(ipr, path)
         try:
             for n, itf in enumerate(net.interfaces):
-                itf.tap = f"tap{n}_kata"
-                itf.tap_fds = _open_tap(itf.tap, queues)
+                if spare is not None:
+                    itf.tap = spare.taps[n][0]  # its fds: QEMU's since its launch
+                else:
+                    itf.tap = f"tap{n}_kata"
+                    itf.tap_fds = _open_tap(itf.tap, queues)
                 tap = ipr.link_lookup(ifname=itf.tap)[0]
                 ipr.link("set", index=tap, mtu=itf.mtu, state="up")
                 _del_ingress(ipr, itf.index)  # a killed owner's, redirecting to nothing
@@ -233,6 +302,8 @@ def plumb(path: str, queues: int = 1) -> Network:
         net = netlink.run(work, path)
     except NetlinkError as e:
         raise KataError(f"network plumbing in {path} failed: {os.strerror(e.code)}") from None
+    if spare is not None:
+        spare.close()  # empty now
     if any(i.tap for i in net.interfaces):
         try:
             _claim(net)

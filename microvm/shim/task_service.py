@@ -98,7 +98,7 @@ class TaskService:
                     choice = accel.choose(cfg.accel)
                     # A spare this runner held (microvm/core/spare.py): started
                     # outside the pod's cgroup, its processes join it now.
-                    taken = spare.take(cfg, choice, net)
+                    taken = await spare.take(cfg, choice, net)
                     if spec.cgroups_path and self._cgroups is None:
                         try:
                             self._cgroups = hostcgroup.join(

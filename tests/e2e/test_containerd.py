@@ -42,6 +42,7 @@ from tests.conftest import (
     shim,
     shim_processes,
     shim_sockets,
+    spare_runner,
 )
 from tests.netns import CNI_BIN, Pod, cni_pod, fetch, links, namespace, qdiscs, sh
 
@@ -815,7 +816,7 @@ def test_ctr_run_takes_the_spare_vm_and_a_pod_does_not(
         assert run(c, "t-spare0", "true").returncode == 0  # makes the server, then a spare
         seen = set()
         for cid in ("t-spare1", "t-spare2"):
-            runner = _ready_spare(path)
+            runner = spare_runner("daemon", path)
             p = subprocess.Popen(
                 ["ctr", "-a", c.address, "run", "--rm", "--runtime", RUNTIME, IMAGE, cid, "sh",
                  "-c", "head -c 16 /dev/urandom | od -An -tx1; sleep 1"],
@@ -840,18 +841,4 @@ def test_ctr_run_takes_the_spare_vm_and_a_pod_does_not(
     deadline = time.monotonic() + 15
     while helper_processes() or shim_processes():
         assert time.monotonic() < deadline, helper_processes() + shim_processes()
-        time.sleep(0.1)
-
-
-def _ready_spare(path: Path, timeout: float = 60) -> int:
-    """The daemon spare's runner, once ready."""
-    deadline = time.monotonic() + timeout
-    while True:
-        supervisor = forkserver.status(path)["spares"].get("daemon", 0)
-        with contextlib.suppress(OSError, ValueError):
-            (runner,) = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
-            if Path(f"/proc/{runner}/cmdline").read_bytes().rstrip(b"\0") == \
-                    f"{forkserver.SPARE_TITLE} (ready)".encode():
-                return int(runner)
-        assert time.monotonic() < deadline, "no daemon spare got ready"
         time.sleep(0.1)

@@ -28,7 +28,14 @@ from harness import cristack
 from harness.cristack import CGROUP_PARENT, Cri
 from microvm.core import hostcgroup, oci
 from microvm.shim.manager import BINARY
-from tests.conftest import MICROVM, helper_processes, network_leftovers, shim_processes
+from tests.conftest import (
+    MICROVM,
+    children,
+    helper_processes,
+    network_leftovers,
+    shim_processes,
+    spare_runner,
+)
 from tests.metrics import exporter, one, scrape
 from tests.netns import CNI_BIN, fetch, links, namespace
 
@@ -577,3 +584,33 @@ def test_runtime_class_kata_py_secure_boots_the_secure_flavour(cri: Cri) -> None
     finally:
         cri.remove_pod(pod)
     _nothing_left(cri)
+
+
+def test_pods_take_the_spare_vm_and_the_pods_network(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With spares on (microvm/core/spare.py), a pod's `start` gets the daemon
+    spare the server made after the last pod: its VM restored, with a NIC on
+    a tap of its own that moves into the pod's namespace.  The pod's address
+    answers from the node, the pod's cgroup holds the spare's QEMU, and
+    nothing is left once the pods are gone."""
+    monkeypatch.delenv("KATA_PY_SPARE", raising=False)
+    with namespace("kt-spnode") as node, cristack.stack(tmp_path, node) as c:
+        c.remove_pod(c.run_pod("sp0"))  # makes the server, then the first spare
+        for name in ("sp1", "sp2"):
+            runner = spare_runner("daemon")
+            pod = c.run_pod(name)
+            try:
+                c.container(pod, "web", "sh", "-c", cristack.HTTPD)
+                assert fetch(node, f"http://{c.pod_ip(pod)}:8080/small") == "hello\n"
+                assert c.http_get(pod, "/small", wait=30).endswith(b"hello\n")
+                pids = cristack.pod_pids(name)
+                qemu = [p for p in children(runner)
+                        if "qemu" in Path(f"/proc/{p}/comm").read_text()]
+                assert runner in pids and qemu and qemu[0] in pids, (runner, qemu, pids)
+            finally:
+                c.remove_pod(pod)
+    deadline = time.monotonic() + 20
+    while helper_processes() or shim_processes() or network_leftovers():
+        assert time.monotonic() < deadline, \
+            helper_processes() + shim_processes() + network_leftovers()
+        time.sleep(0.2)

@@ -7,7 +7,6 @@ own is part of the server's place), made by a first run.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from microvm import forkserver
-from tests.conftest import Microvm, assert_no_leaks, pid_of
+from tests.conftest import Microvm, assert_no_leaks, children, pid_of, spare_runner
 from tests.conftest import alive as _alive
 
 TITLE = forkserver.TITLE
@@ -123,23 +122,11 @@ def with_spare(microvm: Microvm) -> Microvm:
     return microvm  # its config's spare is the default, true: the env fixture decides
 
 
-def _spare(env: dict[str, str], timeout: float = 60) -> tuple[int, int]:
-    """The waiting spare's runner and its QEMU, once it is ready: its VM
-    restored and warmed, waiting for the next request."""
-    path = forkserver.socket_path(env)
-    deadline = time.monotonic() + timeout
-    while True:
-        supervisor = forkserver.status(path)["spares"].get("cli", 0)
-        with contextlib.suppress(OSError, ValueError):
-            (runner,) = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
-            if Path(f"/proc/{runner}/cmdline").read_bytes().rstrip(b"\0") == \
-                    f"{forkserver.SPARE_TITLE} (ready)".encode():
-                qemu = [int(c) for c in
-                        Path(f"/proc/{runner}/task/{runner}/children").read_text().split()
-                        if "qemu" in Path(f"/proc/{c}/comm").read_text()]
-                return int(runner), qemu[0]
-        assert time.monotonic() < deadline, "no spare got ready"
-        time.sleep(0.1)
+def _spare(env: dict[str, str]) -> tuple[int, int]:
+    """The waiting spare's runner and its QEMU, once it is ready."""
+    runner = spare_runner("cli", forkserver.socket_path(env))
+    qemu = [c for c in children(runner) if "qemu" in Path(f"/proc/{c}/comm").read_text()]
+    return runner, qemu[0]
 
 
 def test_the_next_run_takes_the_spare_vm(with_spare: Microvm, env: dict[str, str]) -> None:
