@@ -91,7 +91,8 @@ class _Spare:
     pid: int               # its supervisor's
     sock: socket.socket    # our end of the socket its request goes down
     kind: str
-    shape: list[str]       # what it got ready for
+    shape: list[str]       # what it gets ready for
+    ready: bool = False    # it said so (b"ready" on sock)
 
 
 class Unavailable(Exception):
@@ -480,8 +481,10 @@ class Server:
     # the next request makes one like itself.  Until it is taken, both die
     # with their parent (PR_SET_PDEATHSIG), and the runner's VM with it (its
     # helpers die with it), so a server's end, even by SIGKILL, takes its
-    # spare along.  The runner gets ready at nice 19: a spare must not slow
-    # what is being served; it is reniced when taken.
+    # spare along.  The runner gets ready as SCHED_IDLE, its VM's threads
+    # too: a spare must not slow what is being served; only a ready one is
+    # given a request (one still getting ready would make it wait, and do
+    # more than a fresh fork), and its threads get the normal policy back.
 
     def _spare_shape(self, kind: str, argv: list[str], cwd: int) -> list[str] | None:
         if self.program.shape is None or kind not in _SPARE_KINDS \
@@ -499,6 +502,11 @@ class Server:
         spare = self.spares.get(kind)
         if spare is None:
             return False
+        if not spare.ready:
+            with contextlib.suppress(BlockingIOError, InterruptedError, OSError):
+                spare.ready = spare.sock.recv(16, socket.MSG_DONTWAIT) == b"ready"
+            if not spare.ready:
+                return False
         assert self.program.fits is not None
         try:
             fits = self.program.fits(kind, argv, fds[0], spare.shape)
@@ -562,10 +570,20 @@ class Server:
             poller = select.poll()
             poller.register(sock, select.POLLIN | select.POLLHUP)
             poller.register(pidfd, select.POLLIN)
-            if pidfd in {fd for fd, _ in poller.poll()}:
-                _, st = os.waitpid(runner, 0)
-                status = os.waitstatus_to_exitcode(st)
-                return
+            poller.register(jobs, select.POLLIN)
+            while True:
+                ready = {fd for fd, _ in poller.poll()}
+                if pidfd in ready:
+                    _, st = os.waitpid(runner, 0)
+                    status = os.waitstatus_to_exitcode(st)
+                    return
+                if jobs.fileno() in ready:  # the runner is ready: the server is told
+                    poller.unregister(jobs)
+                    if jobs.recv(16) == b"ready":
+                        sock.send(b"ready")
+                        setproctitle.setproctitle(f"{TITLE} (spare, ready)")
+                    continue
+                break
             data, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST, 5)
             if len(fds) != 1 + _FDS[kind]:
                 return  # the server went away
@@ -573,7 +591,7 @@ class Server:
             conn = socket.socket(fileno=fds[0])
             rest = fds[1:]
             try:
-                _renice(runner, 0)  # still getting ready, maybe: no longer in the background
+                _unidle(runner)
                 socket.send_fds(jobs, [data], rest)
                 jobs.settimeout(TIMEOUT)
                 if jobs.recv(16) != b"taken":  # it no longer dies with us
@@ -609,12 +627,13 @@ class Server:
             sock = socket.socket(fileno=3)
             for sig in (signal.SIGTERM, signal.SIGCHLD):
                 signal.signal(sig, signal.SIG_DFL)
-            os.nice(19)
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
             assert self.program.prepare is not None
             if not self.program.prepare(kind, shape):
                 code = 0
                 return
             setproctitle.setproctitle(f"{SPARE_TITLE} (ready)")
+            sock.send(b"ready")
             sock.settimeout(float(os.environ.get("KATA_PY_SPARE_WAIT", SPARE_WAIT)))
             try:
                 data, fds, _, _ = socket.recv_fds(sock, MAX_REQUEST, 4)
@@ -740,16 +759,16 @@ def _die_with_parent(parent: int, sig: int = signal.SIGKILL) -> None:
         os._exit(1)
 
 
-def _renice(pid: int, value: int) -> None:
-    """Every thread of pid and of its descendants (QEMU's vCPU threads
-    took the spare's niceness when they were made)."""
+def _unidle(pid: int) -> None:
+    """The normal policy back for every thread of pid and of its descendants
+    (QEMU's vCPU threads took the spare's SCHED_IDLE when they were made)."""
     with contextlib.suppress(OSError):
         for tid in os.listdir(f"/proc/{pid}/task"):
             with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, int(tid), value)
+                os.sched_setscheduler(int(tid), os.SCHED_OTHER, os.sched_param(0))
             with contextlib.suppress(OSError):
                 for child in Path(f"/proc/{pid}/task/{tid}/children").read_text().split():
-                    _renice(int(child), value)
+                    _unidle(int(child))
 
 
 def _reopen_stdio() -> None:

@@ -127,7 +127,8 @@ def shim_sockets() -> set[str]:
 
 def spare_runner(kind: str, path: Path | None = None, timeout: float = 60) -> int:
     """The runner of the spare of kind ("cli", "daemon") that the fork server
-    at path keeps (any server's if None), once it is ready."""
+    at path keeps (any server's if None), once its server knows it is ready
+    (its supervisor says so in its title after telling the server)."""
     from microvm import forkserver
     deadline = time.monotonic() + timeout
     while True:
@@ -136,8 +137,8 @@ def spare_runner(kind: str, path: Path | None = None, timeout: float = 60) -> in
                 supervisor = forkserver.status(server)["spares"].get(kind, 0)
                 (runner,) = Path(f"/proc/{supervisor}/task/{supervisor}/children") \
                     .read_text().split()
-                if Path(f"/proc/{runner}/cmdline").read_bytes().rstrip(b"\0") == \
-                        f"{forkserver.SPARE_TITLE} (ready)".encode():
+                title = Path(f"/proc/{supervisor}/cmdline").read_bytes().rstrip(b"\0")
+                if title.endswith(b"(spare, ready)"):
                     return int(runner)
         assert time.monotonic() < deadline, f"no {kind} spare got ready"
         time.sleep(0.1)

@@ -4,8 +4,8 @@ Under TCG a clone's restore, its agent's first answers and the adoption
 (entropy, clock, name, share) are half of a short container's life, and a
 clone's first container pays for translating the guest's code for making
 containers (0.17 s to create, against 0.06 s for its second).  A spare
-runner of the fork server (microvm/forkserver.py) does all that ahead, at
-nice 19: hold() starts a sandbox with no network and runs one container
+runner of the fork server (microvm/forkserver.py) does all that ahead, as
+SCHED_IDLE: hold() starts a sandbox with no network and runs one container
 (`true`, of the rootfs given) in it.  The front end that then runs in the
 same process, `microvm run` or the shim daemon, runs on the spare's event
 loop (run()) and takes the sandbox (take()) if its configuration is the

@@ -243,6 +243,11 @@ def spare_taps(count: int, queues: int) -> SpareTaps:
     from microvm import linux
 
     def work() -> SpareTaps:
+        # A spare gets ready as SCHED_IDLE; this thread holds the kernel's
+        # network locks a moment, which other pods' plumbing waits for: not
+        # at a priority that anything else may starve.
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
         try:
             linux.unshare(linux.CLONE_NEWNET)
         except OSError as e:
