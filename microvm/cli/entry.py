@@ -17,15 +17,20 @@ _VALUED = ("--config",)
 
 
 def subcommand(argv: list[str]) -> str:
+    return split(argv)[1]
+
+
+def split(argv: list[str]) -> tuple[list[str], str, list[str]]:
+    """The group's options, the subcommand ("" if none) and its arguments."""
     skip = False
-    for word in argv:
+    for n, word in enumerate(argv):
         if skip:
             skip = False
         elif word in _VALUED:
             skip = True
         elif not word.startswith("-"):
-            return word
-    return ""
+            return argv[:n], word, argv[n + 1:]
+    return argv, "", []
 
 
 def main() -> None:

@@ -106,16 +106,16 @@ def _config_of(argv: list[str]) -> Config | None:
     with no network; None otherwise (or if it is not a valid run)."""
     import click
 
-    from microvm.cli import commands
+    from microvm.cli import commands, entry
     from microvm.errors import KataError
     from microvm.net.network import parse_mode
 
+    group, name, rest = entry.split(argv)
+    if name != "run":
+        return None
     try:
-        ctx = commands.cli.make_context("microvm", list(argv), resilient_parsing=True)
-        name, cmd, rest = commands.cli.resolve_command(ctx, [*ctx.protected_args, *ctx.args])
-        if name != "run" or cmd is None:
-            return None
-        p = cmd.make_context(name, rest, parent=ctx).params
+        ctx = commands.cli.make_context("microvm", group, resilient_parsing=True)
+        p = commands.run.make_context(name, rest, parent=ctx).params
         obj = commands.Context(ctx.params["config_path"], ctx.params["debug"])
         cfg = commands.run_config(obj, p["cpus"], p["memory"], p["kernel"], p["accel"],
                                   p["no_template"], p["firmware"])
