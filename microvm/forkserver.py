@@ -310,19 +310,24 @@ def _in_named_netns(named: Path = Path("/run/netns")) -> bool:
 # --- the server ---------------------------------------------------------------
 
 
-def fingerprint() -> list[tuple[str, int, int]]:
+def fingerprint(files: list[str] | None = None) -> list[tuple[str, int, int]]:
     """What, changed on disk, makes this server's imports stale: kata-py's
     own modules (an editable install's files change in place), the packages
-    directory (pip replaces a package's dist-info) and the interpreter."""
+    directory (pip replaces a package's dist-info) and the interpreter.
+    files: those of an earlier fingerprint, looked at again (a module the
+    server imports later, as its program's checks may, is read as it is
+    then, so it is not stale)."""
     import microvm
 
-    ours = str(Path(microvm.__file__).parent)
-    files = {m.__file__ for m in list(sys.modules.values())
-             if (getattr(m, "__file__", None) or "").startswith(ours)}
-    files.add(sys.executable)
-    files.update(p for p in sys.path if p.endswith("-packages"))
+    if files is None:
+        ours = str(Path(microvm.__file__).parent)
+        found_files = {m.__file__ for m in list(sys.modules.values())
+                       if (getattr(m, "__file__", None) or "").startswith(ours)}
+        found_files.add(sys.executable)
+        found_files.update(p for p in sys.path if p.endswith("-packages"))
+        files = sorted(f for f in found_files if f)
     found = []
-    for f in sorted(f for f in files if f):
+    for f in files:
         try:
             st = os.stat(f)
             found.append((f, st.st_mtime_ns, st.st_ino))
@@ -397,7 +402,7 @@ class Server:
                 raise ValueError("a malformed request")
             if not self.program.accepts(kind, argv):
                 raise ValueError(f"a {kind} request for another action")
-            if fingerprint() != self.code:
+            if fingerprint([f for f, _, _ in self.code]) != self.code:
                 conn.send(b'{"stale": true}')
                 return False
             if place(pid, env) != self.here:

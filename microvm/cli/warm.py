@@ -24,8 +24,9 @@ def warm(kind: str) -> None:
     names = ["microvm.shim.daemon", "microvm.shim.cleanup", "microvm.net.tcfilter",
              "microvm.net.portforward", "microvm.net.bridge", "microvm.vm.template",
              "concurrent.futures.thread"]
+    names += ["microvm.cli.spare", "microvm.core.spare"]  # the server's checks, the spares
     if kind == "cli":
-        names.insert(0, "microvm.cli.commands")
+        names[:0] = ["microvm.cli.commands", "microvm.cli.entry"]
     for name in names:
         importlib.import_module(name)
 
