@@ -192,3 +192,41 @@ def test_a_killed_server_takes_its_spare_along(with_spare: Microvm, env: dict[st
         assert time.monotonic() < deadline, "the spare outlived its server"
         time.sleep(0.05)
     assert_no_leaks(network=False)
+
+
+def test_a_spare_whose_vm_died_is_not_taken(with_spare: Microvm, env: dict[str, str]) -> None:
+    _warm(with_spare, env)
+    assert with_spare.run("--debug", "run", "--rm", "busybox", "true", env=env).returncode == 0
+    runner, qemu = _spare(env)
+    os.kill(qemu, signal.SIGKILL)
+    r = with_spare.run("--debug", "run", "--rm", "busybox", "echo", "fresh", env=env)
+    assert (r.returncode, r.stdout) == (0, "fresh\n"), r.stderr
+    assert "the spare VM is not used: it ended while waiting" in r.stderr
+    assert not _alive(runner)
+    _end_server(env)  # and the spare made after this run
+    assert_no_leaks(network=False, timeout=15)
+
+
+def _end_server(env: dict[str, str]) -> None:
+    os.kill(forkserver.status(forkserver.socket_path(env))["server"], signal.SIGTERM)
+
+
+def test_a_killed_cli_takes_the_spare_it_ran_on_along(
+        with_spare: Microvm, env: dict[str, str]) -> None:
+    _warm(with_spare, env)
+    assert with_spare.run("run", "--rm", "busybox", "true", env=env).returncode == 0
+    runner, qemu = _spare(env)
+    p = with_spare.popen("run", "--rm", "busybox", "sh", "-c", "echo up; sleep 600", env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert p.stdout is not None
+    assert p.stdout.readline() == b"up\n"
+    assert b"-c echo up; sleep 600" in Path(f"/proc/{runner}/cmdline").read_bytes() \
+        .replace(b"\0", b" "), "the run is not the spare's"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    deadline = time.monotonic() + 10
+    while _alive(runner) or _alive(qemu):
+        assert time.monotonic() < deadline, "the spare's runner or VM outlived the CLI"
+        time.sleep(0.05)
+    _end_server(env)  # and the spare made after this run
+    assert_no_leaks(network=False, timeout=15)
