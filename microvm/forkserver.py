@@ -660,8 +660,8 @@ class Server:
         for kind, spare in list(self.spares.items()):
             with contextlib.suppress(ChildProcessError):
                 pid, st = os.waitpid(spare.pid, os.WNOHANG)
-                if pid:  # it ended before a request came
-                    if os.waitstatus_to_exitcode(st) != 0:
+                if pid:  # it ended before a request came (prune's SIGTERM is no failure)
+                    if os.waitstatus_to_exitcode(st) > 0:
                         self.spares_failed.add(kind)
                     spare.sock.close()
                     del self.spares[kind]

@@ -607,7 +607,7 @@ def system_group() -> None:
 
 @system_group.command("df")
 def system_df() -> None:
-    """Disk used by images, detached containers and VM templates."""
+    """Disk used by images, detached containers and VM templates; memory by spare VMs."""
     from microvm.cli import system
     click.echo(f"{'TYPE':<14}{'TOTAL':>6}{'ACTIVE':>8}{'SIZE':>12}{'RECLAIMABLE':>14}")
     for u in asyncio.run(system.df()):
@@ -620,8 +620,8 @@ def system_df() -> None:
               help="Also remove every image no running container uses.")
 @click.pass_obj
 def system_prune(obj: Context, all_images: bool) -> None:
-    """Remove stopped containers, unused layers, interrupted downloads, and
-    network leases, redirects and a bridge that killed containers left."""
+    """Remove stopped containers, unused layers, interrupted downloads, spare
+    VMs, and network leases, redirects and a bridge that killed containers left."""
     from microvm.cli import system
     from microvm.net import bridge, tcfilter
     removed, freed = asyncio.run(system.prune(all_images))

@@ -1,11 +1,15 @@
-"""`microvm system df` and `microvm system prune`: what kata-py keeps on disk."""
+"""`microvm system df` and `microvm system prune`: what kata-py keeps on disk,
+and the spare VMs it keeps in memory."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
+from microvm import forkserver
 from microvm.cli import detached
 from microvm.images import store
 from microvm.vm import firmware, template
@@ -38,6 +42,34 @@ class Usage:
     reclaimable: int
 
 
+def spares() -> dict[int, int]:
+    """Every fork server's waiting spares: supervisor pid -> PSS in bytes of
+    it, its runner and the runner's VM (microvm/core/spare.py)."""
+    found = {}
+    for path in forkserver.running():
+        with contextlib.suppress(OSError, ValueError, AttributeError):
+            for pid in forkserver.status(path, timeout=2)["spares"].values():
+                found[pid] = sum(_pss(p) for p in _tree(pid))
+    return found
+
+
+def _tree(pid: int) -> list[int]:
+    found = [pid]
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                for child in Path(f"/proc/{pid}/task/{tid}/children").read_text().split():
+                    found += _tree(int(child))
+    return found
+
+
+def _pss(pid: int) -> int:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        return int(text.split("\nPss:")[1].split()[0]) * 1024
+    return 0
+
+
 async def _containers() -> list[tuple[detached.Meta, str]]:
     return [(c.meta, c.status) for c in await detached.list_all()]
 
@@ -63,6 +95,8 @@ async def df() -> list[Usage]:
         # The secure flavour's signed images, by content: made again on need.
         Usage("Secure disks", len(disks := firmware.list_disks()), 0,
               sum(size for _, size in disks), sum(size for _, size in disks)),
+        # Memory, not disk: VMs restored ahead of need, made again on need.
+        Usage("Spare VMs", len(held := spares()), 0, sum(held.values()), sum(held.values())),
     ]
 
 
@@ -84,4 +118,11 @@ async def prune(all_images: bool) -> tuple[list[str], int]:
     freed += kept - sum(size for _, size in template.list_templates())
     freed += sum(size for _, size in firmware.list_disks())
     removed += firmware.prune_disks()
+    # Its end takes its runner and VM along (PR_SET_PDEATHSIG); its server
+    # makes another on the next request it would serve.
+    for pid, size in spares().items():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+            removed.append(f"spare VM {pid}")
+            freed += size
     return removed, max(freed, 0)

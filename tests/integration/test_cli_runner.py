@@ -230,3 +230,23 @@ def test_a_killed_cli_takes_the_spare_it_ran_on_along(
         time.sleep(0.05)
     _end_server(env)  # and the spare made after this run
     assert_no_leaks(network=False, timeout=15)
+
+
+def test_system_df_shows_spares_and_prune_ends_them(
+        with_spare: Microvm, env: dict[str, str]) -> None:
+    _warm(with_spare, env)
+    assert with_spare.run("run", "--rm", "busybox", "true", env=env).returncode == 0
+    runner, qemu = _spare(env)
+    df = {line.split()[0]: line.split()[1:]
+          for line in with_spare.run("system", "df", env=env).stdout.splitlines()[1:]}
+    assert int(df["Spare"][1]) >= 1 and float(df["Spare"][3].removesuffix("MB")) > 10, df
+    r = with_spare.run("system", "prune", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "spare VM" in r.stdout
+    deadline = time.monotonic() + 10
+    while _alive(runner) or _alive(qemu):
+        assert time.monotonic() < deadline, "prune left the spare"
+        time.sleep(0.05)
+    # Made again on need: the next run makes the next one.
+    assert with_spare.run("run", "--rm", "busybox", "true", env=env).returncode == 0
+    assert _spare(env)[0] != runner
