@@ -90,6 +90,14 @@ def pid_of(pattern: str, timeout: float = 60) -> int:
     raise AssertionError(f"no process matches {pattern!r}")
 
 
+def wait_gone(*pids: int, why: str = "", timeout: float = 10) -> None:
+    """Until none of pids runs; why: what it means if one still does."""
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in pids):
+        assert time.monotonic() < deadline, why or f"pids {pids} still run"
+        time.sleep(0.02)
+
+
 def alive(pid: int) -> bool:
     """pid runs (a zombie does not)."""
     try:

@@ -33,7 +33,6 @@ from microvm.net import portforward
 from microvm.protocol import task_pb2, ttrpc
 from microvm.shim.client import TaskClient
 from tests.conftest import (
-    alive,
     helper_processes,
     network_leftovers,
     pid_of,
@@ -43,6 +42,7 @@ from tests.conftest import (
     shim_processes,
     shim_sockets,
     spare_runner,
+    wait_gone,
 )
 from tests.netns import CNI_BIN, Pod, cni_pod, fetch, links, namespace, qdiscs, sh
 
@@ -828,10 +828,7 @@ def test_ctr_run_takes_the_spare_vm_and_a_pod_does_not(
             out, err = p.communicate(timeout=60)
             assert p.returncode == 0, err
             seen.add(out)
-            deadline = time.monotonic() + 15
-            while alive(runner):
-                assert time.monotonic() < deadline, "the spare's daemon outlived its task"
-                time.sleep(0.1)
+            wait_gone(runner, why="the spare's daemon outlived its task", timeout=15)
         assert len(seen) == 2, "two spares read the same random bytes"
     finally:
         c.remove_all_tasks()

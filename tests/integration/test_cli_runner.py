@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from microvm import forkserver
-from tests.conftest import Microvm, assert_no_leaks, children, pid_of, spare_runner
+from tests.conftest import Microvm, assert_no_leaks, children, pid_of, spare_runner, wait_gone
 from tests.conftest import alive as _alive
 
 TITLE = forkserver.TITLE
@@ -100,10 +100,7 @@ def test_a_killed_cli_takes_its_runner_and_vm_along(
     assert runner != p.pid
     p.send_signal(signal.SIGKILL)
     p.wait()
-    deadline = time.monotonic() + 10
-    while _alive(runner) or _alive(qemu):
-        assert time.monotonic() < deadline, "the runner or its VM outlived the CLI"
-        time.sleep(0.05)
+    wait_gone(runner, qemu, why="the runner or its VM outlived the CLI")
     assert_no_leaks(network=False)
 
 
@@ -187,10 +184,7 @@ def test_a_killed_server_takes_its_spare_along(with_spare: Microvm, env: dict[st
     assert with_spare.run("run", "--rm", "busybox", "true", env=env).returncode == 0
     runner, qemu = _spare(env)
     os.kill(server, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while _alive(runner) or _alive(qemu):
-        assert time.monotonic() < deadline, "the spare outlived its server"
-        time.sleep(0.05)
+    wait_gone(runner, qemu, why="the spare outlived its server")
     assert_no_leaks(network=False)
 
 
@@ -224,10 +218,7 @@ def test_a_killed_cli_takes_the_spare_it_ran_on_along(
         .replace(b"\0", b" "), "the run is not the spare's"
     p.send_signal(signal.SIGKILL)
     p.wait()
-    deadline = time.monotonic() + 10
-    while _alive(runner) or _alive(qemu):
-        assert time.monotonic() < deadline, "the spare's runner or VM outlived the CLI"
-        time.sleep(0.05)
+    wait_gone(runner, qemu, why="the spare's runner or VM outlived the CLI")
     _end_server(env)  # and the spare made after this run
     assert_no_leaks(network=False, timeout=15)
 
@@ -243,10 +234,7 @@ def test_system_df_shows_spares_and_prune_ends_them(
     r = with_spare.run("system", "prune", env=env)
     assert r.returncode == 0, r.stderr
     assert "spare VM" in r.stdout
-    deadline = time.monotonic() + 10
-    while _alive(runner) or _alive(qemu):
-        assert time.monotonic() < deadline, "prune left the spare"
-        time.sleep(0.05)
+    wait_gone(runner, qemu, why="prune left the spare")
     # Made again on need: the next run makes the next one.
     assert with_spare.run("run", "--rm", "busybox", "true", env=env).returncode == 0
     assert _spare(env)[0] != runner

@@ -24,18 +24,11 @@ from microvm import forkserver
 from microvm.protocol import task_pb2
 from microvm.shim.client import TaskClient
 from tests.conftest import alive as _alive
-from tests.conftest import pid_of, shim
+from tests.conftest import pid_of, shim, wait_gone
 from tests.netns import namespace
 
 SHIM = str(Path(sys.executable).with_name("containerd-shim-kata-py-v2"))
 MODULE = Path(forkserver.__file__)
-
-
-def _wait_gone(pid: int, timeout: float = 5) -> None:
-    deadline = time.monotonic() + timeout
-    while _alive(pid):
-        assert time.monotonic() < deadline, f"pid {pid} still runs"
-        time.sleep(0.02)
 
 
 def server_pid(path: Path) -> int:
@@ -69,7 +62,7 @@ class Starts:
         for pid in self.daemons:
             os.kill(pid, signal.SIGTERM)
         for pid in self.daemons:
-            _wait_gone(pid)
+            wait_gone(pid, timeout=5)
         if self.path.exists():
             try:
                 pid = server_pid(self.path)
@@ -77,7 +70,7 @@ class Starts:
                 self.path.unlink()
             else:
                 os.kill(pid, signal.SIGTERM)
-                _wait_gone(pid)
+                wait_gone(pid, timeout=5)
         assert not self.path.exists(), "a server left its socket behind at SIGTERM"
 
 
@@ -155,9 +148,9 @@ def test_a_request_from_another_place_is_refused(starts: Starts) -> None:
         their_server = server_pid(theirs.pop())
         assert server_pid(starts.path) == server
         os.kill(other, signal.SIGTERM)
-        _wait_gone(other)
+        wait_gone(other, timeout=5)
         starts.daemons.remove(other)
-    _wait_gone(their_server, timeout=forkserver.NETNS_CHECK * 3)
+    wait_gone(their_server, timeout=forkserver.NETNS_CHECK * 3)
     assert set(forkserver.running()) == before, "its socket is left"
 
 
@@ -196,7 +189,7 @@ def test_changed_code_makes_the_server_stale_and_a_new_one_serves(starts: Starts
         starts("fs-h")
     finally:
         os.utime(MODULE, ns=(st.st_atime_ns, st.st_mtime_ns))
-    _wait_gone(old)
+    wait_gone(old, timeout=5)
     assert server_pid(starts.path) != old
 
 
@@ -206,7 +199,7 @@ def test_an_idle_server_ends_and_removes_its_socket_and_its_daemons_live_on(
     try:
         daemon = s("fs-i")
         server = server_pid(s.path)
-        _wait_gone(server)
+        wait_gone(server, timeout=5)
         assert not s.path.exists()
         assert _alive(daemon)
     finally:
@@ -217,7 +210,7 @@ def test_a_killed_server_is_replaced_by_the_next_start(starts: Starts) -> None:
     starts("fs-j")
     old = server_pid(starts.path)
     os.kill(old, signal.SIGKILL)
-    _wait_gone(old)
+    wait_gone(old, timeout=5)
     assert starts.path.exists()  # a dead server's socket: nobody answers
     starts("fs-k")
     assert server_pid(starts.path) != old
@@ -273,7 +266,7 @@ def test_delete_is_run_by_a_child_of_the_server_when_one_runs_here(starts: Start
     """containerd runs `delete` after every shim's end and waits for it."""
     daemon = starts("fs-n")
     os.kill(daemon, signal.SIGKILL)  # as if killed: delete has a dead shim's socket to remove
-    _wait_gone(daemon)
+    wait_gone(daemon, timeout=5)
     starts.daemons.remove(daemon)
     address = (starts.tmp / "fs-n" / "address").read_text().removeprefix("unix://")
     assert Path(address).exists()
