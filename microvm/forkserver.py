@@ -466,10 +466,10 @@ class Server:
         finally:
             os._exit(status)
 
-    def _as_supervisor(self) -> None:
+    def _as_supervisor(self, role: str = "cli") -> None:
         import setproctitle
 
-        setproctitle.setproctitle(f"{TITLE} (cli)")
+        setproctitle.setproctitle(f"{TITLE} ({role})")
         for sig in (signal.SIGTERM, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
         self.listener.close()
@@ -552,10 +552,9 @@ class Server:
 
         status = 1
         try:
-            self._as_supervisor()
+            self._as_supervisor("spare")
             import setproctitle
 
-            setproctitle.setproctitle(f"{TITLE} (spare)")
             # Nothing of the server's: the request just served (its stdio,
             # its connection, which serve() closes once we are forked).
             os.dup2(sock.fileno(), 3)
