@@ -58,6 +58,21 @@ def pss_kib(pid: int) -> int:
     return proc_kib(pid, "smaps_rollup", "Pss")
 
 
+def tcg_cache_kib(pid: int) -> int:
+    """The PSS of TCG's translation cache in a QEMU: its one anonymous
+    mapping that is writable and executable (QEMU 7.2 maps code_gen_buffer
+    so, unless split-wx is on).  None under KVM, which translates nothing."""
+    total, in_cache = 0, False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and not head[0].endswith(":"):  # a mapping's first line
+                in_cache = head[1] == "rwxp" and len(head) == 5  # no file, no [name]
+            elif in_cache and head[0] == "Pss:":
+                total += int(head[1])
+    return total
+
+
 def pod_pids(shim_pid: int) -> list[int]:
     """The shim and everything below it (QEMU, virtiofsd and its child)."""
     out = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True).stdout
