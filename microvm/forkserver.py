@@ -61,6 +61,9 @@ SPARE_WAIT = 60.0
 # `start` gives up on the server after this long and spawns the daemon itself
 # (a server being made imports everything first: about 0.3 s here, under load more).
 TIMEOUT = 20.0
+# `delete` asks only a server that runs, which answers in milliseconds; its
+# callers (containerd, `microvm rm`) wait about 10 s for all of it.
+DELETE_ANSWER = 3.0
 _NAMESPACES = ("cgroup", "ipc", "mnt", "net", "pid", "user", "uts")
 _STATUS = ("Umask", "Uid", "Gid", "Groups", "NoNewPrivs", "Seccomp", "CapInh", "CapPrm",
            "CapEff", "CapBnd", "CapAmb", "Cpus_allowed_list", "Mems_allowed_list")
@@ -143,13 +146,14 @@ def fork_daemon(argv: list[str], cwd: Path, listener: int, timeout: float = TIME
     return reply["pid"]
 
 
-def run_delete(argv: list[str], cwd: Path, timeout: float = TIMEOUT) -> int:
+def run_delete(argv: list[str], cwd: Path, timeout: float = DELETE_ANSWER) -> int:
     """`containerd-shim-kata-py-v2 *argv` (the delete action) run by a child
     of this place's server, with this process's stdio; its exit status.
     containerd runs `delete` after every shim's end and waits for it: a fresh
     interpreter took 0.12 s to import what the server has.  Unavailable if
     no server runs here (none is made for it: that costs more than delete)."""
     s, _ = _first_answer("delete", argv, cwd, [0, 1, 2], timeout, launch="never")
+    s.settimeout(TIMEOUT)  # answered: what remains is delete's own work
     with s:
         # Its end.  None (it died) is not worth a retry: the caller deletes
         # in-process, and delete is idempotent.
@@ -239,6 +243,14 @@ def _first_answer(kind: str, argv: list[str], cwd: Path, fds: list[int], timeout
                 data = s.recv(4096)
             except (ConnectionResetError, BrokenPipeError):
                 data = b""  # it went idle as we came
+            except TimeoutError:
+                s.close()
+                # Stopped or stuck: it would hold every later request as
+                # long.  It goes (its spares with it), so the next request
+                # makes a new one; this one is done without it.
+                ended = _end_server(path)
+                raise Unavailable(f"the fork server did not answer in {timeout:g} s"
+                                  + (f"; ended it (pid {ended[0]})" if ended else "")) from None
             except OSError as e:
                 s.close()
                 raise Unavailable(str(e) or type(e).__name__) from None
@@ -255,6 +267,32 @@ def _first_answer(kind: str, argv: list[str], cwd: Path, fds: list[int], timeout
         raise Unavailable("the fork server went away each time")
     finally:
         os.close(dirfd)
+
+
+def _end_server(path: Path) -> list[int]:
+    """SIGKILL the server listening at path (this netns's /proc/net/unix
+    names the socket; the process holding it, titled as servers are, is
+    it): the pids ended.  The listener's peer credentials would name the
+    `start` that bound it, not the server."""
+    inodes = set()
+    with contextlib.suppress(OSError), open("/proc/net/unix") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) >= 8 and fields[7] == str(path):
+                inodes.add(f"socket:[{fields[6]}]")
+    ended = []
+    for pid in filter(str.isdigit, os.listdir("/proc") if inodes else ()):
+        with contextlib.suppress(OSError):
+            fd_dir = f"/proc/{pid}/fd"
+            if not any(os.readlink(f"{fd_dir}/{fd}") in inodes for fd in os.listdir(fd_dir)):
+                continue
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if not f.read().startswith(TITLE.encode()):
+                    continue
+            if int(pid) != os.getpid() and os.stat(fd_dir).st_uid == os.getuid():
+                os.kill(int(pid), signal.SIGKILL)
+                ended.append(int(pid))
+    return ended
 
 
 def _dial(path: Path, timeout: float) -> socket.socket:

@@ -129,6 +129,9 @@ SHIM_START_TIMEOUT = 30.0
 # How long rm gives a shim to end its container and VM before it kills it
 # (rm must be done within 5 s, whatever the shim or its VM do).
 SHIM_POLITE = 3.0
+# The shim binary's `delete` (what containerd runs after a shim's end): a
+# fork server's child, or in-process if that server does not answer.
+SHIM_DELETE = 10.0
 
 
 def address(name: str) -> str:
@@ -338,8 +341,13 @@ async def remove(name: str, force: bool) -> None:
                 await _kill_and_wait(shim)
     # As containerd does after every task: the shim's own clean-up action
     # (the network plumbing and cgroup a killed shim left).
-    subprocess.run([_shim_binary(), "-namespace", NAMESPACE, "-id", name, "-bundle", str(d),
-                    "delete"], cwd=d, capture_output=True, timeout=10)
+    try:
+        subprocess.run([_shim_binary(), "-namespace", NAMESPACE, "-id", name, "-bundle",
+                        str(d), "delete"], cwd=d, capture_output=True, timeout=SHIM_DELETE)
+    except subprocess.TimeoutExpired:
+        # Its record stays, so that a later rm finds what is left to undo.
+        raise KataError(f"container {name}: the shim's delete did not end in "
+                        f"{SHIM_DELETE:g} s; try again") from None
     shutil.rmtree(d, ignore_errors=True)
 
 

@@ -8,6 +8,7 @@ starts use in the other tests.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -284,3 +285,29 @@ def test_delete_runs_in_process_where_no_server_runs_and_makes_none(starts: Star
     assert not starts.path.exists()
     _delete(starts, "fs-o")
     assert not starts.path.exists()
+
+
+def test_a_stopped_server_is_ended_by_the_next_request_which_is_done_without_it(
+        starts: Starts) -> None:
+    """A server that does not answer (stopped here; stuck alike) would hold
+    every later request: delete gives up on it after DELETE_ANSWER, ends
+    it, and deletes in-process; the next start makes a new server."""
+    daemon = starts("fs-p")
+    os.kill(daemon, signal.SIGKILL)
+    wait_gone(daemon, timeout=5)
+    starts.daemons.remove(daemon)
+    old = server_pid(starts.path)
+    os.kill(old, signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        _delete(starts, "fs-p")
+        took = time.monotonic() - t0
+        wait_gone(old, timeout=5)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(old, signal.SIGKILL)
+    assert forkserver.DELETE_ANSWER <= took < forkserver.DELETE_ANSWER + 5, took
+    address = (starts.tmp / "fs-p" / "address").read_text().removeprefix("unix://")
+    assert not Path(address).exists(), "the in-process delete did not run"
+    starts("fs-q")
+    assert server_pid(starts.path) != old
