@@ -58,6 +58,15 @@ def pss_kib(pid: int) -> int:
     return proc_kib(pid, "smaps_rollup", "Pss")
 
 
+def comm(pid: int) -> str:
+    """The process's name ("?" if it is gone)."""
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return "?"
+
+
 def tcg_cache_kib(pid: int) -> int:
     """The PSS of TCG's translation cache in a QEMU: its one anonymous
     mapping that is writable and executable (QEMU 7.2 maps code_gen_buffer

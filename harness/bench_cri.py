@@ -14,17 +14,17 @@ containerd, CNI and the pods stay in a network namespace the bench makes.
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
+from microvm.cli.observe import usage
 from microvm.net import netlink
 
 from . import cristack
-from .bench_containerd import pss_kib
+from .bench_containerd import comm, pss_kib
 
 HANDLERS = {"kata-py": cristack.HANDLER, "runc": "runc"}
 
@@ -43,15 +43,10 @@ def _busy() -> tuple[float, float]:
     with open("/proc/stat") as f:
         cpu = [int(x) for x in f.readline().split()[1:]]
     busy = (sum(cpu) - cpu[3] - cpu[4]) / tick
-    qemu = 0
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        with contextlib.suppress(OSError):
-            with open(f"/proc/{pid}/stat") as f:
-                comm, rest = f.read().rsplit(")", 1)
-            if comm.endswith("(qemu-system-x86"):
-                fields = rest.split()
-                qemu += int(fields[11]) + int(fields[12])  # utime, stime
-    return busy, qemu / tick
+    qemu = sum(usage("qemu", int(pid)).cpu_seconds
+               for pid in filter(str.isdigit, os.listdir("/proc"))
+               if comm(int(pid)).startswith("qemu-system"))
+    return busy, qemu
 
 
 def _stats(v: list[float]) -> dict[str, float]:

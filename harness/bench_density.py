@@ -28,7 +28,7 @@ from collections import defaultdict
 from microvm import forkserver
 from microvm.shim.manager import BINARY
 
-from .bench_containerd import pod_pids, proc_kib, pss_kib, tcg_cache_kib
+from .bench_containerd import comm, pod_pids, proc_kib, pss_kib, tcg_cache_kib
 
 COUNT = 20
 SETTLE = 5.0  # seconds idle before measuring: the guests' start-up work done
@@ -54,18 +54,10 @@ def tcg_cache_mib(shim: int) -> float:
     """Of one container's PSS, its QEMU's translation cache (TCG's alone)."""
     total = 0
     for pid in pod_pids(shim):
-        if _comm(pid).startswith("qemu-system"):
+        if comm(pid).startswith("qemu-system"):
             with contextlib.suppress(OSError):
                 total += tcg_cache_kib(pid)
     return total / 1024
-
-
-def _comm(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return "?"
 
 
 def pss_by_process(shim: int) -> dict[str, float]:
@@ -73,7 +65,7 @@ def pss_by_process(shim: int) -> dict[str, float]:
     by: dict[str, float] = defaultdict(float)
     for pid in pod_pids(shim):
         with contextlib.suppress(OSError):  # gone meanwhile
-            by[_comm(pid)] += pss_kib(pid) / 1024
+            by[comm(pid)] += pss_kib(pid) / 1024
     return dict(by)
 
 
