@@ -195,15 +195,9 @@ class Sandbox:
             if self.spare_taps is not None:
                 self.spare_taps.close_fds()
         assert self.agent is not None and self.details is not None
-        deadline = asyncio.get_running_loop().time() + self.config.boot_timeout
-        if self.network is not None and self.network.interfaces:
-            t0 = time.monotonic()
-            await self._race(self._configure_network(self.network), deadline)
-            log.debug("guest network configured in %.3fs", time.monotonic() - t0)
+        await self._guest_network()
         if self.proxy is not None and self.bridge is not None:
             await self.proxy.start(self.bridge.ip)
-        if self.port_forward is not None:
-            await self.port_forward.ready()
         if self.config.debug_console:
             from microvm.core.console import ConsoleServer
             self.console = ConsoleServer(self)
@@ -244,10 +238,18 @@ class Sandbox:
         if any(itf.mtu > Nic.mtu for itf in self.network.interfaces):
             raise KataError("the pod's MTU is over the spare VM's NICs'")
         self._forward_ports(netns)
-        deadline = asyncio.get_running_loop().time() + self.config.boot_timeout
-        await self._race(self._configure_network(self.network), deadline)
-        assert self.port_forward is not None
-        await self.port_forward.ready()
+        await self._guest_network()
+
+    async def _guest_network(self) -> None:
+        """The guest's NICs configured as plumbing found the namespace's
+        veths, and kubelet's port-forward (if any) ready."""
+        if self.network is not None and self.network.interfaces:
+            deadline = asyncio.get_running_loop().time() + self.config.boot_timeout
+            t0 = time.monotonic()
+            await self._race(self._configure_network(self.network), deadline)
+            log.debug("guest network configured in %.3fs", time.monotonic() - t0)
+        if self.port_forward is not None:
+            await self.port_forward.ready()
 
     async def _launch(self, spec: VMSpec, stack: contextlib.AsyncExitStack,
                       passed: list[int],
