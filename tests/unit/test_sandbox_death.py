@@ -53,8 +53,9 @@ async def _watch_a_clean_helper_exit(tmp_path: Path, kill_qemu_after: float | No
         if kill_qemu_after is not None:
             await asyncio.sleep(kill_qemu_after)
             qemu.proc.kill()
-        await qemu.wait(HELPER_GRACE + 2)
-        await asyncio.sleep(0)
+        # As the sandbox waits for QEMU's end (_gone): its pidfd's callback
+        # may not have run by the time a poll has seen it reaped.
+        await sb._settle(HELPER_GRACE + 2)
     helper.wait()
     return sb.death
 
